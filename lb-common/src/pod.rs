@@ -1,0 +1,13 @@
+//! `aya::Pod` for every map type, so the agent can read and write the maps. The one place with
+//! `unsafe` in this crate.
+#![cfg(feature = "user")]
+#![allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+
+use crate::{Backend, Counters, Service, ServiceKey, Vip};
+
+// SAFETY: each type is #[repr(C)], Copy, has explicit padding fields and no invalid bit patterns.
+unsafe impl aya::Pod for Vip {}
+unsafe impl aya::Pod for ServiceKey {}
+unsafe impl aya::Pod for Service {}
+unsafe impl aya::Pod for Backend {}
+unsafe impl aya::Pod for Counters {}

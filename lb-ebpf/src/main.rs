@@ -1,0 +1,52 @@
+//! Entry points of the XDP programs. Each module holds one concern; this file only assembles them.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod balancer;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod stats;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+    use crate::{balancer, parse, stats};
+
+    /// The balancer: every frame is counted once, by the reason of its verdict.
+    #[xdp]
+    pub fn xlb_balancer(ctx: XdpContext) -> u32 {
+        let reason = balancer::balance(&ctx);
+        stats::count_reason(reason, parse::frame_len(&ctx));
+        reason.action()
+    }
+
+    /// XDP_PASS and nothing else: the peer of a native-XDP veth needs a program for XDP_TX frames
+    /// to arrive (test beds only), and the empty-program baseline of the benchmarks.
+    #[xdp]
+    pub fn xlb_pass(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    /// Swaps the Ethernet addresses and bounces the frame: the minimal XDP_TX baseline.
+    #[xdp]
+    pub fn xlb_mac_swap(ctx: XdpContext) -> u32 {
+        match parse::swap_macs(&ctx) {
+            Some(()) => xdp_action::XDP_TX,
+            None => xdp_action::XDP_PASS,
+        }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable: the verifier rejects programs that could reach a panic.
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

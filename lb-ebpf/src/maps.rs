@@ -1,0 +1,56 @@
+//! The BPF maps of the balancer; names, key and value types live in lb-common.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use lb_common::{
+    limits::{DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS},
+    Backend, Counters, Reason, Service, ServiceKey, Vip,
+};
+
+/// Destination addresses we balance; anything else passes untouched after one lookup.
+#[map]
+pub static VIPS: HashMap<u32, Vip> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// (VIP, port, protocol) → service and where its Maglev table is.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Every service's Maglev tables, back to back; the agent sizes it at load time.
+#[map]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_CAPACITY, 0);
+
+/// Backend id → address and MAC.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// Seed of the flow hash, set by the agent at load time (read-only data).
+#[no_mangle]
+static HASH_SEED: u32 = 0;
+
+/// MAC address of the interface we are attached to (see `lb_common::mac_words`), set by the
+/// agent at load time.
+#[no_mangle]
+static IFACE_MAC: [u16; 3] = [0; 3];
+
+#[inline(always)]
+pub fn hash_seed() -> u32 {
+    // SAFETY: a plain read of our own global; volatile so that the compiler does not fold the
+    // placeholder in: the loader rewrites the value before the program is verified.
+    unsafe { core::ptr::read_volatile(&HASH_SEED) }
+}
+
+#[inline(always)]
+pub fn iface_mac() -> [u16; 3] {
+    // SAFETY: as for hash_seed.
+    unsafe { core::ptr::read_volatile(&IFACE_MAC) }
+}
