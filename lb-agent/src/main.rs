@@ -1,4 +1,134 @@
-fn main() {
-    let obj = include_bytes!(concat!(env!("OUT_DIR"), "/lb-xdp"));
-    println!("{}", obj.len());
+//! `lb-agent`: loads the XDP balancer, keeps its maps in line with the config and the
+//! backends' health, and detaches cleanly on SIGINT/SIGTERM.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use lb_agent::{
+    agent::Agent,
+    config::{Config, XdpMode},
+    dataplane::{self, Dataplane, LoadOptions},
+    health::{self, Target},
+};
+use log::{error, info};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+#[derive(Parser)]
+#[command(name = "lb-agent", version, about = "xlb: an XDP L4 load balancer with Maglev hashing and direct server return")]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the balancer, attach it to the config's interface and run until SIGINT/SIGTERM.
+    /// SIGUSR1 logs the counters.
+    Run {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Force an XDP mode; by default native, falling back to generic with a warning.
+        #[arg(long, value_enum)]
+        xdp_mode: Option<XdpMode>,
+        /// Log the counters every N seconds (0: only on SIGUSR1 and at exit).
+        #[arg(long, default_value_t = 0)]
+        stats_interval: u64,
+    },
+    /// Validate a configuration file and exit: 0 when valid, 1 with every error otherwise.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level))
+        .format_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config, xdp_mode, stats_interval } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(run(&config, xdp_mode, stats_interval))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> Result<()> {
+    let config = Config::load(path)?;
+    let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+    println!(
+        "{}: valid ({} services, {backends} backends, interface {})",
+        path.display(),
+        config.services.len(),
+        config.interface
+    );
+    Ok(())
+}
+
+async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: u64) -> Result<()> {
+    // Nothing touches the kernel before the config is known to be good.
+    let config = Config::load(path)?;
+    let iface_mac = dataplane::iface_mac(&config.interface)?;
+    let dataplane = Dataplane::load(&LoadOptions {
+        hash_seed: config.hash_seed,
+        iface_mac,
+        maglev_capacity: config.maglev_capacity,
+    })?;
+    let mut agent = Agent::new(dataplane, &config)?;
+    // Attach last: the first packet already finds every table in place.
+    let mode = agent.dataplane.attach(&config.interface, xdp_mode.or(config.xdp_mode))?;
+    info!(
+        "balancing {} services on {} (XDP {mode:?} mode)",
+        config.services.len(),
+        config.interface
+    );
+
+    let (tx, mut rx) = mpsc::channel(256);
+    for (s, service) in config.services.iter().enumerate() {
+        if !service.health.enabled {
+            continue;
+        }
+        for (b, backend) in service.backends.iter().enumerate() {
+            let target = Target { service: s, backend: b };
+            tokio::spawn(health::run(target, backend.address, service.health.clone(), true, tx.clone()));
+        }
+    }
+    drop(tx);
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let period = Duration::from_secs(stats_interval.max(1));
+    let mut stats_tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            Some(event) = rx.recv() => agent.handle(event)?,
+            _ = term.recv() => { info!("SIGTERM: detaching"); break }
+            _ = int.recv() => { info!("SIGINT: detaching"); break }
+            _ = usr1.recv() => info!("counters:\n{}", agent.stats_table()?),
+            _ = stats_tick.tick(), if stats_interval > 0 => info!("counters:\n{}", agent.stats_table()?),
+        }
+    }
+    info!("counters:\n{}", agent.stats_table()?);
+    drop(agent);
+    info!("detached from {}; exiting", config.interface);
+    Ok(())
 }

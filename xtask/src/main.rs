@@ -1,1 +1,198 @@
-fn main(){}
+//! Developer tasks for xlb: `cargo xtask <command>` (alias in .cargo/config.toml).
+
+mod run;
+mod setup;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use run::ChildFailed;
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for the xlb workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (rust-src, bpf-linker, Debian packages); a no-op when present.
+    Setup,
+    /// Run setup, then build every crate and target of the workspace.
+    Build {
+        /// Extra arguments for `cargo build` (e.g. `-- --release`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run setup, then the workspace tests one at a time (needs root).
+    ///
+    /// Arguments go to `cargo test`; anything after a further `--` goes to the test harness:
+    /// `cargo xtask test -- e2e`, `cargo xtask test -- -p xlb-tests e2e -- --nocapture`.
+    Test {
+        /// Arguments for `cargo test`, then optionally `--` and arguments for the test harness.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run setup, then the xlb-demo binary of the tests crate (needs root).
+    Demo {
+        /// Arguments for xlb-demo.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Delete leftover `xlb-*` network namespaces, e.g. after a crashed test run.
+    CleanNetns,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            // Scripts and CI should see the failing child's own status, not a generic 1.
+            let code = err
+                .downcast_ref::<ChildFailed>()
+                .map_or(1, |failed| failed.exit_code());
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Setup => setup::setup(),
+        Command::Build { args } => {
+            setup::setup()?;
+            let mut cmd = run::cargo();
+            cmd.args(["build", "--workspace", "--all-targets"])
+                .args(args);
+            run::run(&mut cmd)
+        }
+        Command::Test { args } => {
+            run::require_root(
+                "the tests need CAP_NET_ADMIN and CAP_BPF and create network namespaces",
+            )?;
+            setup::setup()?;
+            run::run(&mut test_command(args))
+        }
+        Command::Demo { args } => {
+            run::require_root("the demo loads XDP programs and creates network namespaces")?;
+            setup::setup()?;
+            let mut cmd = run::cargo();
+            cmd.args(["run", "-p", "xlb-tests", "--bin", "xlb-demo", "--"])
+                .args(args);
+            run::run(&mut cmd)
+        }
+        Command::CleanNetns => clean_netns(),
+    }
+}
+
+/// The namespace tests are heavy and the machines have two cores, so the harness runs one test at
+/// a time; `--no-fail-fast` so that one broken crate does not hide the others' results.
+fn test_command(args: Vec<String>) -> std::process::Command {
+    let (cargo_args, harness_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (&args[..], &[][..]),
+    };
+    // `--workspace` would override a package selection the caller asked for.
+    let selects_packages = cargo_args
+        .iter()
+        .any(|a| a.starts_with("-p") || a.starts_with("--package"));
+    let mut cmd = run::cargo();
+    cmd.arg("test");
+    if !selects_packages {
+        cmd.arg("--workspace");
+    }
+    cmd.arg("--no-fail-fast")
+        .args(cargo_args)
+        .args(["--", "--test-threads=1"])
+        .args(harness_args);
+    cmd
+}
+
+fn clean_netns() -> Result<()> {
+    let listing = run::output(run::command("ip").args(["netns", "list"]))?;
+    // Lines look like `xlb-lb (id: 3)` or just `xlb-lb`.
+    let names: Vec<&str> = listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with("xlb-"))
+        .collect();
+    if names.is_empty() {
+        println!("clean-netns: no xlb-* network namespaces left");
+        return Ok(());
+    }
+    // Keep going after a failure so one stuck namespace does not leave the rest behind.
+    let mut failed = Vec::new();
+    for name in names {
+        match run::run_quiet(run::command("ip").args(["netns", "del", name])) {
+            Ok(()) => println!("clean-netns: removed {name}"),
+            Err(err) => {
+                eprintln!("clean-netns: could not remove {name}: {err:#}");
+                failed.push(name);
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("could not remove: {}", failed.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_command;
+
+    fn args_of(args: &[&str]) -> Vec<String> {
+        let cmd = test_command(args.iter().map(|s| s.to_string()).collect());
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn test_args_pass_through() {
+        assert_eq!(
+            args_of(&[]),
+            [
+                "test",
+                "--workspace",
+                "--no-fail-fast",
+                "--",
+                "--test-threads=1"
+            ]
+        );
+        assert_eq!(
+            args_of(&["e2e"]),
+            [
+                "test",
+                "--workspace",
+                "--no-fail-fast",
+                "e2e",
+                "--",
+                "--test-threads=1"
+            ]
+        );
+        assert_eq!(
+            args_of(&["-p", "xlb-tests", "e2e", "--", "--nocapture"]),
+            [
+                "test",
+                "--no-fail-fast",
+                "-p",
+                "xlb-tests",
+                "e2e",
+                "--",
+                "--test-threads=1",
+                "--nocapture"
+            ]
+        );
+    }
+}

@@ -1,0 +1,607 @@
+//! The agent's TOML configuration: parsing, defaults and validation. A config that passes
+//! [`Config::parse`] fits every limit of the data path, so applying it cannot half-fail on a
+//! limit; every error names its line, column and field.
+use std::{collections::HashSet, fmt, net::Ipv4Addr, ops::Range, time::Duration};
+
+use lb_common::limits::{DEFAULT_MAGLEV_SIZE, MAX_BACKENDS, MAX_MAGLEV_SIZE, MAX_SERVICES, MAX_VIPS};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::maglev::is_prime;
+
+/// Largest backend weight; keeps the Maglev quota arithmetic far from overflow.
+pub const MAX_WEIGHT: u32 = 65_535;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver (fastest); the NIC driver must support XDP.
+    Native,
+    /// In the kernel's generic path, after the skb is built: works everywhere, slower.
+    Generic,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Interface the balancer attaches to; VIP traffic arrives and leaves there.
+    pub interface: String,
+    /// None: native, falling back to generic with a warning.
+    pub xdp_mode: Option<XdpMode>,
+    /// Flow hash seed; the same on every balancer host that shares a VIP.
+    pub hash_seed: u32,
+    /// Entries of the MAGLEV map (every service needs twice its table size).
+    pub maglev_capacity: u32,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub maglev_size: u32,
+    pub health: HealthConfig,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthConfig {
+    /// false: backends are always considered up.
+    pub enabled: bool,
+    /// TCP port probed on each backend; the service port unless set.
+    pub port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend back.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend out.
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendConfig {
+    pub address: Ipv4Addr,
+    /// Share of new flows relative to the service's other backends; 0 takes none.
+    pub weight: u32,
+    /// None: resolved from the kernel's neighbour table.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// A config error at a place in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the offending field, e.g. `service[1].backend[0].address`; empty for
+    /// syntax errors.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}: ", self.line, self.column)?;
+        if !self.field.is_empty() {
+            write!(f, "{}: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// All errors found in one config, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// The file as written: every value keeps its span so that validation can point at it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: Spanned<String>,
+    xdp_mode: Option<XdpMode>,
+    hash_seed: Option<u32>,
+    maglev_capacity: Option<Spanned<u32>>,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    enabled: Option<bool>,
+    port: Option<Spanned<u16>>,
+    interval_ms: Option<Spanned<u64>>,
+    timeout_ms: Option<Spanned<u64>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    vip: Spanned<String>,
+    port: Spanned<u16>,
+    protocol: Protocol,
+    maglev_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+    mac: Option<Spanned<String>>,
+}
+
+const DEFAULT_HEALTH: HealthConfig = HealthConfig {
+    enabled: true,
+    port: 0,
+    interval: Duration::from_millis(1000),
+    timeout: Duration::from_millis(500),
+    rise: 2,
+    fall: 3,
+};
+
+/// Collects errors against the source text, turning byte spans into line and column.
+struct Errors<'a> {
+    source: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn at(&mut self, span: Range<usize>, field: impl Into<String>, message: impl Into<String>) {
+        let start = span.start.min(self.source.len());
+        let before = &self.source[..start];
+        let line = before.matches('\n').count() + 1;
+        let column = start - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        self.errors.push(ConfigError {
+            line,
+            column,
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: invalid config:\n{e}", path.display()))
+    }
+
+    /// Parses and validates a config; on failure, every error found.
+    pub fn parse(source: &str) -> Result<Self, ConfigErrors> {
+        let mut errors = Errors {
+            source,
+            errors: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(source) {
+            Ok(raw) => raw,
+            Err(e) => {
+                errors.at(e.span().unwrap_or(0..0), "", e.message().trim_end());
+                return Err(ConfigErrors(errors.errors));
+            }
+        };
+        let config = validate(raw, &mut errors);
+        if errors.errors.is_empty() {
+            Ok(config)
+        } else {
+            errors.errors.sort_by_key(|e| (e.line, e.column));
+            Err(ConfigErrors(errors.errors))
+        }
+    }
+}
+
+fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
+    let interface = raw.interface.get_ref();
+    if interface.is_empty()
+        || interface.len() > 15
+        || interface.contains(|c: char| c == '/' || c.is_whitespace())
+    {
+        errors.at(
+            raw.interface.span(),
+            "interface",
+            format!("expected an interface name of 1 to 15 characters without '/' or spaces, got {interface:?}"),
+        );
+    }
+    if raw.service.is_empty() {
+        errors.at(0..0, "service", "expected at least one [[service]]");
+    }
+    if raw.service.len() > MAX_SERVICES as usize {
+        errors.at(0..0, "service", format!("at most {MAX_SERVICES} services, got {}", raw.service.len()));
+    }
+
+    let mut services = Vec::new();
+    let mut keys = HashSet::new();
+    let mut vips = HashSet::new();
+    let mut backend_count = 0usize;
+    for (i, raw_service) in raw.service.iter().enumerate() {
+        let service = validate_service(i, raw_service, &raw.health, errors);
+        if !keys.insert((service.vip, service.port, service.protocol)) {
+            errors.at(
+                raw_service.span(),
+                format!("service[{i}]"),
+                format!("{}:{}/{} is defined twice", service.vip, service.port, service.protocol),
+            );
+        }
+        vips.insert(service.vip);
+        backend_count += service.backends.len();
+        services.push(service);
+    }
+    if vips.len() > MAX_VIPS as usize {
+        errors.at(0..0, "service", format!("at most {MAX_VIPS} distinct VIPs, got {}", vips.len()));
+    }
+    if backend_count > MAX_BACKENDS as usize {
+        errors.at(0..0, "service", format!("at most {MAX_BACKENDS} backends over all services, got {backend_count}"));
+    }
+
+    let needed: u64 = services.iter().map(|s| 2 * u64::from(s.maglev_size)).sum();
+    let maglev_capacity = match &raw.maglev_capacity {
+        Some(cap) => {
+            if u64::from(*cap.get_ref()) < needed {
+                errors.at(
+                    cap.span(),
+                    "maglev_capacity",
+                    format!("the services need {needed} entries (twice each maglev_size), got {}", cap.get_ref()),
+                );
+            }
+            *cap.get_ref()
+        }
+        // Headroom for services added at run time.
+        None => needed.max(u64::from(lb_common::limits::DEFAULT_MAGLEV_CAPACITY)).min(u64::from(u32::MAX)) as u32,
+    };
+
+    Config {
+        interface: interface.clone(),
+        xdp_mode: raw.xdp_mode,
+        hash_seed: raw.hash_seed.unwrap_or(0),
+        maglev_capacity,
+        services,
+    }
+}
+
+fn validate_service(
+    i: usize,
+    raw: &Spanned<RawService>,
+    defaults: &RawHealth,
+    errors: &mut Errors<'_>,
+) -> ServiceConfig {
+    let path = format!("service[{i}]");
+    let s = raw.get_ref();
+    let vip = parse_unicast(&s.vip, &format!("{path}.vip"), errors);
+    let port = *s.port.get_ref();
+    if port == 0 {
+        errors.at(s.port.span(), format!("{path}.port"), "expected a port from 1 to 65535, got 0");
+    }
+    let maglev_size = match &s.maglev_size {
+        Some(m) => {
+            let size = *m.get_ref();
+            if !(size <= MAX_MAGLEV_SIZE && is_prime(size)) {
+                errors.at(m.span(), format!("{path}.maglev_size"), format!("expected a prime number up to {MAX_MAGLEV_SIZE} (e.g. 65537), got {size}"));
+            } else if (size as usize) < s.backend.len() {
+                errors.at(m.span(), format!("{path}.maglev_size"), format!("must be larger than the number of backends ({}); 100 times larger keeps the shares even", s.backend.len()));
+            }
+            size
+        }
+        None => DEFAULT_MAGLEV_SIZE,
+    };
+    let health = merge_health(&path, defaults, &s.health, port, errors);
+
+    if s.backend.is_empty() {
+        errors.at(raw.span(), format!("{path}.backend"), "expected at least one [[service.backend]]");
+    }
+    let mut backends = Vec::new();
+    let mut seen = HashSet::new();
+    for (j, b) in s.backend.iter().enumerate() {
+        let bpath = format!("{path}.backend[{j}]");
+        let rb = b.get_ref();
+        let address = parse_unicast(&rb.address, &format!("{bpath}.address"), errors);
+        if !seen.insert(address) {
+            errors.at(rb.address.span(), format!("{bpath}.address"), format!("{address} is already a backend of this service"));
+        }
+        let weight = rb.weight.as_ref().map_or(1, |w| {
+            if *w.get_ref() > MAX_WEIGHT {
+                errors.at(w.span(), format!("{bpath}.weight"), format!("expected a weight from 0 to {MAX_WEIGHT}, got {}", w.get_ref()));
+            }
+            *w.get_ref()
+        });
+        let mac = rb.mac.as_ref().and_then(|m| match parse_mac(m.get_ref()) {
+            Some(mac) => Some(mac),
+            None => {
+                errors.at(m.span(), format!("{bpath}.mac"), format!("expected a unicast MAC address like \"02:00:00:00:00:01\", got {:?}", m.get_ref()));
+                None
+            }
+        });
+        backends.push(BackendConfig { address, weight, mac });
+    }
+
+    ServiceConfig {
+        name: s.name.clone().unwrap_or_else(|| format!("{vip}:{port}/{}", s.protocol)),
+        vip,
+        port,
+        protocol: s.protocol,
+        maglev_size,
+        health,
+        backends,
+    }
+}
+
+/// The service's health settings over the file-wide ones over the defaults.
+fn merge_health(
+    path: &str,
+    top: &RawHealth,
+    own: &RawHealth,
+    service_port: u16,
+    errors: &mut Errors<'_>,
+) -> HealthConfig {
+    let pick = |f: fn(&RawHealth) -> Option<(Range<usize>, u64)>| f(own).or_else(|| f(top));
+    let mut h = DEFAULT_HEALTH;
+    h.enabled = own.enabled.or(top.enabled).unwrap_or(true);
+    h.port = service_port;
+    if let Some((span, port)) = pick(|r| r.port.as_ref().map(|p| (p.span(), u64::from(*p.get_ref())))) {
+        if port == 0 {
+            errors.at(span, format!("{path}.health.port"), "expected a port from 1 to 65535, got 0");
+        }
+        h.port = port as u16;
+    }
+    if let Some((span, ms)) = pick(|r| r.interval_ms.as_ref().map(|v| (v.span(), *v.get_ref()))) {
+        if !(10..=3_600_000).contains(&ms) {
+            errors.at(span, format!("{path}.health.interval_ms"), format!("expected 10 to 3600000 ms, got {ms}"));
+        }
+        h.interval = Duration::from_millis(ms);
+    }
+    if let Some((span, ms)) = pick(|r| r.timeout_ms.as_ref().map(|v| (v.span(), *v.get_ref()))) {
+        if ms == 0 {
+            errors.at(span.clone(), format!("{path}.health.timeout_ms"), "expected at least 1 ms, got 0");
+        }
+        h.timeout = Duration::from_millis(ms);
+        if h.timeout > h.interval {
+            errors.at(span, format!("{path}.health.timeout_ms"), format!("must not exceed interval_ms ({} ms), got {ms}", h.interval.as_millis()));
+        }
+    }
+    for (name, field, getter) in [
+        ("rise", &mut h.rise, (|r: &RawHealth| r.rise.as_ref().map(|v| (v.span(), u64::from(*v.get_ref())))) as fn(&RawHealth) -> _),
+        ("fall", &mut h.fall, |r: &RawHealth| r.fall.as_ref().map(|v| (v.span(), u64::from(*v.get_ref())))),
+    ] {
+        if let Some((span, n)) = pick(getter) {
+            if !(1..=100).contains(&n) {
+                errors.at(span, format!("{path}.health.{name}"), format!("expected 1 to 100, got {n}"));
+            }
+            *field = n as u32;
+        }
+    }
+    h
+}
+
+fn parse_unicast(value: &Spanned<String>, field: &str, errors: &mut Errors<'_>) -> Ipv4Addr {
+    match value.get_ref().parse::<Ipv4Addr>() {
+        Ok(a) if !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()) => a,
+        Ok(a) => {
+            errors.at(value.span(), field, format!("expected a unicast IPv4 address, got {a}"));
+            a
+        }
+        Err(_) => {
+            errors.at(value.span(), field, format!("expected an IPv4 address, got {:?}", value.get_ref()));
+            Ipv4Addr::UNSPECIFIED
+        }
+    }
+}
+
+/// "aa:bb:cc:dd:ee:ff" → bytes; None unless it is a unicast address.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    let unicast = mac[0] & 1 == 0 && mac != [0; 6];
+    (parts.next().is_none() && unicast).then_some(mac)
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interface = "eth0"
+hash_seed = 42
+
+[health]
+interval_ms = 200
+timeout_ms = 100
+
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+address = "10.0.0.11"
+
+[[service.backend]]
+address = "10.0.0.12"
+weight = 3
+mac = "02:00:00:00:00:12"
+
+[[service]]
+vip = "10.0.0.100"
+port = 53
+protocol = "udp"
+maglev_size = 251
+[service.health]
+port = 5353
+fall = 5
+
+[[service.backend]]
+address = "10.0.0.13"
+"#;
+
+    fn errors(source: &str) -> Vec<ConfigError> {
+        Config::parse(source).expect_err("config should be rejected").0
+    }
+
+    #[test]
+    fn parses_a_complete_config_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.interface, "eth0");
+        assert_eq!(c.hash_seed, 42);
+        assert_eq!(c.xdp_mode, None);
+        assert_eq!(c.services.len(), 2);
+        let web = &c.services[0];
+        assert_eq!(web.name, "web");
+        assert_eq!(web.maglev_size, DEFAULT_MAGLEV_SIZE);
+        assert_eq!(web.health.port, 80);
+        assert_eq!(web.health.interval, Duration::from_millis(200));
+        assert_eq!(web.health.timeout, Duration::from_millis(100));
+        assert_eq!((web.health.rise, web.health.fall), (2, 3));
+        assert_eq!(web.backends[0].weight, 1);
+        assert_eq!(web.backends[1].weight, 3);
+        assert_eq!(web.backends[1].mac, Some([2, 0, 0, 0, 0, 0x12]));
+        let dns = &c.services[1];
+        assert_eq!(dns.name, "10.0.0.100:53/udp");
+        assert_eq!(dns.protocol, Protocol::Udp);
+        assert_eq!(dns.maglev_size, 251);
+        assert_eq!(dns.health.port, 5353);
+        assert_eq!(dns.health.fall, 5);
+        assert_eq!(dns.health.interval, Duration::from_millis(200));
+        assert!(c.maglev_capacity >= 2 * (DEFAULT_MAGLEV_SIZE + 251));
+    }
+
+    #[test]
+    fn syntax_and_type_errors_point_at_the_value() {
+        let e = errors(&GOOD.replace("port = 80", "port = 70000"));
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].line, e[0].column), (12, 8), "{e:?}");
+        assert!(e[0].message.contains("70000") || e[0].message.contains("u16"), "{e:?}");
+
+        let e = errors(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
+        assert!(e[0].message.contains("tcp") && e[0].message.contains("udp"), "{e:?}");
+        assert_eq!(e[0].line, 13);
+
+        let e = errors(&GOOD.replace("hash_seed = 42", "hash_sed = 42"));
+        assert!(e[0].message.contains("hash_sed"), "{e:?}");
+        assert_eq!(e[0].line, 3);
+
+        let e = errors("interface = ");
+        assert_eq!(e[0].line, 1);
+    }
+
+    #[test]
+    fn semantic_errors_name_line_and_field() {
+        let bad = GOOD
+            .replace("\"10.0.0.11\"", "\"10.0.0.300\"")
+            .replace("maglev_size = 251", "maglev_size = 250")
+            .replace("02:00:00:00:00:12", "01:00:5e:00:00:01")
+            .replace("weight = 3", "weight = 70000");
+        let e = errors(&bad);
+        let fields: Vec<_> = e.iter().map(|e| (e.line, e.field.as_str())).collect();
+        assert_eq!(
+            fields,
+            [
+                (16, "service[0].backend[0].address"),
+                (20, "service[0].backend[1].weight"),
+                (21, "service[0].backend[1].mac"),
+                (27, "service[1].maglev_size"),
+            ],
+            "{e:#?}"
+        );
+        assert!(e[0].message.contains("10.0.0.300"));
+        assert!(e[3].message.contains("prime"));
+        let shown = ConfigErrors(e).to_string();
+        assert!(shown.starts_with("line 16, column 11: service[0].backend[0].address: expected an IPv4 address"), "{shown}");
+    }
+
+    #[test]
+    fn duplicates_and_missing_parts_are_rejected() {
+        let dup = GOOD.replace("port = 53", "port = 80").replace("\"udp\"", "\"tcp\"");
+        let e = errors(&dup);
+        assert!(e.iter().any(|e| e.message.contains("defined twice")), "{e:?}");
+
+        let dup_backend = GOOD.replace("\"10.0.0.12\"", "\"10.0.0.11\"");
+        assert!(errors(&dup_backend).iter().any(|e| e.message.contains("already a backend")));
+
+        assert!(errors("interface = \"eth0\"\n").iter().any(|e| e.message.contains("at least one [[service]]")));
+        let no_backend = "interface = \"eth0\"\n[[service]]\nvip = \"10.0.0.1\"\nport = 1\nprotocol = \"udp\"\n";
+        assert!(errors(no_backend).iter().any(|e| e.field == "service[0].backend"));
+
+        let bad_if = GOOD.replace("\"eth0\"", "\"a/very/long/interface\"");
+        assert_eq!(errors(&bad_if)[0].field, "interface");
+
+        let bad_timeout = GOOD.replace("timeout_ms = 100", "timeout_ms = 300");
+        assert!(errors(&bad_timeout).iter().any(|e| e.field.ends_with("health.timeout_ms")));
+
+        let vip0 = GOOD.replace("vip = \"10.0.0.100\"\nport = 80", "vip = \"0.0.0.0\"\nport = 80");
+        assert!(errors(&vip0)[0].message.contains("unicast"));
+
+        let small_cap = GOOD.replace("hash_seed = 42", "hash_seed = 42\nmaglev_capacity = 1000");
+        assert_eq!(errors(&small_cap)[0].field, "maglev_capacity");
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(parse_mac("02:aa:BB:00:00:01"), Some([2, 0xaa, 0xbb, 0, 0, 1]));
+        for bad in ["", "02:00:00:00:00", "02:00:00:00:00:00:00", "0g:00:00:00:00:01", "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "2:0:0:0:0:1"] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        assert_eq!(format_mac([2, 0xaa, 0, 0, 0, 1]), "02:aa:00:00:00:01");
+    }
+}

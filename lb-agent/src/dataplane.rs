@@ -1,0 +1,279 @@
+//! A typed facade over the eBPF object and its maps: load, attach, add services and backends,
+//! publish Maglev tables, read counters. The CLI, the health loop and the tests all go through
+//! it; nothing else touches a map.
+use std::net::Ipv4Addr;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode as AyaXdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    global_names, limits, map_names, program_names, Backend, Counters, Reason, Service, ServiceKey,
+    Vip, BACKEND_F_VALID, NO_BACKEND,
+};
+use log::warn;
+
+use crate::config::XdpMode;
+
+/// The eBPF object built by build.rs from lb-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+
+/// What the data path is loaded with; fixed until the program is reloaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub hash_seed: u32,
+    /// MAC of the interface the balancer is attached to: the source of rewritten frames.
+    pub iface_mac: [u8; 6],
+    /// Entries of the MAGLEV map: the sum of twice every service's table size, plus headroom.
+    pub maglev_capacity: u32,
+}
+
+/// A service's place in the data path: its key and its two table copies.
+#[derive(Clone, Debug)]
+pub struct ServiceSlot {
+    pub key: ServiceKey,
+    pub id: u32,
+    pub table_size: u32,
+    bases: [u32; 2],
+    active: usize,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, u32, Vip>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    maglev: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    reason_stats: PerCpuArray<MapData, Counters>,
+    maglev_capacity: u32,
+    /// First unused MAGLEV entry: tables are carved out in order and never moved.
+    maglev_next: u32,
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Sums a per-CPU counter.
+fn sum(values: &aya::maps::PerCpuValues<Counters>) -> Counters {
+    values.iter().fold(Counters::default(), |acc, c| Counters {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    })
+}
+
+impl Dataplane {
+    /// Loads the eBPF object and the balancer program (verifier included); attaches nothing.
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let seed = opts.hash_seed;
+        let mac = lb_common::mac_words(opts.iface_mac);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(global_names::HASH_SEED, &seed, true)
+            .override_global(global_names::IFACE_MAC, &mac, true)
+            .map_max_entries(map_names::MAGLEV, opts.maglev_capacity.max(1))
+            .load(EBPF_OBJECT)
+            .context("cannot load the eBPF object (are you root, with BPF enabled in the kernel?)")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(program_names::BALANCER)
+            .ok_or_else(|| anyhow!("program {} missing", program_names::BALANCER))?
+            .try_into()?;
+        prog.load().context("the kernel rejected the balancer program")?;
+        Ok(Self {
+            vips: take_map(&mut ebpf, map_names::VIPS)?,
+            services: take_map(&mut ebpf, map_names::SERVICES)?,
+            maglev: take_map(&mut ebpf, map_names::MAGLEV)?,
+            backends: take_map(&mut ebpf, map_names::BACKENDS)?,
+            service_stats: take_map(&mut ebpf, map_names::SERVICE_STATS)?,
+            backend_stats: take_map(&mut ebpf, map_names::BACKEND_STATS)?,
+            reason_stats: take_map(&mut ebpf, map_names::REASON_STATS)?,
+            maglev_capacity: opts.maglev_capacity,
+            maglev_next: 0,
+            ebpf,
+        })
+    }
+
+    /// The balancer program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn balancer(&mut self) -> &mut Xdp {
+        self.program(program_names::BALANCER).expect("loaded in Dataplane::load")
+    }
+
+    /// One of the object's programs, loaded on first use (the baselines of the benchmarks).
+    pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load().with_context(|| format!("the kernel rejected program {name}"))?;
+        }
+        Ok(prog)
+    }
+
+    /// Attaches the balancer to `iface`. `None` tries native mode and falls back to generic
+    /// with a warning. Returns the mode in use. Detached when the Dataplane is dropped.
+    pub fn attach(&mut self, iface: &str, mode: Option<XdpMode>) -> Result<XdpMode> {
+        if if_index(iface).is_none() {
+            bail!("unknown interface {iface:?}");
+        }
+        let prog = self.balancer();
+        let try_attach = |prog: &mut Xdp, mode: XdpMode| {
+            let flags = match mode {
+                XdpMode::Native => AyaXdpMode::Driver,
+                XdpMode::Generic => AyaXdpMode::Skb,
+            };
+            prog.attach(iface, flags)
+                .with_context(|| format!("cannot attach XDP in {mode:?} mode to {iface}"))
+        };
+        match mode {
+            Some(mode) => try_attach(prog, mode).map(|_| mode),
+            None => match try_attach(prog, XdpMode::Native) {
+                Ok(_) => Ok(XdpMode::Native),
+                Err(e) => {
+                    warn!("{e:#}; falling back to generic mode (slower: runs after the skb is built)");
+                    try_attach(prog, XdpMode::Generic).map(|_| XdpMode::Generic)
+                }
+            },
+        }
+    }
+
+    /// Adds a service with an empty table (its packets are dropped as `drop_no_backend` until
+    /// a table is published). Fails when the MAGLEV map has no room for two more tables of
+    /// `table_size`, or the service id is out of range.
+    pub fn add_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, id: u32, table_size: u32) -> Result<ServiceSlot> {
+        if id >= limits::MAX_SERVICES {
+            bail!("service id {id} out of range (max {})", limits::MAX_SERVICES - 1);
+        }
+        let needed = 2 * u64::from(table_size);
+        if u64::from(self.maglev_next) + needed > u64::from(self.maglev_capacity) {
+            bail!(
+                "MAGLEV map full: {} of {} entries used, the service needs {needed}; raise maglev_capacity",
+                self.maglev_next,
+                self.maglev_capacity
+            );
+        }
+        let bases = [self.maglev_next, self.maglev_next + table_size];
+        self.maglev_next += 2 * table_size;
+        let key = ServiceKey {
+            vip: u32::from_ne_bytes(vip.octets()),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        };
+        let mut slot = ServiceSlot { key, id, table_size, bases, active: 0 };
+        self.write_table(slot.bases[0], &vec![NO_BACKEND; table_size as usize])?;
+        self.flip(&mut slot, 0)?;
+        let vip_key = key.vip;
+        let services = self.vips.get(&vip_key, 0).map_or(0, |v| v.services);
+        self.vips
+            .insert(vip_key, Vip { services: services + 1 }, 0)
+            .with_context(|| format!("cannot add VIP {vip}"))?;
+        Ok(slot)
+    }
+
+    /// Writes a backend's slot; the data path rewrites frames to `mac`.
+    pub fn set_backend(&mut self, id: u32, addr: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+        let backend = Backend {
+            addr: u32::from_ne_bytes(addr.octets()),
+            mac: lb_common::mac_words(mac),
+            flags: BACKEND_F_VALID,
+        };
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("cannot write backend {id} ({addr})"))
+    }
+
+    /// Makes `entries` the service's table: writes the inactive copy, then flips the service
+    /// to it, so the data path sees the old table or the new one, never a mix.
+    pub fn publish_table(&mut self, slot: &mut ServiceSlot, entries: &[u32]) -> Result<()> {
+        if entries.len() != slot.table_size as usize {
+            bail!("table has {} entries, the service expects {}", entries.len(), slot.table_size);
+        }
+        let next = 1 - slot.active;
+        self.write_table(slot.bases[next], entries)?;
+        self.flip(slot, next)
+    }
+
+    fn write_table(&mut self, base: u32, entries: &[u32]) -> Result<()> {
+        for (i, &backend) in entries.iter().enumerate() {
+            self.maglev
+                .set(base + i as u32, backend, 0)
+                .context("cannot write the Maglev table")?;
+        }
+        Ok(())
+    }
+
+    fn flip(&mut self, slot: &mut ServiceSlot, to: usize) -> Result<()> {
+        let service = Service {
+            id: slot.id,
+            flags: 0,
+            table_base: slot.bases[to],
+            table_size: slot.table_size,
+        };
+        self.services.insert(slot.key, service, 0).context("cannot write the service")?;
+        slot.active = to;
+        Ok(())
+    }
+
+    /// Frames and bytes per verdict reason, summed over CPUs.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, Counters)>> {
+        Reason::ALL
+            .iter()
+            .map(|&r| Ok((r, sum(&self.reason_stats.get(&(r as u32), 0)?))))
+            .collect()
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        Ok(sum(&self.service_stats.get(&id, 0)?))
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        Ok(sum(&self.backend_stats.get(&id, 0)?))
+    }
+}
+
+/// The interface's index, or None when it does not exist in this network namespace.
+pub fn if_index(iface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+    #[allow(unsafe_code)]
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The interface's MAC address, from sysfs.
+pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
+    if if_index(iface).is_none() {
+        bail!("unknown interface {iface:?}");
+    }
+    let path = format!("/sys/class/net/{iface}/address");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    crate::config::parse_mac(text.trim())
+        .ok_or_else(|| anyhow!("interface {iface} has no Ethernet unicast address ({:?})", text.trim()))
+}
+
+/// Attaches the XDP_PASS program to `iface`: a native-XDP veth only delivers XDP_TX frames to
+/// a peer that runs an XDP program. For test beds; a real NIC needs nothing of the kind.
+/// The program stays attached while the returned object lives.
+pub fn attach_pass_program(iface: &str) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(map_names::MAGLEV, 1)
+        .load(EBPF_OBJECT)
+        .context("cannot load the eBPF object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(program_names::PASS)
+        .ok_or_else(|| anyhow!("program {} missing", program_names::PASS))?
+        .try_into()?;
+    prog.load()?;
+    prog.attach(iface, AyaXdpMode::Driver)
+        .with_context(|| format!("cannot attach the pass program to {iface}"))?;
+    Ok(ebpf)
+}

@@ -1,0 +1,8 @@
+//! xlb's agent: configuration, Maglev tables, health checks and the facade over the data
+//! path's maps. The `lb-agent` binary is a thin CLI over this library; tests use it too.
+pub mod agent;
+pub mod config;
+pub mod dataplane;
+pub mod health;
+pub mod maglev;
+pub mod neigh;

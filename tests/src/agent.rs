@@ -1,0 +1,129 @@
+//! The agent as a real process inside the balancer's namespace, its log in a file.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::netns::Netns;
+
+/// The `lb-agent` binary that cargo built beside the running test or demo.
+pub fn agent_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("lb-agent");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("lb-agent binary not found near {}: build the workspace first (cargo xtask build)", exe.display())
+}
+
+pub struct AgentProcess {
+    child: Child,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(crate::netns::unique_name(tag));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl AgentProcess {
+    /// Starts `lb-agent run` with `config` (TOML text) in `ns` and waits until it has attached.
+    pub fn start(ns: &Netns, config: &str, extra: &[&str]) -> Result<Self> {
+        let dir = TempDir::new("agent")?;
+        let config_path = dir.0.join("xlb.toml");
+        std::fs::write(&config_path, config)?;
+        let log = dir.0.join("agent.log");
+        let log_file = File::create(&log)?;
+        let mut cmd = ns.command(agent_binary()?.to_str().context("path")?);
+        cmd.args(["run", "--config", config_path.to_str().context("path")?])
+            .args(extra)
+            .env("RUST_LOG_STYLE", "never")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let child = cmd.spawn().context("cannot start lb-agent")?;
+        let mut agent = Self { child, log, _dir: dir };
+        agent.wait_for_log("balancing", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (returns how long it took), or fails with the log.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<Duration> {
+        self.wait_for_count(needle, 1, timeout)
+    }
+
+    /// Waits until `needle` appears at least `count` times in the log.
+    pub fn wait_for_count(&mut self, needle: &str, count: usize, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.log_text().matches(needle).count() >= count {
+                return Ok(start.elapsed());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("lb-agent exited ({status}) before logging {needle:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("lb-agent did not log {needle:?} within {timeout:?}:\n{}", self.log_text())
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the whole log.
+    pub fn stop(&mut self) -> Result<String> {
+        self.signal(libc::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let log = self.log_text();
+                if !status.success() {
+                    bail!("lb-agent exited with {status}:\n{log}");
+                }
+                return Ok(log);
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("lb-agent ignored SIGTERM for 10 s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn config_dir(&self) -> &Path {
+        &self._dir.0
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Real servers and clients: each backend answers TCP connections and UDP datagrams with its
+//! own name, so a client learns which backend served it. Every loop is bounded in count and
+//! time.
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Result;
+
+use crate::netns::Netns;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+const POLL: Duration = Duration::from_millis(5);
+
+/// A server in a backend's namespace: TCP on 0.0.0.0:port, UDP on vip:port (a UDP server on
+/// the wildcard address would answer from the host's own address, which the client drops).
+/// Stopped, and its sockets closed, on `stop` or drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(ns: &Netns, name: &str, vip: Ipv4Addr, port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tcp, udp) = ns.run(move || -> Result<(TcpListener, UdpSocket)> {
+            let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            tcp.set_nonblocking(true)?;
+            let udp = UdpSocket::bind((vip, port))?;
+            udp.set_read_timeout(Some(POLL * 4))?;
+            Ok((tcp, udp))
+        })??;
+        let reply = format!("{name}\n").into_bytes();
+        let (s1, r1) = (stop.clone(), reply.clone());
+        let tcp_thread = std::thread::spawn(move || {
+            while !s1.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.write_all(&r1);
+                    }
+                    Err(_) => std::thread::sleep(POLL),
+                }
+            }
+        });
+        let s2 = stop.clone();
+        let udp_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&reply, from);
+                }
+            }
+        });
+        Ok(Self { stop, threads: vec![tcp_thread, udp_thread] })
+    }
+
+    /// Closes the sockets: new connections are refused, as if the process had died.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Answers per backend name, plus failures under the key "error: ...".
+pub type Tally = BTreeMap<String, usize>;
+
+fn tally(results: Vec<Result<String, String>>) -> Tally {
+    let mut t = Tally::new();
+    for r in results {
+        let key = r.unwrap_or_else(|e| format!("error: {e}"));
+        *t.entry(key).or_default() += 1;
+    }
+    t
+}
+
+pub fn failures(t: &Tally) -> usize {
+    t.iter().filter(|(k, _)| k.starts_with("error")).map(|(_, n)| n).sum()
+}
+
+fn tcp_request(to: SocketAddrV4) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT).map_err(|e| e.kind().to_string())?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).map_err(|e| e.kind().to_string())?;
+    Ok(answer.trim().to_string())
+}
+
+fn udp_request(to: SocketAddrV4) -> Result<String, String> {
+    // A new socket each time: a new source port, so a new flow.
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
+    s.send_to(b"who?", to).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 256];
+    let (n, from) = s.recv_from(&mut buf).map_err(|e| e.kind().to_string())?;
+    if from != to.into() {
+        return Err(format!("answer from {from}, not {to}"));
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// `count` TCP connections from `client`, one after the other, each from a new source port.
+pub fn tcp_requests(client: &Netns, to: SocketAddrV4, count: usize) -> Result<Tally> {
+    client.run(move || tally((0..count).map(|_| tcp_request(to)).collect()))
+}
+
+/// `count` UDP request/answer exchanges from `client`, each from a new source port.
+pub fn udp_requests(client: &Netns, to: SocketAddrV4, count: usize) -> Result<Tally> {
+    client.run(move || tally((0..count).map(|_| udp_request(to)).collect()))
+}

@@ -1,0 +1,233 @@
+//! The XDP balancer on crafted frames through BPF_PROG_TEST_RUN: verdict, exact output frame
+//! and the counter of every case. Needs root (CAP_BPF).
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_agent::{
+    dataplane::{Dataplane, LoadOptions, ServiceSlot},
+    maglev::{self, Member},
+};
+use lb_common::{hash::flow_hash_v4, Counters, Reason};
+use xlb_tests::packet::{Frame, ETH_LEN, IPV4_LEN};
+
+const XDP_TX: u32 = 3;
+
+const SEED: u32 = 0x5eed;
+const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x03];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 101);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const TABLE: u32 = 251;
+
+struct Bed {
+    dp: Dataplane,
+    /// Maglev table per service id 0 (TCP 80) and 1 (UDP 53).
+    tables: Vec<Vec<u32>>,
+    backend_macs: Vec<[u8; 6]>,
+}
+
+fn backend_mac(i: u32) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, 0, i as u8]
+}
+
+fn bed() -> Bed {
+    let mut dp = Dataplane::load(&LoadOptions { hash_seed: SEED, iface_mac: LB_MAC, maglev_capacity: 8 * TABLE })
+        .expect("load the balancer (run the tests as root)");
+    let mut backend_macs = Vec::new();
+    let mut members = Vec::new();
+    for i in 0..3u32 {
+        let addr = Ipv4Addr::new(10, 99, 0, 11 + i as u8);
+        dp.set_backend(i, addr, backend_mac(i)).unwrap();
+        backend_macs.push(backend_mac(i));
+        members.push(Member { id: i, key: u64::from(u32::from(addr)), weight: 1 });
+    }
+    let mut tables = Vec::new();
+    for (id, (port, proto)) in [(80u16, 6u8), (53, 17)].into_iter().enumerate() {
+        let mut slot: ServiceSlot = dp.add_service(VIP, port, proto, id as u32, TABLE).unwrap();
+        let table = maglev::build(&members, TABLE);
+        dp.publish_table(&mut slot, &table).unwrap();
+        tables.push(table);
+    }
+    // A service whose table stays empty: no usable backend.
+    dp.add_service(EMPTY_VIP, 80, 6, 2, TABLE).unwrap();
+    Bed { dp, tables, backend_macs }
+}
+
+impl Bed {
+    /// Runs one frame; returns the verdict and the output frame.
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let result = self.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn reasons(&self) -> Vec<(Reason, Counters)> {
+        self.dp.reason_counters().unwrap()
+    }
+
+    /// Runs `frame` and checks that exactly `reason`'s counter moved, by one frame of its size.
+    fn run_counted(&mut self, frame: &[u8], reason: Reason) -> (u32, Vec<u8>) {
+        let before = self.reasons();
+        let result = self.run(frame);
+        let after = self.reasons();
+        for ((r, b), (_, a)) in before.iter().zip(&after) {
+            let (dp, db) = (a.packets - b.packets, a.bytes - b.bytes);
+            if *r == reason {
+                assert_eq!((dp, db), (1, frame.len() as u64), "counter {} after one frame", r.name());
+            } else {
+                assert_eq!(dp, 0, "counter {} moved, expected only {}", r.name(), reason.name());
+            }
+        }
+        assert_eq!(result.0, reason.action(), "verdict for {}", reason.name());
+        result
+    }
+
+    /// The backend the balancer must pick for this flow.
+    fn expected_backend(&self, service: usize, f: &Frame) -> u32 {
+        let ports = u32::from_ne_bytes([
+            f.sport.to_be_bytes()[0],
+            f.sport.to_be_bytes()[1],
+            f.dport.to_be_bytes()[0],
+            f.dport.to_be_bytes()[1],
+        ]);
+        let h = flow_hash_v4(
+            u32::from_ne_bytes(f.src.octets()),
+            u32::from_ne_bytes(f.dst.octets()),
+            ports,
+            f.proto,
+            SEED,
+        );
+        self.tables[service][(h % TABLE) as usize]
+    }
+
+    /// A VIP hit: XDP_TX, the MACs rewritten, every other byte as it was; counted per service
+    /// and per backend.
+    fn assert_forwarded(&mut self, service: usize, f: &Frame) {
+        let input = f.build();
+        let backend = self.expected_backend(service, f);
+        let svc_before = self.dp.service_counters(service as u32).unwrap();
+        let be_before = self.dp.backend_counters(backend).unwrap();
+        let (verdict, out) = self.run_counted(&input, Reason::TxForwarded);
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = input.clone();
+        expected[0..6].copy_from_slice(&self.backend_macs[backend as usize]);
+        expected[6..12].copy_from_slice(&LB_MAC);
+        assert_eq!(out, expected, "only the MACs change");
+        let svc_after = self.dp.service_counters(service as u32).unwrap();
+        let be_after = self.dp.backend_counters(backend).unwrap();
+        assert_eq!(svc_after.packets - svc_before.packets, 1);
+        assert_eq!(be_after.packets - be_before.packets, 1);
+        assert_eq!(be_after.bytes - be_before.bytes, input.len() as u64);
+    }
+
+    fn assert_untouched(&mut self, frame: &[u8], reason: Reason) {
+        let (_, out) = self.run_counted(frame, reason);
+        assert_eq!(out, frame, "{} leaves the frame as it was", reason.name());
+    }
+}
+
+#[test]
+fn vip_hits_are_rewritten_to_the_maglev_backend() {
+    let mut bed = bed();
+    let mut seen = std::collections::HashSet::new();
+    for sport in 40_000..40_030u16 {
+        let tcp = Frame::tcp(CLIENT, sport, VIP, 80);
+        seen.insert(bed.expected_backend(0, &tcp));
+        bed.assert_forwarded(0, &tcp);
+        bed.assert_forwarded(1, &Frame::udp(CLIENT, sport, VIP, 53));
+    }
+    assert_eq!(seen.len(), 3, "30 flows reach all three backends");
+}
+
+#[test]
+fn vlan_tagged_hit_keeps_its_tag() {
+    let mut bed = bed();
+    let f = Frame::tcp(CLIENT, 41_000, VIP, 80).vlan(42);
+    bed.assert_forwarded(0, &f);
+}
+
+#[test]
+fn traffic_that_is_not_ours_passes_untouched() {
+    let mut bed = bed();
+    bed.assert_untouched(&Frame::tcp(CLIENT, 1234, Ipv4Addr::new(10, 99, 0, 3), 80).build(), Reason::PassNotVip);
+    bed.assert_untouched(&Frame::udp(CLIENT, 1234, Ipv4Addr::new(192, 0, 2, 1), 53).vlan(5).build(), Reason::PassNotVip);
+    bed.assert_untouched(&Frame::tcp(CLIENT, 1234, VIP, 80).ether_type(0x0806).build(), Reason::PassNotIpv4);
+    bed.assert_untouched(&Frame::tcp(CLIENT, 1234, VIP, 80).ether_type(0x86dd).build(), Reason::PassNotIpv4);
+    bed.assert_untouched(&Frame::icmp(CLIENT, VIP).build(), Reason::PassVipIcmp);
+}
+
+#[test]
+fn vip_without_a_matching_service_is_dropped() {
+    let mut bed = bed();
+    bed.run_counted(&Frame::tcp(CLIENT, 1234, VIP, 81).build(), Reason::DropUnknownService);
+    bed.run_counted(&Frame::udp(CLIENT, 1234, VIP, 80).build(), Reason::DropUnknownService);
+    let mut gre = Frame::tcp(CLIENT, 1234, VIP, 80);
+    gre.proto = 47;
+    bed.run_counted(&gre.build(), Reason::DropUnknownService);
+}
+
+#[test]
+fn service_without_backends_drops() {
+    let mut bed = bed();
+    bed.run_counted(&Frame::tcp(CLIENT, 1234, EMPTY_VIP, 80).build(), Reason::DropNoBackend);
+}
+
+#[test]
+fn truncated_frames_get_a_safe_verdict() {
+    let mut bed = bed();
+    // The kernel refuses test frames shorter than an Ethernet header, so the shortest cut is
+    // inside the VLAN tag.
+    let vlan = Frame::tcp(CLIENT, 1234, VIP, 80).vlan(7).build();
+    bed.assert_untouched(&vlan[..ETH_LEN + 2], Reason::PassMalformed);
+    let tcp = Frame::tcp(CLIENT, 1234, VIP, 80).build();
+    for cut in [ETH_LEN, ETH_LEN + 1, ETH_LEN + 10, ETH_LEN + IPV4_LEN - 1] {
+        bed.assert_untouched(&tcp[..cut], Reason::PassMalformed);
+    }
+    for cut in [ETH_LEN + IPV4_LEN, ETH_LEN + IPV4_LEN + 3, ETH_LEN + IPV4_LEN + 19] {
+        bed.run_counted(&tcp[..cut], Reason::DropTruncatedL4);
+    }
+    let udp = Frame::udp(CLIENT, 1234, VIP, 53).build();
+    bed.run_counted(&udp[..ETH_LEN + IPV4_LEN + 7], Reason::DropTruncatedL4);
+    // A header that claims to be shorter than 20 bytes, or not version 4.
+    let mut bad_ihl = tcp.clone();
+    bad_ihl[ETH_LEN] = 0x44;
+    bed.assert_untouched(&bad_ihl, Reason::PassMalformed);
+    let mut bad_version = tcp.clone();
+    bad_version[ETH_LEN] = 0x65;
+    bed.assert_untouched(&bad_version, Reason::PassMalformed);
+}
+
+#[test]
+fn ip_options_and_fragments_to_a_vip_are_dropped() {
+    let mut bed = bed();
+    bed.run_counted(&Frame::tcp(CLIENT, 1234, VIP, 80).ip_options(4).build(), Reason::DropIpOptions);
+    bed.run_counted(&Frame::udp(CLIENT, 1234, VIP, 53).frag(0x2000).build(), Reason::DropFragment);
+    bed.run_counted(&Frame::udp(CLIENT, 1234, VIP, 53).frag(0x00b9).build(), Reason::DropFragment);
+    // Options and fragments not meant for a VIP are the kernel's business.
+    let other = Ipv4Addr::new(10, 99, 0, 3);
+    bed.assert_untouched(&Frame::tcp(CLIENT, 1234, other, 80).ip_options(8).build(), Reason::PassNotVip);
+    bed.assert_untouched(&Frame::udp(CLIENT, 1234, other, 53).frag(0x00b9).build(), Reason::PassNotVip);
+}
+
+#[test]
+fn a_published_table_takes_effect_at_once() {
+    let mut bed = bed();
+    let f = Frame::tcp(CLIENT, 45_000, VIP, 80);
+    let before = bed.expected_backend(0, &f);
+    // Move every entry to another backend and publish: the next frame follows.
+    let other = (before + 1) % 3;
+    let mut slot = bed.dp.add_service(Ipv4Addr::new(10, 99, 0, 102), 80, 6, 3, TABLE).unwrap();
+    bed.dp.publish_table(&mut slot, &vec![other; TABLE as usize]).unwrap();
+    let g = Frame::tcp(CLIENT, 45_000, Ipv4Addr::new(10, 99, 0, 102), 80);
+    let (verdict, out) = bed.run(&g.build());
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out[0..6], bed.backend_macs[other as usize]);
+    // And again, flipping back to the first copy.
+    bed.dp.publish_table(&mut slot, &vec![before; TABLE as usize]).unwrap();
+    let (_, out) = bed.run(&g.build());
+    assert_eq!(out[0..6], bed.backend_macs[before as usize]);
+}

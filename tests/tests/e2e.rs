@@ -1,0 +1,73 @@
+//! End to end, in network namespaces: a real client, the agent on the balancer, real servers
+//! on three backends, L2 direct server return. Needs root.
+use std::time::{Duration, Instant};
+
+use xlb_tests::{
+    capture::Capture,
+    scenario::{backend_name, vip, Scenario, FALL, HEALTH_INTERVAL, HEALTH_TIMEOUT, RISE},
+    topology::{backend_addr, IFACE, VIP},
+    traffic::{failures, tcp_requests, udp_requests, Tally},
+};
+
+const BACKENDS: usize = 3;
+const FLOWS: usize = 300;
+
+/// Every backend answered, each within ±40% of an even share, and nothing failed.
+fn assert_even(t: &Tally, backends: &[usize], total: usize) {
+    assert_eq!(failures(t), 0, "failed requests: {t:?}");
+    let share = total / backends.len();
+    for &i in backends {
+        let n = t.get(&backend_name(i)).copied().unwrap_or(0);
+        assert!(n.abs_diff(share) * 10 <= share * 4, "backend {i} answered {n} of {total}: {t:?}");
+    }
+    assert_eq!(t.values().sum::<usize>(), total, "answers from unknown backends: {t:?}");
+}
+
+#[test]
+fn l2_dsr_balances_tcp_and_udp_and_evicts_a_dead_backend() {
+    let mut s = Scenario::start(BACKENDS).expect("test bed");
+    assert!(s.agent.log_text().contains("Native mode"), "native XDP expected:\n{}", s.agent.log_text());
+
+    // Spread: 300 TCP connections and 300 UDP exchanges, each from its own source port.
+    let capture = Capture::start(&s.bed.lb, IFACE, VIP).unwrap();
+    let tcp = tcp_requests(&s.bed.client, vip(), FLOWS).unwrap();
+    let udp = udp_requests(&s.bed.client, vip(), FLOWS).unwrap();
+    let (replies_through_lb, frames_seen) = capture.finish();
+    eprintln!("tcp: {tcp:?}\nudp: {udp:?}");
+    assert_even(&tcp, &[0, 1, 2], FLOWS);
+    assert_even(&udp, &[0, 1, 2], FLOWS);
+    // Direct server return: the balancer saw the clients' frames but no reply from the VIP.
+    assert!(frames_seen >= 2 * FLOWS as u64, "capture saw only {frames_seen} frames");
+    assert_eq!(replies_through_lb, 0, "backend replies crossed the balancer");
+
+    // Kill backend 1: evicted within fall × interval + timeout (plus scheduling slack).
+    let dead = backend_addr(1);
+    s.servers[1].stop();
+    let killed = Instant::now();
+    // Both services (TCP and UDP) have the backend.
+    s.agent.wait_for_count(&format!("backend {dead} DOWN"), 2, Duration::from_secs(10)).unwrap();
+    let detection = killed.elapsed();
+    let bound = HEALTH_INTERVAL * FALL + HEALTH_TIMEOUT;
+    eprintln!("eviction after {detection:?} (bound {bound:?})");
+    assert!(detection <= bound + Duration::from_secs(1), "evicted after {detection:?}, bound {bound:?}");
+    let after = tcp_requests(&s.bed.client, vip(), 150).unwrap();
+    eprintln!("after eviction: {after:?}");
+    assert_even(&after, &[0, 2], 150);
+    let udp_after = udp_requests(&s.bed.client, vip(), 150).unwrap();
+    assert_even(&udp_after, &[0, 2], 150);
+
+    // Bring it back: in again after `rise` successes.
+    s.restart_server(1).unwrap();
+    let restarted = Instant::now();
+    s.agent.wait_for_count(&format!("backend {dead} UP"), 2, Duration::from_secs(10)).unwrap();
+    eprintln!("back after {:?} (rise {RISE} × {HEALTH_INTERVAL:?})", restarted.elapsed());
+    let back = tcp_requests(&s.bed.client, vip(), FLOWS).unwrap();
+    assert_even(&back, &[0, 1, 2], FLOWS);
+
+    // SIGTERM detaches: no XDP program is left on the interface.
+    let log = s.agent.stop().unwrap();
+    assert!(log.contains("detached"), "{log}");
+    let link = s.bed.lb.exec(&["ip", "link", "show", IFACE]).unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(!link.contains("xdp"), "XDP still attached after exit: {link}");
+}
