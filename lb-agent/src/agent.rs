@@ -157,7 +157,15 @@ impl Agent {
                     (true, false) => "nomac",
                     (false, _) => "down",
                 };
-                writeln!(out, "{:<24} {:<18} {:>5} {:>12} {:>14}", "", cfg.address.to_string(), label, c.packets, c.bytes)?;
+                writeln!(
+                    out,
+                    "{:<24} {:<18} {:>5} {:>12} {:>14}",
+                    "",
+                    cfg.address.to_string(),
+                    label,
+                    c.packets,
+                    c.bytes
+                )?;
             }
         }
         Ok(out)

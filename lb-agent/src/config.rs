@@ -201,12 +201,7 @@ impl Errors<'_> {
         let before = &self.source[..start];
         let line = before.matches('\n').count() + 1;
         let column = start - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-        self.errors.push(ConfigError {
-            line,
-            column,
-            field: field.into(),
-            message: message.into(),
-        });
+        self.errors.push(ConfigError { line, column, field: field.into(), message: message.into() });
     }
 }
 
@@ -214,17 +209,13 @@ impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context as _;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: invalid config:\n{e}", path.display()))
     }
 
     /// Parses and validates a config; on failure, every error found.
     pub fn parse(source: &str) -> Result<Self, ConfigErrors> {
-        let mut errors = Errors {
-            source,
-            errors: Vec::new(),
-        };
+        let mut errors = Errors { source, errors: Vec::new() };
         let raw: RawConfig = match toml::from_str(source) {
             Ok(raw) => raw,
             Err(e) => {
@@ -244,10 +235,7 @@ impl Config {
 
 fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
     let interface = raw.interface.get_ref();
-    if interface.is_empty()
-        || interface.len() > 15
-        || interface.contains(|c: char| c == '/' || c.is_whitespace())
-    {
+    if interface.is_empty() || interface.len() > 15 || interface.contains(|c: char| c == '/' || c.is_whitespace()) {
         errors.at(
             raw.interface.span(),
             "interface",
@@ -327,9 +315,20 @@ fn validate_service(
         Some(m) => {
             let size = *m.get_ref();
             if !(size <= MAX_MAGLEV_SIZE && is_prime(size)) {
-                errors.at(m.span(), format!("{path}.maglev_size"), format!("expected a prime number up to {MAX_MAGLEV_SIZE} (e.g. 65537), got {size}"));
+                errors.at(
+                    m.span(),
+                    format!("{path}.maglev_size"),
+                    format!("expected a prime number up to {MAX_MAGLEV_SIZE} (e.g. 65537), got {size}"),
+                );
             } else if (size as usize) < s.backend.len() {
-                errors.at(m.span(), format!("{path}.maglev_size"), format!("must be larger than the number of backends ({}); 100 times larger keeps the shares even", s.backend.len()));
+                errors.at(
+                    m.span(),
+                    format!("{path}.maglev_size"),
+                    format!(
+                        "must be larger than the number of backends ({}); 100 times larger keeps the shares even",
+                        s.backend.len()
+                    ),
+                );
             }
             size
         }
@@ -347,18 +346,30 @@ fn validate_service(
         let rb = b.get_ref();
         let address = parse_unicast(&rb.address, &format!("{bpath}.address"), errors);
         if !seen.insert(address) {
-            errors.at(rb.address.span(), format!("{bpath}.address"), format!("{address} is already a backend of this service"));
+            errors.at(
+                rb.address.span(),
+                format!("{bpath}.address"),
+                format!("{address} is already a backend of this service"),
+            );
         }
         let weight = rb.weight.as_ref().map_or(1, |w| {
             if *w.get_ref() > MAX_WEIGHT {
-                errors.at(w.span(), format!("{bpath}.weight"), format!("expected a weight from 0 to {MAX_WEIGHT}, got {}", w.get_ref()));
+                errors.at(
+                    w.span(),
+                    format!("{bpath}.weight"),
+                    format!("expected a weight from 0 to {MAX_WEIGHT}, got {}", w.get_ref()),
+                );
             }
             *w.get_ref()
         });
         let mac = rb.mac.as_ref().and_then(|m| match parse_mac(m.get_ref()) {
             Some(mac) => Some(mac),
             None => {
-                errors.at(m.span(), format!("{bpath}.mac"), format!("expected a unicast MAC address like \"02:00:00:00:00:01\", got {:?}", m.get_ref()));
+                errors.at(
+                    m.span(),
+                    format!("{bpath}.mac"),
+                    format!("expected a unicast MAC address like \"02:00:00:00:00:01\", got {:?}", m.get_ref()),
+                );
                 None
             }
         });
@@ -376,6 +387,11 @@ fn validate_service(
     }
 }
 
+/// A health field from the service, else from the file-wide section, with its span.
+fn pick<T: Copy + Into<u64>>(own: &Option<Spanned<T>>, top: &Option<Spanned<T>>) -> Option<(Range<usize>, u64)> {
+    own.as_ref().or(top.as_ref()).map(|v| (v.span(), (*v.get_ref()).into()))
+}
+
 /// The service's health settings over the file-wide ones over the defaults.
 fn merge_health(
     path: &str,
@@ -384,36 +400,36 @@ fn merge_health(
     service_port: u16,
     errors: &mut Errors<'_>,
 ) -> HealthConfig {
-    let pick = |f: fn(&RawHealth) -> Option<(Range<usize>, u64)>| f(own).or_else(|| f(top));
     let mut h = DEFAULT_HEALTH;
     h.enabled = own.enabled.or(top.enabled).unwrap_or(true);
     h.port = service_port;
-    if let Some((span, port)) = pick(|r| r.port.as_ref().map(|p| (p.span(), u64::from(*p.get_ref())))) {
+    if let Some((span, port)) = pick(&own.port, &top.port) {
         if port == 0 {
             errors.at(span, format!("{path}.health.port"), "expected a port from 1 to 65535, got 0");
         }
         h.port = port as u16;
     }
-    if let Some((span, ms)) = pick(|r| r.interval_ms.as_ref().map(|v| (v.span(), *v.get_ref()))) {
+    if let Some((span, ms)) = pick(&own.interval_ms, &top.interval_ms) {
         if !(10..=3_600_000).contains(&ms) {
             errors.at(span, format!("{path}.health.interval_ms"), format!("expected 10 to 3600000 ms, got {ms}"));
         }
         h.interval = Duration::from_millis(ms);
     }
-    if let Some((span, ms)) = pick(|r| r.timeout_ms.as_ref().map(|v| (v.span(), *v.get_ref()))) {
-        if ms == 0 {
-            errors.at(span.clone(), format!("{path}.health.timeout_ms"), "expected at least 1 ms, got 0");
-        }
+    if let Some((span, ms)) = pick(&own.timeout_ms, &top.timeout_ms) {
         h.timeout = Duration::from_millis(ms);
-        if h.timeout > h.interval {
-            errors.at(span, format!("{path}.health.timeout_ms"), format!("must not exceed interval_ms ({} ms), got {ms}", h.interval.as_millis()));
+        if ms == 0 || h.timeout > h.interval {
+            let limit = h.interval.as_millis();
+            errors.at(
+                span,
+                format!("{path}.health.timeout_ms"),
+                format!("expected 1 to interval_ms ({limit}) ms, got {ms}"),
+            );
         }
     }
-    for (name, field, getter) in [
-        ("rise", &mut h.rise, (|r: &RawHealth| r.rise.as_ref().map(|v| (v.span(), u64::from(*v.get_ref())))) as fn(&RawHealth) -> _),
-        ("fall", &mut h.fall, |r: &RawHealth| r.fall.as_ref().map(|v| (v.span(), u64::from(*v.get_ref())))),
-    ] {
-        if let Some((span, n)) = pick(getter) {
+    for (name, field, value) in
+        [("rise", &mut h.rise, pick(&own.rise, &top.rise)), ("fall", &mut h.fall, pick(&own.fall, &top.fall))]
+    {
+        if let Some((span, n)) = value {
             if !(1..=100).contains(&n) {
                 errors.at(span, format!("{path}.health.{name}"), format!("expected 1 to 100, got {n}"));
             }
@@ -567,7 +583,10 @@ address = "10.0.0.13"
         assert!(e[0].message.contains("10.0.0.300"));
         assert!(e[3].message.contains("prime"));
         let shown = ConfigErrors(e).to_string();
-        assert!(shown.starts_with("line 16, column 11: service[0].backend[0].address: expected an IPv4 address"), "{shown}");
+        assert!(
+            shown.starts_with("line 16, column 11: service[0].backend[0].address: expected an IPv4 address"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -599,7 +618,15 @@ address = "10.0.0.13"
     #[test]
     fn mac_parsing() {
         assert_eq!(parse_mac("02:aa:BB:00:00:01"), Some([2, 0xaa, 0xbb, 0, 0, 1]));
-        for bad in ["", "02:00:00:00:00", "02:00:00:00:00:00:00", "0g:00:00:00:00:01", "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "2:0:0:0:0:1"] {
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:00:00",
+            "0g:00:00:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "00:00:00:00:00:00",
+            "2:0:0:0:0:1",
+        ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
         assert_eq!(format_mac([2, 0xaa, 0, 0, 0, 1]), "02:aa:00:00:00:01");

@@ -10,8 +10,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    global_names, limits, map_names, program_names, Backend, Counters, Reason, Service, ServiceKey,
-    Vip, BACKEND_F_VALID, NO_BACKEND,
+    global_names, limits, map_names, program_names, Backend, Counters, Reason, Service, ServiceKey, Vip,
+    BACKEND_F_VALID, NO_BACKEND,
 };
 use log::warn;
 
@@ -64,10 +64,9 @@ where
 
 /// Sums a per-CPU counter.
 fn sum(values: &aya::maps::PerCpuValues<Counters>) -> Counters {
-    values.iter().fold(Counters::default(), |acc, c| Counters {
-        packets: acc.packets + c.packets,
-        bytes: acc.bytes + c.bytes,
-    })
+    values
+        .iter()
+        .fold(Counters::default(), |acc, c| Counters { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes })
 }
 
 impl Dataplane {
@@ -107,11 +106,8 @@ impl Dataplane {
 
     /// One of the object's programs, loaded on first use (the baselines of the benchmarks).
     pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing"))?
-            .try_into()?;
+        let prog: &mut Xdp =
+            self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
         if prog.fd().is_err() {
             prog.load().with_context(|| format!("the kernel rejected program {name}"))?;
         }
@@ -130,8 +126,7 @@ impl Dataplane {
                 XdpMode::Native => AyaXdpMode::Driver,
                 XdpMode::Generic => AyaXdpMode::Skb,
             };
-            prog.attach(iface, flags)
-                .with_context(|| format!("cannot attach XDP in {mode:?} mode to {iface}"))
+            prog.attach(iface, flags).with_context(|| format!("cannot attach XDP in {mode:?} mode to {iface}"))
         };
         match mode {
             Some(mode) => try_attach(prog, mode).map(|_| mode),
@@ -148,7 +143,14 @@ impl Dataplane {
     /// Adds a service with an empty table (its packets are dropped as `drop_no_backend` until
     /// a table is published). Fails when the MAGLEV map has no room for two more tables of
     /// `table_size`, or the service id is out of range.
-    pub fn add_service(&mut self, vip: Ipv4Addr, port: u16, proto: u8, id: u32, table_size: u32) -> Result<ServiceSlot> {
+    pub fn add_service(
+        &mut self,
+        vip: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        id: u32,
+        table_size: u32,
+    ) -> Result<ServiceSlot> {
         if id >= limits::MAX_SERVICES {
             bail!("service id {id} out of range (max {})", limits::MAX_SERVICES - 1);
         }
@@ -162,12 +164,7 @@ impl Dataplane {
         }
         let bases = [self.maglev_next, self.maglev_next + table_size];
         self.maglev_next += 2 * table_size;
-        let key = ServiceKey {
-            vip: u32::from_ne_bytes(vip.octets()),
-            port: port.to_be(),
-            proto,
-            _pad: 0,
-        };
+        let key = ServiceKey { vip: u32::from_ne_bytes(vip.octets()), port: port.to_be(), proto, _pad: 0 };
         let mut slot = ServiceSlot { key, id, table_size, bases, active: 0 };
         self.write_table(slot.bases[0], &vec![NO_BACKEND; table_size as usize])?;
         self.flip(&mut slot, 0)?;
@@ -181,14 +178,9 @@ impl Dataplane {
 
     /// Writes a backend's slot; the data path rewrites frames to `mac`.
     pub fn set_backend(&mut self, id: u32, addr: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
-        let backend = Backend {
-            addr: u32::from_ne_bytes(addr.octets()),
-            mac: lb_common::mac_words(mac),
-            flags: BACKEND_F_VALID,
-        };
-        self.backends
-            .set(id, backend, 0)
-            .with_context(|| format!("cannot write backend {id} ({addr})"))
+        let backend =
+            Backend { addr: u32::from_ne_bytes(addr.octets()), mac: lb_common::mac_words(mac), flags: BACKEND_F_VALID };
+        self.backends.set(id, backend, 0).with_context(|| format!("cannot write backend {id} ({addr})"))
     }
 
     /// Makes `entries` the service's table: writes the inactive copy, then flips the service
@@ -204,20 +196,13 @@ impl Dataplane {
 
     fn write_table(&mut self, base: u32, entries: &[u32]) -> Result<()> {
         for (i, &backend) in entries.iter().enumerate() {
-            self.maglev
-                .set(base + i as u32, backend, 0)
-                .context("cannot write the Maglev table")?;
+            self.maglev.set(base + i as u32, backend, 0).context("cannot write the Maglev table")?;
         }
         Ok(())
     }
 
     fn flip(&mut self, slot: &mut ServiceSlot, to: usize) -> Result<()> {
-        let service = Service {
-            id: slot.id,
-            flags: 0,
-            table_base: slot.bases[to],
-            table_size: slot.table_size,
-        };
+        let service = Service { id: slot.id, flags: 0, table_base: slot.bases[to], table_size: slot.table_size };
         self.services.insert(slot.key, service, 0).context("cannot write the service")?;
         slot.active = to;
         Ok(())
@@ -225,10 +210,7 @@ impl Dataplane {
 
     /// Frames and bytes per verdict reason, summed over CPUs.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, Counters)>> {
-        Reason::ALL
-            .iter()
-            .map(|&r| Ok((r, sum(&self.reason_stats.get(&(r as u32), 0)?))))
-            .collect()
+        Reason::ALL.iter().map(|&r| Ok((r, sum(&self.reason_stats.get(&(r as u32), 0)?)))).collect()
     }
 
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
@@ -273,7 +255,6 @@ pub fn attach_pass_program(iface: &str) -> Result<Ebpf> {
         .ok_or_else(|| anyhow!("program {} missing", program_names::PASS))?
         .try_into()?;
     prog.load()?;
-    prog.attach(iface, AyaXdpMode::Driver)
-        .with_context(|| format!("cannot attach the pass program to {iface}"))?;
+    prog.attach(iface, AyaXdpMode::Driver).with_context(|| format!("cannot attach the pass program to {iface}"))?;
     Ok(ebpf)
 }

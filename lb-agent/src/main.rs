@@ -17,7 +17,11 @@ use tokio::{
 };
 
 #[derive(Parser)]
-#[command(name = "lb-agent", version, about = "xlb: an XDP L4 load balancer with Maglev hashing and direct server return")]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "xlb: an XDP L4 load balancer with Maglev hashing and direct server return"
+)]
 struct Cli {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, global = true, default_value = "info")]
@@ -95,11 +99,7 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
     let mut agent = Agent::new(dataplane, &config)?;
     // Attach last: the first packet already finds every table in place.
     let mode = agent.dataplane.attach(&config.interface, xdp_mode.or(config.xdp_mode))?;
-    info!(
-        "balancing {} services on {} (XDP {mode:?} mode)",
-        config.services.len(),
-        config.interface
-    );
+    info!("balancing {} services on {} (XDP {mode:?} mode)", config.services.len(), config.interface);
 
     let (tx, mut rx) = mpsc::channel(256);
     for (s, service) in config.services.iter().enumerate() {

@@ -119,11 +119,7 @@ const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 /// A MAC address as three 16-bit words holding its bytes in memory order: the data path copies
 /// it with three aligned 16-bit moves (a `[u8; 6]` copy compiles to a slow byte-wise helper).
 pub const fn mac_words(mac: [u8; 6]) -> [u16; 3] {
-    [
-        u16::from_ne_bytes([mac[0], mac[1]]),
-        u16::from_ne_bytes([mac[2], mac[3]]),
-        u16::from_ne_bytes([mac[4], mac[5]]),
-    ]
+    [u16::from_ne_bytes([mac[0], mac[1]]), u16::from_ne_bytes([mac[2], mac[3]]), u16::from_ne_bytes([mac[4], mac[5]])]
 }
 
 /// The inverse of [`mac_words`].

@@ -1,7 +1,5 @@
 //! The IPv4 balancer: VIP and service lookup, Maglev selection, L2 DSR rewrite.
-use lb_common::{
-    hash::flow_hash_v4, Reason, ServiceKey, BACKEND_F_VALID, IPPROTO_TCP, IPPROTO_UDP,
-};
+use lb_common::{hash::flow_hash_v4, Reason, ServiceKey, BACKEND_F_VALID, IPPROTO_TCP, IPPROTO_UDP};
 
 use aya_ebpf::programs::XdpContext;
 
@@ -51,12 +49,7 @@ pub fn balance(ctx: &XdpContext) -> Reason {
     let Some(ports) = parse::l4_ports(ctx, offset + 20, proto) else {
         return Reason::DropTruncatedL4;
     };
-    let key = ServiceKey {
-        vip: daddr,
-        port: (ports >> 16) as u16,
-        proto,
-        _pad: 0,
-    };
+    let key = ServiceKey { vip: daddr, port: (ports >> 16) as u16, proto, _pad: 0 };
     // SAFETY: the agent replaces values whole; we copy the fields we need at once.
     let Some(service) = (unsafe { SERVICES.get(&key) }) else {
         return Reason::DropUnknownService;

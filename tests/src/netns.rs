@@ -91,10 +91,7 @@ fn enter(file: &File) -> Result<()> {
 
 /// Runs a command and returns its output, or an error carrying its stderr.
 pub fn sh(args: &[&str]) -> Result<Output> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("cannot run {}", args[0]))?;
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("cannot run {}", args[0]))?;
     if !out.status.success() {
         bail!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }

@@ -39,7 +39,9 @@ pub fn config(n: usize) -> String {
         HEALTH_TIMEOUT.as_millis()
     );
     for proto in ["tcp", "udp"] {
-        c += &format!("\n[[service]]\nname = \"demo-{proto}\"\nvip = \"{VIP}\"\nport = {PORT}\nprotocol = \"{proto}\"\n");
+        c += &format!(
+            "\n[[service]]\nname = \"demo-{proto}\"\nvip = \"{VIP}\"\nport = {PORT}\nprotocol = \"{proto}\"\n"
+        );
         if proto == "udp" {
             c += &format!("[service.health]\nport = {PORT}\n");
         }
@@ -53,9 +55,8 @@ pub fn config(n: usize) -> String {
 impl Scenario {
     pub fn start(n: usize) -> Result<Self> {
         let bed = L2Bed::new(n)?;
-        let servers = (0..n)
-            .map(|i| Server::start(&bed.backends[i], &backend_name(i), VIP, PORT))
-            .collect::<Result<Vec<_>>>()?;
+        let servers =
+            (0..n).map(|i| Server::start(&bed.backends[i], &backend_name(i), VIP, PORT)).collect::<Result<Vec<_>>>()?;
         let agent = AgentProcess::start(&bed.lb, &config(n), &[])?;
         Ok(Self { agent, servers, bed })
     }

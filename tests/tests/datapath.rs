@@ -94,13 +94,8 @@ impl Bed {
             f.dport.to_be_bytes()[0],
             f.dport.to_be_bytes()[1],
         ]);
-        let h = flow_hash_v4(
-            u32::from_ne_bytes(f.src.octets()),
-            u32::from_ne_bytes(f.dst.octets()),
-            ports,
-            f.proto,
-            SEED,
-        );
+        let h =
+            flow_hash_v4(u32::from_ne_bytes(f.src.octets()), u32::from_ne_bytes(f.dst.octets()), ports, f.proto, SEED);
         self.tables[service][(h % TABLE) as usize]
     }
 
@@ -154,7 +149,10 @@ fn vlan_tagged_hit_keeps_its_tag() {
 fn traffic_that_is_not_ours_passes_untouched() {
     let mut bed = bed();
     bed.assert_untouched(&Frame::tcp(CLIENT, 1234, Ipv4Addr::new(10, 99, 0, 3), 80).build(), Reason::PassNotVip);
-    bed.assert_untouched(&Frame::udp(CLIENT, 1234, Ipv4Addr::new(192, 0, 2, 1), 53).vlan(5).build(), Reason::PassNotVip);
+    bed.assert_untouched(
+        &Frame::udp(CLIENT, 1234, Ipv4Addr::new(192, 0, 2, 1), 53).vlan(5).build(),
+        Reason::PassNotVip,
+    );
     bed.assert_untouched(&Frame::tcp(CLIENT, 1234, VIP, 80).ether_type(0x0806).build(), Reason::PassNotIpv4);
     bed.assert_untouched(&Frame::tcp(CLIENT, 1234, VIP, 80).ether_type(0x86dd).build(), Reason::PassNotIpv4);
     bed.assert_untouched(&Frame::icmp(CLIENT, VIP).build(), Reason::PassVipIcmp);

@@ -11,11 +11,7 @@ use clap::{Parser, Subcommand};
 use run::ChildFailed;
 
 #[derive(Parser)]
-#[command(
-    name = "xtask",
-    bin_name = "cargo xtask",
-    about = "Developer tasks for the xlb workspace"
-)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Developer tasks for the xlb workspace")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,9 +53,7 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("xtask: error: {err:#}");
             // Scripts and CI should see the failing child's own status, not a generic 1.
-            let code = err
-                .downcast_ref::<ChildFailed>()
-                .map_or(1, |failed| failed.exit_code());
+            let code = err.downcast_ref::<ChildFailed>().map_or(1, |failed| failed.exit_code());
             ExitCode::from(code)
         }
     }
@@ -71,14 +65,11 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Build { args } => {
             setup::setup()?;
             let mut cmd = run::cargo();
-            cmd.args(["build", "--workspace", "--all-targets"])
-                .args(args);
+            cmd.args(["build", "--workspace", "--all-targets"]).args(args);
             run::run(&mut cmd)
         }
         Command::Test { args } => {
-            run::require_root(
-                "the tests need CAP_NET_ADMIN and CAP_BPF and create network namespaces",
-            )?;
+            run::require_root("the tests need CAP_NET_ADMIN and CAP_BPF and create network namespaces")?;
             setup::setup()?;
             run::run(&mut test_command(args))
         }
@@ -86,8 +77,7 @@ fn dispatch(command: Command) -> Result<()> {
             run::require_root("the demo loads XDP programs and creates network namespaces")?;
             setup::setup()?;
             let mut cmd = run::cargo();
-            cmd.args(["run", "-p", "xlb-tests", "--bin", "xlb-demo", "--"])
-                .args(args);
+            cmd.args(["run", "-p", "xlb-tests", "--bin", "xlb-demo", "--"]).args(args);
             run::run(&mut cmd)
         }
         Command::CleanNetns => clean_netns(),
@@ -102,18 +92,13 @@ fn test_command(args: Vec<String>) -> std::process::Command {
         None => (&args[..], &[][..]),
     };
     // `--workspace` would override a package selection the caller asked for.
-    let selects_packages = cargo_args
-        .iter()
-        .any(|a| a.starts_with("-p") || a.starts_with("--package"));
+    let selects_packages = cargo_args.iter().any(|a| a.starts_with("-p") || a.starts_with("--package"));
     let mut cmd = run::cargo();
     cmd.arg("test");
     if !selects_packages {
         cmd.arg("--workspace");
     }
-    cmd.arg("--no-fail-fast")
-        .args(cargo_args)
-        .args(["--", "--test-threads=1"])
-        .args(harness_args);
+    cmd.arg("--no-fail-fast").args(cargo_args).args(["--", "--test-threads=1"]).args(harness_args);
     cmd
 }
 
@@ -153,46 +138,16 @@ mod tests {
 
     fn args_of(args: &[&str]) -> Vec<String> {
         let cmd = test_command(args.iter().map(|s| s.to_string()).collect());
-        cmd.get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
+        cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect()
     }
 
     #[test]
     fn test_args_pass_through() {
-        assert_eq!(
-            args_of(&[]),
-            [
-                "test",
-                "--workspace",
-                "--no-fail-fast",
-                "--",
-                "--test-threads=1"
-            ]
-        );
-        assert_eq!(
-            args_of(&["e2e"]),
-            [
-                "test",
-                "--workspace",
-                "--no-fail-fast",
-                "e2e",
-                "--",
-                "--test-threads=1"
-            ]
-        );
+        assert_eq!(args_of(&[]), ["test", "--workspace", "--no-fail-fast", "--", "--test-threads=1"]);
+        assert_eq!(args_of(&["e2e"]), ["test", "--workspace", "--no-fail-fast", "e2e", "--", "--test-threads=1"]);
         assert_eq!(
             args_of(&["-p", "xlb-tests", "e2e", "--", "--nocapture"]),
-            [
-                "test",
-                "--no-fail-fast",
-                "-p",
-                "xlb-tests",
-                "e2e",
-                "--",
-                "--test-threads=1",
-                "--nocapture"
-            ]
+            ["test", "--no-fail-fast", "-p", "xlb-tests", "e2e", "--", "--test-threads=1", "--nocapture"]
         );
     }
 }

@@ -54,10 +54,7 @@ pub fn cargo_bin_dir() -> Result<PathBuf> {
 }
 
 pub fn home_dir() -> Result<PathBuf> {
-    env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .context("HOME is not set")
+    env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from).context("HOME is not set")
 }
 
 fn child_path() -> Result<OsString> {
@@ -118,21 +115,13 @@ pub fn run_quiet(cmd: &mut Command) -> Result<()> {
     if status.success() {
         Ok(())
     } else {
-        Err(ChildFailed {
-            command: describe(cmd),
-            status,
-            stderr: String::new(),
-        }
-        .into())
+        Err(ChildFailed { command: describe(cmd), status, stderr: String::new() }.into())
     }
 }
 
 /// Runs `cmd` and returns its stdout; on failure the error carries its stderr.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| spawn_error(cmd, e))?;
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| spawn_error(cmd, e))?;
     if !out.status.success() {
         return Err(ChildFailed {
             command: describe(cmd),
@@ -146,16 +135,11 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 
 /// Whether `cmd` runs and exits successfully; for checks, so all output is swallowed.
 pub fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 fn effective_uid() -> Result<u32> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     // `Uid:` is followed by the real, effective, saved and filesystem uids.
     status
         .lines()

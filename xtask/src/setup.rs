@@ -23,16 +23,9 @@ pub fn setup() -> Result<()> {
 }
 
 fn rust_src() -> Result<()> {
-    let installed = run::output(command("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        NIGHTLY,
-        "--installed",
-    ]))
-    .with_context(|| {
-        format!("the {NIGHTLY} toolchain is needed to build the eBPF crate; is it installed?")
-    })?;
+    let installed =
+        run::output(command("rustup").args(["component", "list", "--toolchain", NIGHTLY, "--installed"]))
+            .with_context(|| format!("the {NIGHTLY} toolchain is needed to build the eBPF crate; is it installed?"))?;
     // Listed as `rust-src`, without a target suffix, since it is target-independent.
     if installed.lines().any(|l| l.trim() == "rust-src") {
         println!("setup: rust-src for {NIGHTLY}: present");
@@ -46,8 +39,7 @@ fn rust_src() -> Result<()> {
 /// as a shared library, so bpf-linker is built against that one through a prefix directory of
 /// symlinks; the binary keeps an rpath to that directory.
 fn bpf_linker() -> Result<()> {
-    let sysroot =
-        run::output(command("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    let sysroot = run::output(command("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
     let llvm_dir = PathBuf::from(sysroot.trim()).join("lib");
     let lib_name = nightly_libllvm(&llvm_dir)?;
     let llvm_lib = llvm_dir.join(&lib_name);
@@ -65,13 +57,8 @@ fn bpf_linker() -> Result<()> {
         return Ok(());
     }
     if !links_ok {
-        println!(
-            "setup: bpf-linker: linking {} into {}",
-            llvm_lib.display(),
-            prefix_lib.display()
-        );
-        fs::create_dir_all(&prefix_lib)
-            .with_context(|| format!("cannot create {}", prefix_lib.display()))?;
+        println!("setup: bpf-linker: linking {} into {}", llvm_lib.display(), prefix_lib.display());
+        fs::create_dir_all(&prefix_lib).with_context(|| format!("cannot create {}", prefix_lib.display()))?;
         for link in &links {
             replace_symlink(&llvm_lib, link)?;
         }
@@ -83,18 +70,10 @@ fn bpf_linker() -> Result<()> {
     }
     // --force: an installed but broken binary (e.g. built against a previous nightly's LLVM)
     // would otherwise count as installed.
-    println!(
-        "setup: bpf-linker: missing or broken, building it against LLVM {major} (about a minute)"
-    );
+    println!("setup: bpf-linker: missing or broken, building it against LLVM {major} (about a minute)");
     let mut install = run::cargo();
     install
-        .args([
-            "install",
-            "bpf-linker",
-            "--no-default-features",
-            "--force",
-            "--features",
-        ])
+        .args(["install", "bpf-linker", "--no-default-features", "--force", "--features"])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix);
     run::run(&mut install)?;
@@ -122,20 +101,16 @@ fn nightly_libllvm(dir: &Path) -> Result<String> {
             "no libLLVM.so.* in {}: this {NIGHTLY} toolchain ships no shared LLVM to build bpf-linker against",
             dir.display()
         ),
-        _ => bail!(
-            "several libLLVM.so.* in {} ({}); cannot tell which one rustc uses",
-            dir.display(),
-            found.join(", ")
-        ),
+        _ => {
+            bail!("several libLLVM.so.* in {} ({}); cannot tell which one rustc uses", dir.display(), found.join(", "))
+        }
     }
 }
 
 /// `libLLVM.so.22.1-rust-1.97.0-nightly` -> `22`, which selects bpf-linker's `llvm-22` feature.
 fn llvm_major(lib_name: &str) -> Result<&str> {
     let version = lib_name.strip_prefix("libLLVM.so.").unwrap_or_default();
-    let end = version
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(version.len());
+    let end = version.find(|c: char| !c.is_ascii_digit()).unwrap_or(version.len());
     match &version[..end] {
         "" => bail!("cannot read the LLVM major version from {lib_name}"),
         major => Ok(major),
@@ -155,8 +130,7 @@ fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot remove {}", link.display())),
     }
-    symlink(target, link)
-        .with_context(|| format!("cannot link {} -> {}", link.display(), target.display()))
+    symlink(target, link).with_context(|| format!("cannot link {} -> {}", link.display(), target.display()))
 }
 
 fn debian_packages() -> Result<()> {
@@ -171,10 +145,7 @@ fn debian_packages() -> Result<()> {
         println!("setup: Debian packages ({list}): installed");
         return Ok(());
     }
-    println!(
-        "setup: Debian packages: missing {}, installing with apt-get",
-        missing.join(" ")
-    );
+    println!("setup: Debian packages: missing {}, installing with apt-get", missing.join(" "));
     run::require_root("apt-get must install the missing packages")?;
     run::run(command("apt-get").arg("update"))?;
     run::run(
@@ -208,10 +179,7 @@ mod tests {
 
     #[test]
     fn reads_llvm_major() {
-        assert_eq!(
-            llvm_major("libLLVM.so.22.1-rust-1.97.0-nightly").unwrap(),
-            "22"
-        );
+        assert_eq!(llvm_major("libLLVM.so.22.1-rust-1.97.0-nightly").unwrap(), "22");
         assert_eq!(llvm_major("libLLVM.so.23").unwrap(), "23");
         assert!(llvm_major("libLLVM.so.x").is_err());
         assert!(llvm_major("libLLVM-17-rust-1.75.0-nightly.so").is_err());

@@ -1,7 +1,10 @@
 //! `cargo xtask demo`: builds a client, the balancer and three backends in network
 //! namespaces, sends real traffic through xlb, kills a backend and shows the eviction.
 //! Everything is torn down at the end, also on failure.
-use std::{collections::BTreeSet, time::{Duration, Instant}};
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use xlb_tests::{
@@ -43,11 +46,17 @@ fn main() -> Result<()> {
         backend_addr(0),
         backend_addr(BACKENDS - 1)
     ));
-    println!("    agent config:\n{}", config(BACKENDS).lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "    agent config:\n{}",
+        config(BACKENDS).lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n")
+    );
     let mut s = Scenario::start(BACKENDS).context("cannot build the demo (run as root: cargo xtask demo)")?;
     let mut seen = show_log(&s, 0);
 
-    say(&format!("{FLOWS} TCP connections and {FLOWS} UDP datagrams from the client to {}, each from a new source port", vip()));
+    say(&format!(
+        "{FLOWS} TCP connections and {FLOWS} UDP datagrams from the client to {}, each from a new source port",
+        vip()
+    ));
     let tcp = tcp_requests(&s.bed.client, vip(), FLOWS)?;
     let udp = udp_requests(&s.bed.client, vip(), FLOWS)?;
     table("answers per backend (Maglev, three healthy backends):", &tcp, &udp);
