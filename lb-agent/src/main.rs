@@ -58,7 +58,16 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     let result = match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config } => {
+            // Plain text for a human or a deploy script: no log prefixes.
+            return match check(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Run { config, xdp_mode, stats_interval } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
