@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use xlb_tests::{
-    scenario::{backend_name, config, vip, Scenario, FALL, HEALTH_INTERVAL, HEALTH_TIMEOUT},
+    scenario::{backend_name, config, vip, Scenario, FALL, HEALTH_INTERVAL, HEALTH_TIMEOUT, RISE},
     topology::{backend_addr, CLIENT, LB, VIP},
     traffic::{failures, tcp_requests, udp_requests, Tally},
 };
@@ -84,6 +84,16 @@ fn main() -> Result<()> {
     let udp = udp_requests(&s.bed.client, vip(), FLOWS)?;
     table("answers per backend (backend-1 evicted: its share went to the others):", &tcp, &udp);
     println!("    failed: {} tcp, {} udp", failures(&tcp), failures(&udp));
+
+    say(&format!("restarting {}: it returns after {RISE} successful checks", backend_name(1)));
+    s.restart_server(1)?;
+    let restarted = Instant::now();
+    s.agent.wait_for_count(&format!("backend {} UP", backend_addr(1)), 2, Duration::from_secs(10))?;
+    println!("    back after {:?}", restarted.elapsed());
+    seen = show_log(&s, seen);
+    let tcp = tcp_requests(&s.bed.client, vip(), FLOWS)?;
+    let udp = udp_requests(&s.bed.client, vip(), FLOWS)?;
+    table("answers per backend (backend-1 back: Maglev gives it the same share as before):", &tcp, &udp);
 
     say("stopping the agent (SIGTERM): it detaches and prints its counters");
     s.agent.stop()?;
