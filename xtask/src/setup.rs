@@ -13,6 +13,9 @@ use crate::run::{self, command};
 /// Debian packages the tests and the demo call at run time; extend here.
 pub const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "bpftool", "tcpdump"];
 
+/// The bpf-linker release verified against this nightly's LLVM 22 (see TOOLCHAIN.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
 /// lb-agent's build.rs (aya-build) compiles the eBPF crate with `-Z build-std`, hence nightly.
 const NIGHTLY: &str = "nightly";
 
@@ -73,7 +76,7 @@ fn bpf_linker() -> Result<()> {
     println!("setup: bpf-linker: missing or broken, building it against LLVM {major} (about a minute)");
     let mut install = run::cargo();
     install
-        .args(["install", "bpf-linker", "--no-default-features", "--force", "--features"])
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--force", "--features"])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix);
     run::run(&mut install)?;
