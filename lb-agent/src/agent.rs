@@ -40,6 +40,12 @@ impl Agent {
     /// Fills the maps from `config`: every backend starts up (health checks take it out), with
     /// its MAC from the config or the neighbour table.
     pub fn new(mut dataplane: Dataplane, config: &Config) -> Result<Self> {
+        // Resolve every unconfigured MAC at once: start-up waits at most NEIGHBOUR_WAIT.
+        let unknown: Vec<_> =
+            config.services.iter().flat_map(|s| &s.backends).filter(|b| b.mac.is_none()).map(|b| b.address).collect();
+        let resolved: std::collections::HashMap<_, _> =
+            unknown.iter().copied().zip(neigh::resolve_all(&unknown, &config.interface, NEIGHBOUR_WAIT)).collect();
+
         let mut services = Vec::new();
         let mut next_backend = 0u32;
         for (id, sc) in config.services.iter().enumerate() {
@@ -48,7 +54,7 @@ impl Agent {
                 .with_context(|| format!("cannot add service {}", sc.name))?;
             let mut backends = Vec::new();
             for b in &sc.backends {
-                let mac = b.mac.or_else(|| neigh::resolve(b.address, &config.interface, NEIGHBOUR_WAIT));
+                let mac = b.mac.or_else(|| resolved.get(&b.address).copied().flatten());
                 if mac.is_none() {
                     warn!(
                         "service {}: backend {}: no neighbour entry on {}; it takes no traffic until it answers a health check (or set its mac)",
@@ -105,6 +111,13 @@ impl Agent {
         match event {
             Event::State { target: Target { service: s, backend: b }, up, detail } => {
                 self.services[s].backends[b].up = up;
+                if up && self.services[s].config.backends[b].mac.is_none() {
+                    let fresh = neigh::lookup(self.services[s].config.backends[b].address, &self.interface);
+                    if fresh.is_some() && fresh != self.services[s].backends[b].mac {
+                        self.services[s].backends[b].mac = fresh;
+                        self.write_backend(s, b)?;
+                    }
+                }
                 self.publish(s)?;
                 let service = &self.services[s];
                 let n_up = service.backends.iter().filter(|b| b.up).count();
@@ -117,7 +130,9 @@ impl Agent {
                 }
             }
             Event::Reachable { target: Target { service: s, backend: b } } => {
-                if self.services[s].config.backends[b].mac.is_some() {
+                // Only a backend without a MAC looks at the neighbour table on every success;
+                // the others refresh theirs when they come back up (a replaced host).
+                if self.services[s].config.backends[b].mac.is_some() || self.services[s].backends[b].mac.is_some() {
                     return Ok(());
                 }
                 let addr = self.services[s].config.backends[b].address;

@@ -129,7 +129,11 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
     let mut stats_tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
-            Some(event) = rx.recv() => agent.handle(event)?,
+            // A failed map write must not take the balancer down with it: what is in the
+            // maps keeps forwarding, and the next health report retries.
+            Some(event) = rx.recv() => if let Err(e) = agent.handle(event) {
+                error!("cannot apply a health change: {e:#}");
+            },
             _ = term.recv() => { info!("SIGTERM: detaching"); break }
             _ = int.recv() => { info!("SIGINT: detaching"); break }
             _ = usr1.recv() => info!("counters:\n{}", agent.stats_table()?),

@@ -12,23 +12,30 @@ pub fn lookup(addr: Ipv4Addr, iface: &str) -> Option<[u8; 6]> {
     parse_arp_table(&table, addr, iface)
 }
 
-/// Looks `addr` up and, when missing, makes the kernel resolve it by sending one datagram to
-/// the discard port, then waits up to `wait` for the entry.
-pub fn resolve(addr: Ipv4Addr, iface: &str, wait: Duration) -> Option<[u8; 6]> {
-    if let Some(mac) = lookup(addr, iface) {
-        return Some(mac);
+/// Looks every address up and, for those missing, makes the kernel resolve them (one datagram
+/// each to the discard port), then waits up to `wait` in all for the entries.
+pub fn resolve_all(addrs: &[Ipv4Addr], iface: &str, wait: Duration) -> Vec<Option<[u8; 6]>> {
+    let mut macs: Vec<_> = addrs.iter().map(|&a| lookup(a, iface)).collect();
+    if macs.iter().all(Option::is_some) {
+        return macs;
     }
     if let Ok(socket) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
-        let _ = socket.send_to(b"xlb neighbour probe", (addr, 9));
-    }
-    let deadline = Instant::now() + wait;
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        if let Some(mac) = lookup(addr, iface) {
-            return Some(mac);
+        for (addr, mac) in addrs.iter().zip(&macs) {
+            if mac.is_none() {
+                let _ = socket.send_to(b"xlb neighbour probe", (*addr, 9));
+            }
         }
     }
-    None
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline && macs.iter().any(Option::is_none) {
+        std::thread::sleep(Duration::from_millis(20));
+        for (addr, mac) in addrs.iter().zip(macs.iter_mut()) {
+            if mac.is_none() {
+                *mac = lookup(*addr, iface);
+            }
+        }
+    }
+    macs
 }
 
 const ATF_COM: u32 = 0x2;
