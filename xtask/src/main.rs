@@ -71,6 +71,9 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Test { args } => {
             run::require_root("the tests need CAP_NET_ADMIN and CAP_BPF and create network namespaces")?;
             setup::setup()?;
+            // `cargo test` builds only the tested package's own binaries; the namespace tests
+            // run lb-agent as a process, so build it first.
+            run::run(run::cargo().args(["build", "-p", "lb-agent", "--bins"]))?;
             run::run(&mut test_command(args))
         }
         Command::Demo { args } => {
