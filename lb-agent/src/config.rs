@@ -1,9 +1,18 @@
 //! The agent's TOML configuration: parsing, defaults and validation. A config that passes
 //! [`Config::parse`] fits every limit of the data path, so applying it cannot half-fail on a
 //! limit; every error names its line, column and field.
-use std::{collections::HashSet, fmt, net::Ipv4Addr, ops::Range, time::Duration};
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::Range,
+    time::Duration,
+};
 
-use lb_common::limits::{DEFAULT_MAGLEV_SIZE, MAX_BACKENDS, MAX_MAGLEV_SIZE, MAX_SERVICES, MAX_VIPS};
+use lb_common::limits::{
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_NEW_FLOWS_PER_CPU_SEC, DEFAULT_UDP_IDLE_SECS, MAX_BACKENDS,
+    MAX_MAGLEV_SIZE, MAX_SERVICES, MAX_TX_PORTS, MAX_VIPS,
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -37,6 +46,17 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// How a service's packets reach the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// L2 DSR: the frame's destination MAC becomes the backend's; same L2 segment.
+    #[default]
+    L2,
+    /// L3 DSR: IPv4 in IPv4 or IPv6 in IPv6 to the backend, routed by the kernel's FIB.
+    Ipip,
+}
+
 /// How the XDP program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -57,15 +77,37 @@ pub struct Config {
     pub hash_seed: u32,
     /// Entries of the MAGLEV map (every service needs twice its table size).
     pub maglev_capacity: u32,
+    pub flows: FlowConfig,
+    pub ipip: IpipConfig,
+    /// Interfaces other than `interface` that encapsulated packets may leave by (XDP_REDIRECT).
+    pub egress_interfaces: Vec<String>,
     pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowConfig {
+    /// Entries of the flow table.
+    pub size: u32,
+    pub udp_idle: Duration,
+    /// New flows per second and CPU that are pinned; 0: no limit.
+    pub new_flows_per_cpu_sec: u32,
+}
+
+/// Outer source addresses of encapsulated packets: the prefix, with the host part varying per
+/// flow so that backends spread flows over their receive queues.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct IpipConfig {
+    pub source_v4: Option<(Ipv4Addr, u8)>,
+    pub source_v6: Option<(Ipv6Addr, u8)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    pub forward: Forward,
     pub maglev_size: u32,
     pub health: HealthConfig,
     pub backends: Vec<BackendConfig>,
@@ -87,10 +129,11 @@ pub struct HealthConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendConfig {
-    pub address: Ipv4Addr,
-    /// Share of new flows relative to the service's other backends; 0 takes none.
+    pub address: IpAddr,
+    /// Share of new flows relative to the service's other backends; 0 drains: no new flows,
+    /// pinned ones continue.
     pub weight: u32,
-    /// None: resolved from the kernel's neighbour table.
+    /// None: resolved from the kernel's neighbour table (L2 DSR only).
     pub mac: Option<[u8; 6]>,
 }
 
@@ -142,9 +185,30 @@ struct RawConfig {
     hash_seed: Option<u32>,
     maglev_capacity: Option<Spanned<u32>>,
     #[serde(default)]
+    egress_interfaces: Vec<Spanned<String>>,
+    #[serde(default)]
+    flows: RawFlows,
+    #[serde(default)]
+    ipip: RawIpip,
+    #[serde(default)]
     health: RawHealth,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFlows {
+    size: Option<Spanned<u32>>,
+    udp_idle_secs: Option<Spanned<u32>>,
+    new_flows_per_cpu_sec: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIpip {
+    source_v4: Option<Spanned<String>>,
+    source_v6: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -165,6 +229,8 @@ struct RawService {
     vip: Spanned<String>,
     port: Spanned<u16>,
     protocol: Protocol,
+    #[serde(default)]
+    forward: Forward,
     maglev_size: Option<Spanned<u32>>,
     #[serde(default)]
     health: RawHealth,
@@ -245,6 +311,43 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
     if raw.service.is_empty() {
         errors.at(0..0, "service", "expected at least one [[service]]");
     }
+    let mut egress_interfaces = Vec::new();
+    for (i, name) in raw.egress_interfaces.iter().enumerate() {
+        if !valid_ifname(name.get_ref()) {
+            errors.at(
+                name.span(),
+                format!("egress_interfaces[{i}]"),
+                format!("expected an interface name, got {:?}", name.get_ref()),
+            );
+        }
+        egress_interfaces.push(name.get_ref().clone());
+    }
+    if egress_interfaces.len() >= MAX_TX_PORTS as usize {
+        errors.at(0..0, "egress_interfaces", format!("at most {} interfaces", MAX_TX_PORTS - 1));
+    }
+    let flows = FlowConfig {
+        size: match &raw.flows.size {
+            Some(n) if *n.get_ref() == 0 => {
+                errors.at(n.span(), "flows.size", "expected at least 1 entry");
+                1
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_FLOW_TABLE_SIZE,
+        },
+        udp_idle: Duration::from_secs(u64::from(match &raw.flows.udp_idle_secs {
+            Some(n) if *n.get_ref() == 0 => {
+                errors.at(n.span(), "flows.udp_idle_secs", "expected at least 1 second");
+                1
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_UDP_IDLE_SECS,
+        })),
+        new_flows_per_cpu_sec: raw.flows.new_flows_per_cpu_sec.unwrap_or(DEFAULT_NEW_FLOWS_PER_CPU_SEC),
+    };
+    let ipip = IpipConfig {
+        source_v4: raw.ipip.source_v4.as_ref().and_then(|p| parse_prefix(p, "ipip.source_v4", errors)),
+        source_v6: raw.ipip.source_v6.as_ref().and_then(|p| parse_prefix(p, "ipip.source_v6", errors)),
+    };
     if raw.service.len() > MAX_SERVICES as usize {
         errors.at(0..0, "service", format!("at most {MAX_SERVICES} services, got {}", raw.service.len()));
     }
@@ -255,6 +358,20 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
     let mut backend_count = 0usize;
     for (i, raw_service) in raw.service.iter().enumerate() {
         let service = validate_service(i, raw_service, &raw.health, errors);
+        if service.forward == Forward::Ipip {
+            let has_source = match service.vip {
+                IpAddr::V4(_) => ipip.source_v4.is_some(),
+                IpAddr::V6(_) => ipip.source_v6.is_some(),
+            };
+            if !has_source {
+                let which = if service.vip.is_ipv4() { "source_v4" } else { "source_v6" };
+                errors.at(
+                    raw_service.span(),
+                    format!("service[{i}].forward"),
+                    format!("forward = \"ipip\" needs [ipip] {which}, the prefix of outer source addresses"),
+                );
+            }
+        }
         if !keys.insert((service.vip, service.port, service.protocol)) {
             errors.at(
                 raw_service.span(),
@@ -294,7 +411,36 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         xdp_mode: raw.xdp_mode,
         hash_seed: raw.hash_seed.unwrap_or(0),
         maglev_capacity,
+        flows,
+        ipip,
+        egress_interfaces,
         services,
+    }
+}
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 15 && !name.contains(|c: char| c == '/' || c.is_whitespace())
+}
+
+/// "addr/len" with the host bits clear; for IPv6 at most 32 host bits vary (the last word).
+fn parse_prefix<A: std::str::FromStr + Copy + Into<IpAddr>>(
+    value: &Spanned<String>,
+    field: &str,
+    errors: &mut Errors<'_>,
+) -> Option<(A, u8)> {
+    let text = value.get_ref();
+    let parsed = text.split_once('/').and_then(|(a, l)| Some((a.parse::<A>().ok()?, l.parse::<u8>().ok()?)));
+    let bits = |a: A| if a.into().is_ipv4() { 32 } else { 128 };
+    match parsed {
+        Some((addr, len)) if len <= bits(addr) && len > 0 => Some((addr, len)),
+        _ => {
+            errors.at(
+                value.span(),
+                field,
+                format!("expected a prefix like \"10.1.0.0/24\" or \"fd00:1::/112\", got {text:?}"),
+            );
+            None
+        }
     }
 }
 
@@ -345,6 +491,13 @@ fn validate_service(
         let bpath = format!("{path}.backend[{j}]");
         let rb = b.get_ref();
         let address = parse_unicast(&rb.address, &format!("{bpath}.address"), errors);
+        if address.is_ipv4() != vip.is_ipv4() {
+            errors.at(
+                rb.address.span(),
+                format!("{bpath}.address"),
+                format!("{address} is not of the VIP's family ({vip})"),
+            );
+        }
         if !seen.insert(address) {
             errors.at(
                 rb.address.span(),
@@ -381,6 +534,7 @@ fn validate_service(
         vip,
         port,
         protocol: s.protocol,
+        forward: s.forward,
         maglev_size,
         health,
         backends,
@@ -439,16 +593,16 @@ fn merge_health(
     h
 }
 
-fn parse_unicast(value: &Spanned<String>, field: &str, errors: &mut Errors<'_>) -> Ipv4Addr {
-    match value.get_ref().parse::<Ipv4Addr>() {
-        Ok(a) if !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()) => a,
+fn parse_unicast(value: &Spanned<String>, field: &str, errors: &mut Errors<'_>) -> IpAddr {
+    match value.get_ref().parse::<IpAddr>() {
+        Ok(a) if !(a.is_unspecified() || a.is_multicast() || a == IpAddr::V4(Ipv4Addr::BROADCAST)) => a,
         Ok(a) => {
-            errors.at(value.span(), field, format!("expected a unicast IPv4 address, got {a}"));
+            errors.at(value.span(), field, format!("expected a unicast address, got {a}"));
             a
         }
         Err(_) => {
-            errors.at(value.span(), field, format!("expected an IPv4 address, got {:?}", value.get_ref()));
-            Ipv4Addr::UNSPECIFIED
+            errors.at(value.span(), field, format!("expected an IPv4 or IPv6 address, got {:?}", value.get_ref()));
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
         }
     }
 }
@@ -581,10 +735,11 @@ address = "10.0.0.13"
             "{e:#?}"
         );
         assert!(e[0].message.contains("10.0.0.300"));
+        assert!(e[0].message.starts_with("expected an IPv4 or IPv6 address"));
         assert!(e[3].message.contains("prime"));
         let shown = ConfigErrors(e).to_string();
         assert!(
-            shown.starts_with("line 16, column 11: service[0].backend[0].address: expected an IPv4 address"),
+            shown.starts_with("line 16, column 11: service[0].backend[0].address: expected an IPv4 or IPv6 address"),
             "{shown}"
         );
     }

@@ -1,7 +1,7 @@
 //! A typed facade over the eBPF object and its maps: load, attach, add services and backends,
 //! publish Maglev tables, read counters. The CLI, the health loop and the tests all go through
 //! it; nothing else touches a map.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
@@ -10,12 +10,20 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    global_names, limits, map_names, program_names, Backend, Counters, Reason, Service, ServiceKey, Vip,
-    BACKEND_F_VALID, NO_BACKEND,
+    addr_v4, addr_v6, global_names, limits, map_names, program_names, Addr, Backend, Counters, FlowEvent, Reason,
+    Service, ServiceKey, Settings, Vip, VipKey, BACKEND_F_VALID, FAMILY_V4, FAMILY_V6, NO_BACKEND, SERVICE_F_IPIP,
 };
 use log::warn;
 
-use crate::config::XdpMode;
+use crate::config::{Forward, XdpMode};
+
+/// An address as the maps hold it: its words and its family.
+pub fn map_addr(addr: IpAddr) -> (Addr, u8) {
+    match addr {
+        IpAddr::V4(a) => (addr_v4(a.octets()), FAMILY_V4),
+        IpAddr::V6(a) => (addr_v6(a.octets()), FAMILY_V6),
+    }
+}
 
 /// The eBPF object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
@@ -28,6 +36,8 @@ pub struct LoadOptions {
     pub iface_mac: [u8; 6],
     /// Entries of the MAGLEV map: the sum of twice every service's table size, plus headroom.
     pub maglev_capacity: u32,
+    /// Entries of the flow table.
+    pub flow_table_size: u32,
 }
 
 /// A service's place in the data path: its key and its two table copies.
@@ -36,19 +46,25 @@ pub struct ServiceSlot {
     pub key: ServiceKey,
     pub id: u32,
     pub table_size: u32,
+    flags: u32,
     bases: [u32; 2],
     active: usize,
 }
 
 pub struct Dataplane {
     ebpf: Ebpf,
-    vips: HashMap<MapData, u32, Vip>,
+    vips: HashMap<MapData, VipKey, Vip>,
     services: HashMap<MapData, ServiceKey, Service>,
     maglev: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
+    flow_stats: PerCpuArray<MapData, Counters>,
+    settings: Array<MapData, Settings>,
+    tx_ports: aya::maps::DevMapHash<MapData>,
+    /// Generation and address last written to each backend slot.
+    slots: std::collections::HashMap<u32, (u32, IpAddr)>,
     maglev_capacity: u32,
     /// First unused MAGLEV entry: tables are carved out in order and never moved.
     maglev_next: u32,
@@ -78,6 +94,7 @@ impl Dataplane {
             .override_global(global_names::HASH_SEED, &seed, true)
             .override_global(global_names::IFACE_MAC, &mac, true)
             .map_max_entries(map_names::MAGLEV, opts.maglev_capacity.max(1))
+            .map_max_entries(map_names::FLOWS, opts.flow_table_size.max(1))
             .load(EBPF_OBJECT)
             .context("cannot load the eBPF object (are you root, with BPF enabled in the kernel?)")?;
         let prog: &mut Xdp = ebpf
@@ -93,6 +110,10 @@ impl Dataplane {
             service_stats: take_map(&mut ebpf, map_names::SERVICE_STATS)?,
             backend_stats: take_map(&mut ebpf, map_names::BACKEND_STATS)?,
             reason_stats: take_map(&mut ebpf, map_names::REASON_STATS)?,
+            flow_stats: take_map(&mut ebpf, map_names::FLOW_STATS)?,
+            settings: take_map(&mut ebpf, map_names::SETTINGS)?,
+            tx_ports: take_map(&mut ebpf, map_names::TX_PORTS)?,
+            slots: std::collections::HashMap::new(),
             maglev_capacity: opts.maglev_capacity,
             maglev_next: 0,
             ebpf,
@@ -145,11 +166,12 @@ impl Dataplane {
     /// `table_size`, or the service id is out of range.
     pub fn add_service(
         &mut self,
-        vip: Ipv4Addr,
+        vip: IpAddr,
         port: u16,
         proto: u8,
         id: u32,
         table_size: u32,
+        forward: Forward,
     ) -> Result<ServiceSlot> {
         if id >= limits::MAX_SERVICES {
             bail!("service id {id} out of range (max {})", limits::MAX_SERVICES - 1);
@@ -164,11 +186,16 @@ impl Dataplane {
         }
         let bases = [self.maglev_next, self.maglev_next + table_size];
         self.maglev_next += 2 * table_size;
-        let key = ServiceKey { vip: u32::from_ne_bytes(vip.octets()), port: port.to_be(), proto, _pad: 0 };
-        let mut slot = ServiceSlot { key, id, table_size, bases, active: 0 };
+        let (addr, family) = map_addr(vip);
+        let key = ServiceKey { addr, port: port.to_be(), proto, family };
+        let flags = match forward {
+            Forward::L2 => 0,
+            Forward::Ipip => SERVICE_F_IPIP,
+        };
+        let mut slot = ServiceSlot { key, id, table_size, flags, bases, active: 0 };
         self.write_table(slot.bases[0], &vec![NO_BACKEND; table_size as usize])?;
         self.flip(&mut slot, 0)?;
-        let vip_key = key.vip;
+        let vip_key = VipKey { addr, family, _pad: [0; 3] };
         let services = self.vips.get(&vip_key, 0).map_or(0, |v| v.services);
         self.vips
             .insert(vip_key, Vip { services: services + 1 }, 0)
@@ -176,11 +203,38 @@ impl Dataplane {
         Ok(slot)
     }
 
-    /// Writes a backend's slot; the data path rewrites frames to `mac`.
-    pub fn set_backend(&mut self, id: u32, addr: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
-        let backend =
-            Backend { addr: u32::from_ne_bytes(addr.octets()), mac: lb_common::mac_words(mac), flags: BACKEND_F_VALID };
+    /// Writes a backend's slot. `usable` false keeps the slot but makes the data path re-hash
+    /// the flows pinned to it (a dead or removed backend); a draining backend stays usable and
+    /// simply leaves the Maglev table. A slot that gets another address gets a new generation,
+    /// so flows pinned to its former owner never follow it. `mac` is needed for L2 DSR only.
+    pub fn set_backend(&mut self, id: u32, addr: IpAddr, mac: Option<[u8; 6]>, usable: bool) -> Result<()> {
+        let generation = match self.slots.get(&id) {
+            Some(&(generation, old)) if old == addr => generation,
+            Some(&(generation, _)) => generation.wrapping_add(1),
+            None => 1,
+        };
+        self.slots.insert(id, (generation, addr));
+        let (words, family) = map_addr(addr);
+        let backend = Backend {
+            addr: words,
+            mac: lb_common::mac_words(mac.unwrap_or_default()),
+            flags: if usable { BACKEND_F_VALID } else { 0 },
+            family,
+            generation,
+        };
         self.backends.set(id, backend, 0).with_context(|| format!("cannot write backend {id} ({addr})"))
+    }
+
+    /// Replaces the run-time settings (flow expiry, new-flow rate, encapsulation sources).
+    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+        self.settings.set(0, settings, 0).context("cannot write the settings")
+    }
+
+    /// Lets the data path redirect encapsulated packets out of `ifindex` (XDP_REDIRECT).
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("cannot add interface {ifindex} to TX_PORTS"))
     }
 
     /// Makes `entries` the service's table: writes the inactive copy, then flips the service
@@ -202,7 +256,8 @@ impl Dataplane {
     }
 
     fn flip(&mut self, slot: &mut ServiceSlot, to: usize) -> Result<()> {
-        let service = Service { id: slot.id, flags: 0, table_base: slot.bases[to], table_size: slot.table_size };
+        let service =
+            Service { id: slot.id, flags: slot.flags, table_base: slot.bases[to], table_size: slot.table_size };
         self.services.insert(slot.key, service, 0).context("cannot write the service")?;
         slot.active = to;
         Ok(())
@@ -211,6 +266,11 @@ impl Dataplane {
     /// Frames and bytes per verdict reason, summed over CPUs.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, Counters)>> {
         Reason::ALL.iter().map(|&r| Ok((r, sum(&self.reason_stats.get(&(r as u32), 0)?)))).collect()
+    }
+
+    /// Flow-table events, summed over CPUs (packets only).
+    pub fn flow_counters(&self) -> Result<Vec<(FlowEvent, u64)>> {
+        FlowEvent::ALL.iter().map(|&e| Ok((e, sum(&self.flow_stats.get(&(e as u32), 0)?).packets))).collect()
     }
 
     pub fn service_counters(&self, id: u32) -> Result<Counters> {

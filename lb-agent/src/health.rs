@@ -1,6 +1,6 @@
 //! Active health checks: a TCP connect per backend, every interval, with rise and fall.
 //! Each backend has its own task, so a slow backend never delays another's verdict.
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use tokio::{net::TcpStream, sync::mpsc, time};
 
@@ -53,7 +53,7 @@ impl RiseFall {
     }
 }
 
-async fn probe(addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<(), String> {
+async fn probe(addr: IpAddr, port: u16, timeout: Duration) -> Result<(), String> {
     match time::timeout(timeout, TcpStream::connect((addr, port))).await {
         Ok(Ok(_stream)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -63,11 +63,12 @@ async fn probe(addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<(), Strin
 
 /// Probes `addr` forever, starting from `up`, and reports state changes and successes.
 /// Ends when the receiver is gone.
-pub async fn run(target: Target, addr: Ipv4Addr, cfg: HealthConfig, up: bool, events: mpsc::Sender<Event>) {
+pub async fn run(target: Target, addr: IpAddr, cfg: HealthConfig, up: bool, events: mpsc::Sender<Event>) {
     let mut state = RiseFall::new(up, cfg.rise, cfg.fall);
     // Spread the first probes over the interval so that backends (and balancer hosts) do
     // not probe in lockstep.
-    let jitter = (u64::from(u32::from(addr)) ^ (target.service as u64) << 7) % cfg.interval.as_millis().max(1) as u64;
+    let jitter =
+        (crate::agent::address_key(addr) ^ (target.service as u64) << 7) % cfg.interval.as_millis().max(1) as u64;
     time::sleep(Duration::from_millis(jitter)).await;
     let mut tick = time::interval(cfg.interval);
     tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
@@ -115,8 +116,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let t = Duration::from_millis(500);
-        assert!(probe(Ipv4Addr::LOCALHOST, port, t).await.is_ok());
+        assert!(probe(std::net::Ipv4Addr::LOCALHOST.into(), port, t).await.is_ok());
         drop(listener);
-        assert!(probe(Ipv4Addr::LOCALHOST, port, t).await.is_err());
+        assert!(probe(std::net::Ipv4Addr::LOCALHOST.into(), port, t).await.is_err());
     }
 }

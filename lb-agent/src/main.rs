@@ -104,6 +104,7 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
         hash_seed: config.hash_seed,
         iface_mac,
         maglev_capacity: config.maglev_capacity,
+        flow_table_size: config.flows.size,
     })?;
     let mut agent = Agent::new(dataplane, &config)?;
     // Attach last: the first packet already finds every table in place.

@@ -1,29 +1,50 @@
-//! Backend MAC addresses from the kernel's IPv4 neighbour (ARP) table.
+//! Backend MAC addresses from the kernel's neighbour tables (ARP for IPv4, NDP for IPv6).
 use std::{
-    net::{Ipv4Addr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use crate::config::parse_mac;
 
 /// The complete neighbour entry of `addr` on `iface`, if the kernel has one.
-pub fn lookup(addr: Ipv4Addr, iface: &str) -> Option<[u8; 6]> {
-    let table = std::fs::read_to_string("/proc/net/arp").ok()?;
-    parse_arp_table(&table, addr, iface)
+pub fn lookup(addr: IpAddr, iface: &str) -> Option<[u8; 6]> {
+    match addr {
+        IpAddr::V4(a) => parse_arp_table(&std::fs::read_to_string("/proc/net/arp").ok()?, a, iface),
+        IpAddr::V6(a) => lookup_v6(a, iface),
+    }
+}
+
+/// IPv6 has no /proc table: ask iproute2.
+fn lookup_v6(addr: Ipv6Addr, iface: &str) -> Option<[u8; 6]> {
+    let out = Command::new("ip").args(["-6", "neigh", "show", &addr.to_string(), "dev", iface]).output().ok()?;
+    parse_ip_neigh(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `fd00::11 lladdr 02:00:00:00:00:0b REACHABLE` → the MAC, unless the entry failed.
+fn parse_ip_neigh(text: &str) -> Option<[u8; 6]> {
+    let line = text.lines().next()?;
+    if line.contains("FAILED") || line.contains("INCOMPLETE") {
+        return None;
+    }
+    let mut words = line.split_whitespace();
+    words.by_ref().find(|w| *w == "lladdr")?;
+    parse_mac(words.next()?)
 }
 
 /// Looks every address up and, for those missing, makes the kernel resolve them (one datagram
 /// each to the discard port), then waits up to `wait` in all for the entries.
-pub fn resolve_all(addrs: &[Ipv4Addr], iface: &str, wait: Duration) -> Vec<Option<[u8; 6]>> {
+pub fn resolve_all(addrs: &[IpAddr], iface: &str, wait: Duration) -> Vec<Option<[u8; 6]>> {
     let mut macs: Vec<_> = addrs.iter().map(|&a| lookup(a, iface)).collect();
     if macs.iter().all(Option::is_some) {
         return macs;
     }
-    if let Ok(socket) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
-        for (addr, mac) in addrs.iter().zip(&macs) {
-            if mac.is_none() {
-                let _ = socket.send_to(b"xlb neighbour probe", (*addr, 9));
-            }
+    let v4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0));
+    let v6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0));
+    for (addr, mac) in addrs.iter().zip(&macs) {
+        let socket = if addr.is_ipv4() { &v4 } else { &v6 };
+        if let (None, Ok(socket)) = (mac, socket) {
+            let _ = socket.send_to(b"xlb neighbour probe", (*addr, 9));
         }
     }
     let deadline = Instant::now() + wait;
@@ -65,5 +86,13 @@ mod tests {
         assert_eq!(parse_arp_table(table, a("10.0.0.12"), "eth0"), None);
         assert_eq!(parse_arp_table(table, a("10.0.0.13"), "eth0"), None);
         assert_eq!(parse_arp_table(table, a("10.0.0.14"), "eth0"), None);
+    }
+
+    #[test]
+    fn reads_iproute2_neighbour_lines() {
+        assert_eq!(parse_ip_neigh("fd00::11 lladdr 02:00:00:00:00:0b REACHABLE\n"), Some([2, 0, 0, 0, 0, 0x0b]));
+        assert_eq!(parse_ip_neigh("fd00::11 lladdr 02:00:00:00:00:0b router STALE\n"), Some([2, 0, 0, 0, 0, 0x0b]));
+        assert_eq!(parse_ip_neigh("fd00::11  FAILED\n"), None);
+        assert_eq!(parse_ip_neigh(""), None);
     }
 }

@@ -16,15 +16,21 @@ const fn finish(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-/// Hash of an IPv4 flow. Addresses and ports are taken as they sit in the packet (network
-/// order, read as native words): `ports` is the L4 header's first four bytes.
+/// Hash of a flow. Addresses as [`crate::Addr`] words, `ports` the L4 header's first four
+/// bytes, all as they sit in the packet.
 #[inline(always)]
-pub const fn flow_hash_v4(saddr: u32, daddr: u32, ports: u32, proto: u8, seed: u32) -> u32 {
-    let mut h = mix(seed, saddr);
-    h = mix(h, daddr);
+pub const fn flow_hash(src: &crate::Addr, dst: &crate::Addr, ports: u32, proto: u8, seed: u32) -> u32 {
+    let mut h = mix(seed, src[0]);
+    h = mix(h, src[1]);
+    h = mix(h, src[2]);
+    h = mix(h, src[3]);
+    h = mix(h, dst[0]);
+    h = mix(h, dst[1]);
+    h = mix(h, dst[2]);
+    h = mix(h, dst[3]);
     h = mix(h, ports);
     h = mix(h, proto as u32);
-    finish(h ^ 13)
+    finish(h ^ 37)
 }
 
 #[cfg(test)]
@@ -33,13 +39,14 @@ mod tests {
 
     #[test]
     fn seed_and_every_field_matter() {
-        let base = flow_hash_v4(1, 2, 3, 6, 7);
-        assert_ne!(base, flow_hash_v4(1, 2, 3, 6, 8));
-        assert_ne!(base, flow_hash_v4(9, 2, 3, 6, 7));
-        assert_ne!(base, flow_hash_v4(1, 9, 3, 6, 7));
-        assert_ne!(base, flow_hash_v4(1, 2, 9, 6, 7));
-        assert_ne!(base, flow_hash_v4(1, 2, 3, 17, 7));
-        assert_eq!(base, flow_hash_v4(1, 2, 3, 6, 7));
+        let (a, b) = ([1, 0, 0, 0], [2, 0, 0, 0]);
+        let base = flow_hash(&a, &b, 3, 6, 7);
+        assert_ne!(base, flow_hash(&a, &b, 3, 6, 8));
+        assert_ne!(base, flow_hash(&[9, 0, 0, 0], &b, 3, 6, 7));
+        assert_ne!(base, flow_hash(&a, &[2, 0, 0, 1], 3, 6, 7));
+        assert_ne!(base, flow_hash(&a, &b, 9, 6, 7));
+        assert_ne!(base, flow_hash(&a, &b, 3, 17, 7));
+        assert_eq!(base, flow_hash(&a, &b, 3, 6, 7));
     }
 
     #[test]
@@ -47,7 +54,7 @@ mod tests {
         // 65,536 source ports over 7 buckets: each within 5% of the mean.
         let mut buckets = [0u32; 7];
         for sport in 0..=u16::MAX as u32 {
-            let h = flow_hash_v4(0x0a00_0001, 0x0a00_00c8, sport | (80 << 16), 6, 42);
+            let h = flow_hash(&[0x0a00_0001, 0, 0, 0], &[0x0a00_00c8, 0, 0, 0], sport | (80 << 16), 6, 42);
             buckets[(h % 7) as usize] += 1;
         }
         let mean = 65_536 / 7;

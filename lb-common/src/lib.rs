@@ -9,11 +9,11 @@ pub mod limits;
 mod pod;
 pub mod reason;
 
-pub use reason::Reason;
+pub use reason::{FlowEvent, Reason};
 
 /// Map names, as the eBPF object declares them and the agent looks them up.
 pub mod map_names {
-    /// VIP address → [`crate::Vip`]: is this destination ours at all?
+    /// [`crate::VipKey`] → [`crate::Vip`]: is this destination ours at all?
     pub const VIPS: &str = "VIPS";
     /// [`crate::ServiceKey`] → [`crate::Service`].
     pub const SERVICES: &str = "SERVICES";
@@ -27,6 +27,16 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Per-CPU [`crate::Counters`] per [`crate::Reason`].
     pub const REASON_STATS: &str = "REASON_STATS";
+    /// Per-CPU [`crate::Counters`] per [`crate::FlowEvent`] (packets only).
+    pub const FLOW_STATS: &str = "FLOW_STATS";
+    /// [`crate::FlowKey`] → [`crate::Flow`]: LRU hash with per-CPU LRU lists.
+    pub const FLOWS: &str = "FLOWS";
+    /// One [`crate::Settings`].
+    pub const SETTINGS: &str = "SETTINGS";
+    /// Per-CPU [`crate::RateWindow`].
+    pub const NEW_FLOW_RATE: &str = "NEW_FLOW_RATE";
+    /// Devmap of egress interfaces for XDP_REDIRECT (ifindex → ifindex).
+    pub const TX_PORTS: &str = "TX_PORTS";
 }
 
 /// Global variables of the eBPF object, set by the agent at load time.
@@ -50,6 +60,41 @@ pub mod program_names {
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
+/// Address families, as the `family` byte of keys and values holds them.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// An IPv4 or IPv6 address as four words holding its bytes in network order; an IPv4 address
+/// is the first word, the others zero. Keys carry the family beside it, so `10.0.0.1` and
+/// `a00:1::` never collide.
+pub type Addr = [u32; 4];
+
+/// An IPv4 address (its octets) as an [`Addr`].
+pub const fn addr_v4(octets: [u8; 4]) -> Addr {
+    [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// An IPv6 address (its octets) as an [`Addr`].
+pub const fn addr_v6(o: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// Key of [`map_names::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: Addr,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
 /// Value of [`map_names::VIPS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -63,15 +108,15 @@ const _: () = assert!(core::mem::size_of::<Vip>() == 4);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
-    /// IPv4 address, network byte order.
-    pub vip: u32,
+    pub addr: Addr,
     /// Port, network byte order.
     pub port: u16,
     /// IP protocol number ([`IPPROTO_TCP`] or [`IPPROTO_UDP`]).
     pub proto: u8,
-    pub _pad: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
 }
-const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
 /// Value of [`map_names::SERVICES`].
 #[repr(C)]
@@ -79,7 +124,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 pub struct Service {
     /// Index into the per-service statistics.
     pub id: u32,
-    /// Reserved for per-service options; zero today.
+    /// [`SERVICE_F_IPIP`] or 0 (L2 DSR).
     pub flags: u32,
     /// Where the active Maglev table starts in [`map_names::MAGLEV`]. The agent writes the
     /// inactive copy and then flips this one aligned word, so a packet never sees half a table.
@@ -89,23 +134,83 @@ pub struct Service {
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 
+/// The service forwards by encapsulation (IPv4 in IPv4, IPv6 in IPv6) instead of L2 DSR.
+pub const SERVICE_F_IPIP: u32 = 1;
+
 /// Value of [`map_names::BACKENDS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+    pub addr: Addr,
     /// MAC address the frame is rewritten to (L2 DSR), as [`mac_words`] gives it.
     pub mac: [u16; 3],
     /// [`BACKEND_F_VALID`] when the slot holds a backend.
-    pub flags: u16,
+    pub flags: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Bumped whenever the slot is given to another backend: a flow pinned to an older
+    /// generation is re-hashed instead of following the slot's new owner.
+    pub generation: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+const _: () = assert!(core::mem::size_of::<Backend>() == 28);
 
-pub const BACKEND_F_VALID: u16 = 1;
+pub const BACKEND_F_VALID: u8 = 1;
 
 /// A Maglev entry that names no backend: the service has no usable backend.
 pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Key of [`map_names::FLOWS`]: the 5-tuple as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// The L4 header's first four bytes: source and destination port, as on the wire.
+    pub ports: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of [`map_names::FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub backend: u32,
+    /// The backend slot's generation when the flow was pinned.
+    pub generation: u32,
+    /// bpf_ktime_get_ns() of the last packet (refreshed at most once a second, UDP only).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+
+/// The single entry of [`map_names::SETTINGS`]: knobs the agent may change at run time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// A UDP flow idle longer than this is re-hashed on its next packet.
+    pub udp_idle_ns: u64,
+    /// New flows per second and CPU that get a flow-table entry; past it (a SYN flood) the
+    /// Maglev answer is used without inserting, so the flood cannot flush the table. 0: no limit.
+    pub new_flows_per_cpu_sec: u32,
+    /// Outer source of IPv4 encapsulation: `ipip_src_v4 | (flow hash & ipip_src_v4_host)`.
+    pub ipip_src_v4: u32,
+    pub ipip_src_v4_host: u32,
+    /// As for IPv4; the host part varies in the last word only.
+    pub ipip_src_v6_host: u32,
+    pub ipip_src_v6: Addr,
+}
+const _: () = assert!(core::mem::size_of::<Settings>() == 40);
+
+/// Value of [`map_names::NEW_FLOW_RATE`]: this CPU's count of new flows in the current second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    pub start_ns: u64,
+    pub count: u64,
+}
+const _: () = assert!(core::mem::size_of::<RateWindow>() == 16);
 
 /// Per-CPU counter pair, summed over CPUs by the agent.
 #[repr(C)]

@@ -14,3 +14,14 @@ pub const MAX_MAGLEV_SIZE: u32 = 655_373;
 /// Entries of the MAGLEV map when the config does not say: room for eight services of the
 /// default size, each with its two copies (active and inactive).
 pub const DEFAULT_MAGLEV_CAPACITY: u32 = 16 * DEFAULT_MAGLEV_SIZE;
+/// Flow-table entries when the config does not say (about 64 B of kernel memory each with the
+/// hash overhead: see the README).
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+/// Idle time after which a UDP flow is re-hashed.
+pub const DEFAULT_UDP_IDLE_SECS: u32 = 30;
+/// New flows per second and CPU that enter the flow table (Katran's default is of this order).
+pub const DEFAULT_NEW_FLOWS_PER_CPU_SEC: u32 = 125_000;
+/// IPv6 extension headers walked before the transport header.
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+/// Egress interfaces in the XDP_REDIRECT devmap.
+pub const MAX_TX_PORTS: u32 = 64;

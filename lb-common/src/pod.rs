@@ -3,10 +3,15 @@
 #![cfg(feature = "user")]
 #![allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
 
-use crate::{Backend, Counters, Service, ServiceKey, Vip};
+use crate::{Backend, Counters, Flow, FlowKey, RateWindow, Service, ServiceKey, Settings, Vip, VipKey};
 
 // SAFETY: each type is #[repr(C)], Copy, has explicit padding fields and no invalid bit patterns.
 unsafe impl aya::Pod for Vip {}
+unsafe impl aya::Pod for VipKey {}
+unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for Flow {}
+unsafe impl aya::Pod for Settings {}
+unsafe impl aya::Pod for RateWindow {}
 unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for Service {}
 unsafe impl aya::Pod for Backend {}

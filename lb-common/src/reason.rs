@@ -1,71 +1,106 @@
 //! One vocabulary for what the data path did with a frame: it indexes the per-CPU statistics
 //! and names the metrics. Every frame is counted exactly once, at its exit.
 
-/// Why the balancer returned the verdict it did.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reason {
-    /// XDP_PASS: not IPv4 (ARP, IPv6 and the rest go to the kernel untouched).
-    PassNotIpv4 = 0,
-    /// XDP_PASS: IPv4, but the destination is not a VIP.
-    PassNotVip = 1,
-    /// XDP_PASS: Ethernet, VLAN or IPv4 header truncated or not IPv4: the kernel's stack judges it.
-    PassMalformed = 2,
-    /// XDP_PASS: ICMP to a VIP, answered by the balancer host itself (ping, PMTU).
-    PassVipIcmp = 3,
-    /// XDP_TX: rewritten to a backend (L2 DSR).
-    TxForwarded = 4,
-    /// XDP_DROP: VIP, but no service on this port and protocol.
-    DropUnknownService = 5,
-    /// XDP_DROP: the service has no usable backend.
-    DropNoBackend = 6,
-    /// XDP_DROP: TCP or UDP header to a VIP cut short.
-    DropTruncatedL4 = 7,
-    /// XDP_DROP: IPv4 fragment to a VIP (later fragments carry no ports to hash).
-    DropFragment = 8,
-    /// XDP_DROP: IPv4 header with options to a VIP.
-    DropIpOptions = 9,
+macro_rules! counted_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal => $label:literal,)+ }) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)+
+        }
+
+        impl $name {
+            /// Every value, in discriminant order: the statistics array's layout.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+            /// Number of values: the size of the statistics array.
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            /// Stable snake_case name, used in logs and metrics.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+        }
+    };
+}
+
+counted_enum! {
+    /// Why the balancer returned the verdict it did.
+    Reason {
+        /// XDP_PASS: neither IPv4 nor IPv6 (ARP and the rest go to the kernel untouched).
+        PassNotIp = 0 => "pass_not_ip",
+        /// XDP_PASS: the destination is not a VIP.
+        PassNotVip = 1 => "pass_not_vip",
+        /// XDP_PASS: Ethernet, VLAN or IP header cut short or inconsistent: the stack judges it.
+        PassMalformed = 2 => "pass_malformed",
+        /// XDP_PASS: ICMP or ICMPv6 to a VIP, answered by the balancer host itself (ping, PMTU).
+        PassVipIcmp = 3 => "pass_vip_icmp",
+        /// XDP_TX: MACs rewritten to a backend (L2 DSR).
+        TxForwarded = 4 => "tx_forwarded",
+        /// XDP_DROP: VIP, but no service on this port and protocol.
+        DropUnknownService = 5 => "drop_unknown_service",
+        /// XDP_DROP: the service has no usable backend.
+        DropNoBackend = 6 => "drop_no_backend",
+        /// XDP_DROP: TCP or UDP header to a VIP cut short.
+        DropTruncatedL4 = 7 => "drop_truncated_l4",
+        /// XDP_DROP: fragment to a VIP (later fragments carry no ports to hash).
+        DropFragment = 8 => "drop_fragment",
+        /// XDP_DROP: IPv4 options, or an IPv6 extension header we do not walk, to a VIP.
+        DropIpOptions = 9 => "drop_ip_options",
+        /// XDP_TX: encapsulated to a backend, out of the interface it came in on.
+        TxEncap = 10 => "tx_encap",
+        /// XDP_REDIRECT: encapsulated to a backend, out of another interface.
+        RedirectEncap = 11 => "redirect_encap",
+        /// XDP_PASS: encapsulated, but the kernel has no neighbour entry for the next hop yet:
+        /// the stack forwards this one and resolves the neighbour for the next.
+        PassNoNeighbour = 12 => "pass_no_neighbour",
+        /// XDP_TX: too big once encapsulated; answered with ICMP "fragmentation needed" or
+        /// ICMPv6 "packet too big".
+        TxTooBig = 13 => "tx_too_big",
+        /// XDP_DROP: no route to the backend (or the kernel's FIB said blackhole/unreachable).
+        DropNoRoute = 14 => "drop_no_route",
+        /// XDP_DROP: the frame could not be grown or shrunk (bpf_xdp_adjust_head/tail failed).
+        DropAdjustFailed = 15 => "drop_adjust_failed",
+    }
+}
+
+counted_enum! {
+    /// What the flow table did for a packet to a service.
+    FlowEvent {
+        /// Pinned flow found; its backend is still in the service.
+        Hit = 0 => "hit",
+        /// New flow: chosen by Maglev and pinned.
+        New = 1 => "new",
+        /// New flow over the per-CPU rate: chosen by Maglev, not pinned.
+        RateLimited = 2 => "rate_limited",
+        /// Pinned flow whose backend left the service (or whose UDP entry expired): re-hashed.
+        Stale = 3 => "stale",
+        /// TCP RST: the entry is removed.
+        Closed = 4 => "closed",
+    }
 }
 
 impl Reason {
-    /// Number of reasons: the size of the statistics array.
-    pub const COUNT: u32 = 10;
-
-    pub const ALL: [Reason; Self::COUNT as usize] = [
-        Reason::PassNotIpv4,
-        Reason::PassNotVip,
-        Reason::PassMalformed,
-        Reason::PassVipIcmp,
-        Reason::TxForwarded,
-        Reason::DropUnknownService,
-        Reason::DropNoBackend,
-        Reason::DropTruncatedL4,
-        Reason::DropFragment,
-        Reason::DropIpOptions,
-    ];
-
-    /// Stable snake_case name, used in logs and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Reason::PassNotIpv4 => "pass_not_ipv4",
-            Reason::PassNotVip => "pass_not_vip",
-            Reason::PassMalformed => "pass_malformed",
-            Reason::PassVipIcmp => "pass_vip_icmp",
-            Reason::TxForwarded => "tx_forwarded",
-            Reason::DropUnknownService => "drop_unknown_service",
-            Reason::DropNoBackend => "drop_no_backend",
-            Reason::DropTruncatedL4 => "drop_truncated_l4",
-            Reason::DropFragment => "drop_fragment",
-            Reason::DropIpOptions => "drop_ip_options",
-        }
-    }
-
-    /// The XDP action that goes with the reason (XDP_DROP = 1, XDP_PASS = 2, XDP_TX = 3).
+    /// The XDP action that goes with the reason (XDP_DROP = 1, XDP_PASS = 2, XDP_TX = 3,
+    /// XDP_REDIRECT = 4).
     pub const fn action(self) -> u32 {
         match self {
-            Reason::PassNotIpv4 | Reason::PassNotVip | Reason::PassMalformed | Reason::PassVipIcmp => 2,
-            Reason::TxForwarded => 3,
-            _ => 1,
+            Reason::PassNotIp
+            | Reason::PassNotVip
+            | Reason::PassMalformed
+            | Reason::PassVipIcmp
+            | Reason::PassNoNeighbour => 2,
+            Reason::TxForwarded | Reason::TxEncap | Reason::TxTooBig => 3,
+            Reason::RedirectEncap => 4,
+            Reason::DropUnknownService
+            | Reason::DropNoBackend
+            | Reason::DropTruncatedL4
+            | Reason::DropFragment
+            | Reason::DropIpOptions
+            | Reason::DropNoRoute
+            | Reason::DropAdjustFailed => 1,
         }
     }
 }
@@ -77,6 +112,9 @@ mod tests {
     #[test]
     fn all_is_indexed_by_discriminant() {
         for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, r) in FlowEvent::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
         }
     }

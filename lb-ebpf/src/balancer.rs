@@ -1,76 +1,229 @@
-//! The IPv4 balancer: VIP and service lookup, Maglev selection, L2 DSR rewrite.
-use lb_common::{hash::flow_hash_v4, Reason, ServiceKey, BACKEND_F_VALID, IPPROTO_TCP, IPPROTO_UDP};
-
-use aya_ebpf::programs::XdpContext;
+//! The balancer: classify (IPv4 or IPv6, VIP, service), select a backend (flow table, Maglev)
+//! and forward (L2 DSR, or encapsulation towards the FIB's next hop).
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{
+    addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, VipKey, FAMILY_V4,
+    FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_IPIP,
+};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    maps::{self, BACKENDS, MAGLEV, SERVICES, VIPS},
-    parse::{self, L3},
+    encap::{self, IPV4_HDR, IPV6_HDR},
+    fib::{self, Route},
+    icmp,
+    maps::{self, SERVICES, SETTINGS, TX_PORTS, VIPS},
+    parse::{self, Ipv6Next, L3},
+    select::{self, Chosen},
     stats,
 };
 
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 /// More-fragments flag and fragment offset, in the header's (big-endian) layout.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+const IP_DF: u16 = 0x4000;
 
-/// Decides the fate of one frame and carries it out (rewrite); the caller counts the reason.
+/// A packet to a VIP, as far as the balancer needs it.
+struct Packet {
+    key: FlowKey,
+    l3: usize,
+    tcp_flags: u8,
+    /// Length of the IP packet, header included.
+    ip_len: u16,
+    /// IPv4 TOS or IPv6 traffic class.
+    tos: u8,
+    /// IPv4 "don't fragment" (IPv6 is never fragmented on the way).
+    df: bool,
+}
+
+/// Decides the fate of one frame and carries it out; the caller counts the reason.
 #[inline(always)]
 pub fn balance(ctx: &XdpContext) -> Reason {
-    let offset = match parse::l3(ctx) {
-        L3::Ipv4(offset) => offset,
-        L3::Other => return Reason::PassNotIpv4,
+    let packet = match parse::l3(ctx) {
+        L3::Ipv4(l3) => ipv4_packet(ctx, l3),
+        L3::Ipv6(l3) => ipv6_packet(ctx, l3),
+        L3::Other => return Reason::PassNotIp,
         L3::Truncated => return Reason::PassMalformed,
     };
-    let Some(ip) = parse::ipv4(ctx, offset) else {
-        return Reason::PassMalformed;
+    let packet = match packet {
+        Ok(p) => p,
+        Err(reason) => return reason,
     };
-    let ihl = ip.vihl & 0x0f;
-    if ip.vihl >> 4 != 4 || ihl < 5 {
-        return Reason::PassMalformed;
-    }
-    let daddr = u32::from_ne_bytes(ip.dst_addr);
-    // SAFETY: the value is only tested for presence.
-    if unsafe { VIPS.get(&daddr) }.is_none() {
-        return Reason::PassNotVip;
-    }
-    if ihl != 5 {
-        return Reason::DropIpOptions;
-    }
-    if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET_MASK != 0 {
-        return Reason::DropFragment;
-    }
-    let proto = ip.proto;
-    match proto {
-        IPPROTO_TCP | IPPROTO_UDP => {}
-        IPPROTO_ICMP => return Reason::PassVipIcmp,
-        _ => return Reason::DropUnknownService,
-    }
-    let saddr = u32::from_ne_bytes(ip.src_addr);
-    let Some(ports) = parse::l4_ports(ctx, offset + 20, proto) else {
-        return Reason::DropTruncatedL4;
-    };
-    let key = ServiceKey { vip: daddr, port: (ports >> 16) as u16, proto, _pad: 0 };
-    // SAFETY: the agent replaces values whole; we copy the fields we need at once.
-    let Some(service) = (unsafe { SERVICES.get(&key) }) else {
+    let k = &packet.key;
+    let service_key = ServiceKey { addr: k.dst, port: (k.ports >> 16) as u16, proto: k.proto, family: k.family };
+    // SAFETY: values are replaced whole by the agent; we copy what we need.
+    let Some(service) = (unsafe { SERVICES.get(&service_key) }).copied() else {
         return Reason::DropUnknownService;
     };
-    let (id, base, size) = (service.id, service.table_base, service.table_size);
-    if size == 0 {
-        return Reason::DropNoBackend;
-    }
-    let hash = flow_hash_v4(saddr, daddr, ports, proto, maps::hash_seed());
-    let Some(&backend_id) = MAGLEV.get(base.wrapping_add(hash % size)) else {
+    let hash = flow_hash(&k.src, &k.dst, k.ports, k.proto, maps::hash_seed());
+    let Some(chosen) = select::select(k, packet.tcp_flags, &service, hash) else {
         return Reason::DropNoBackend;
     };
-    let Some(backend) = BACKENDS.get(backend_id) else {
-        return Reason::DropNoBackend;
+    let bytes = parse::frame_len(ctx);
+    let reason = forward(ctx, &packet, &service, &chosen, hash);
+    if matches!(reason, Reason::TxForwarded | Reason::TxEncap | Reason::RedirectEncap | Reason::PassNoNeighbour) {
+        stats::count_forward(service.id, chosen.id, bytes);
+    }
+    reason
+}
+
+#[inline(always)]
+fn is_vip(addr: Addr, family: u8) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { VIPS.get(&VipKey { addr, family, _pad: [0; 3] }) }.is_some()
+}
+
+#[inline(always)]
+fn ipv4_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+    let ip: &Ipv4Hdr = parse::ref_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+    let ihl = ip.vihl & 0x0f;
+    if ip.vihl >> 4 != 4 || ihl < 5 {
+        return Err(Reason::PassMalformed);
+    }
+    let dst = addr_v4(ip.dst_addr);
+    if !is_vip(dst, FAMILY_V4) {
+        return Err(Reason::PassNotVip);
+    }
+    if ihl != 5 {
+        return Err(Reason::DropIpOptions);
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & IP_MF_OFFSET_MASK != 0 {
+        return Err(Reason::DropFragment);
+    }
+    let proto = transport(ip.proto, IPPROTO_ICMP)?;
+    let (ports, tcp_flags) = parse::l4_ports(ctx, l3 + IPV4_HDR, proto).ok_or(Reason::DropTruncatedL4)?;
+    Ok(Packet {
+        key: FlowKey { src: addr_v4(ip.src_addr), dst, ports, proto, family: FAMILY_V4, _pad: 0 },
+        l3,
+        tcp_flags,
+        ip_len: u16::from_be_bytes(ip.tot_len),
+        tos: ip.tos,
+        df: frags & IP_DF != 0,
+    })
+}
+
+/// Not inlined, to keep its header copy off the IPv4 path's stack.
+#[inline(never)]
+fn ipv6_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+    let ip: &Ipv6Hdr = parse::ref_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Reason::PassMalformed);
+    }
+    let dst = addr_v6(ip.dst_addr);
+    if !is_vip(dst, FAMILY_V6) {
+        return Err(Reason::PassNotVip);
+    }
+    let (proto, l4) = match parse::ipv6_next(ctx, ip.next_hdr, l3 + IPV6_HDR) {
+        Ipv6Next::Transport(proto, l4) => (proto, l4),
+        Ipv6Next::Fragment => return Err(Reason::DropFragment),
+        Ipv6Next::Unwalked => return Err(Reason::DropIpOptions),
     };
-    if backend.flags & BACKEND_F_VALID == 0 {
-        return Reason::DropNoBackend;
+    let proto = transport(proto, IPPROTO_ICMPV6)?;
+    let (ports, tcp_flags) = parse::l4_ports(ctx, l4, proto).ok_or(Reason::DropTruncatedL4)?;
+    let payload_len = u16::from_be_bytes(ip.payload_len);
+    Ok(Packet {
+        key: FlowKey { src: addr_v6(ip.src_addr), dst, ports, proto, family: FAMILY_V6, _pad: 0 },
+        l3,
+        tcp_flags,
+        ip_len: payload_len.saturating_add(IPV6_HDR as u16),
+        tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+        df: true,
+    })
+}
+
+/// TCP and UDP go on; the family's ICMP goes to the host; anything else has no service.
+#[inline(always)]
+fn transport(proto: u8, icmp: u8) -> Result<u8, Reason> {
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => Ok(proto),
+        p if p == icmp => Err(Reason::PassVipIcmp),
+        _ => Err(Reason::DropUnknownService),
     }
-    if parse::set_macs(ctx, backend.mac, maps::iface_mac()).is_none() {
-        return Reason::PassMalformed;
+}
+
+#[inline(always)]
+fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen, hash: u32) -> Reason {
+    if service.flags & SERVICE_F_IPIP == 0 {
+        return match parse::set_macs(ctx, chosen.backend.mac, maps::iface_mac()) {
+            Some(()) => Reason::TxForwarded,
+            None => Reason::PassMalformed,
+        };
     }
-    stats::count_forward(id, backend_id, parse::frame_len(ctx));
-    Reason::TxForwarded
+    match forward_encap(ctx, packet, chosen.backend, hash) {
+        Ok(reason) => reason,
+        // Called from here, not from forward_encap: the verifier adds up the stacks of a chain.
+        Err(mtu) => too_big(ctx, packet.key.family, packet.l3, mtu),
+    }
+}
+
+/// L3 DSR. Not inlined: its FIB request and outer headers would crowd the stack of the
+/// L2 path, and the verifier limits the whole call chain to 512 bytes.
+#[inline(never)]
+/// Err(mtu): too big for the egress MTU once encapsulated, and not to be fragmented.
+fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32) -> Result<Reason, u16> {
+    // The verifier lost l3's bounds on the way through memory; it is 14 or 18.
+    let l3 = if packet.l3 == 18 { 18 } else { 14 };
+    let Some(settings) = SETTINGS.get(0) else {
+        return Ok(Reason::DropNoRoute);
+    };
+    let family = packet.key.family;
+    let backend = &backend.addr;
+    let (src, outer_len) = if family == FAMILY_V4 {
+        let src = settings.ipip_src_v4 | (hash.to_be() & settings.ipip_src_v4_host);
+        ([src, 0, 0, 0], packet.ip_len.saturating_add(IPV4_HDR as u16))
+    } else {
+        let s = &settings.ipip_src_v6;
+        let src = [s[0], s[1], s[2], s[3] | (hash.to_be() & settings.ipip_src_v6_host)];
+        (src, packet.ip_len.saturating_add(IPV6_HDR as u16))
+    };
+    let proto = if family == FAMILY_V4 { 4 } else { 41 };
+    let route = fib::route(ctx, family, proto, &src, backend, outer_len);
+    let (df, route) = match route {
+        Route::TooBig(_) if !packet.df => (false, Route::NoNeighbour),
+        Route::TooBig(mtu) => return Err(mtu),
+        other => (packet.df, other),
+    };
+    if let Route::Unroutable = route {
+        return Ok(Reason::DropNoRoute);
+    }
+    let encapsulated = if family == FAMILY_V4 {
+        encap::ipip_v4(ctx, l3, packet.ip_len, packet.tos, df, src[0], backend[0])
+    } else {
+        encap::ip6ip6(ctx, l3, packet.ip_len, packet.tos, hash, &src, backend)
+    };
+    if encapsulated.is_none() {
+        return Ok(Reason::DropAdjustFailed);
+    }
+    Ok(match route {
+        Route::Via { ifindex, smac, dmac } => {
+            if parse::set_macs(ctx, dmac, smac).is_none() {
+                return Ok(Reason::DropAdjustFailed);
+            }
+            if ifindex == ctx.ingress_ifindex() as u32 {
+                Reason::TxEncap
+            } else if TX_PORTS.redirect(ifindex, xdp_action::XDP_PASS as u64) == Ok(xdp_action::XDP_REDIRECT) {
+                Reason::RedirectEncap
+            } else {
+                // Not in the devmap: the kernel forwards it.
+                Reason::PassNoNeighbour
+            }
+        }
+        // No neighbour yet, or too big without DF: the kernel's stack forwards (and resolves,
+        // or fragments) the encapsulated packet.
+        _ => Reason::PassNoNeighbour,
+    })
+}
+
+#[inline(always)]
+fn too_big(ctx: &XdpContext, family: u8, l3: usize, mtu: u16) -> Reason {
+    let answered = if family == FAMILY_V4 {
+        icmp::too_big_v4(ctx, l3, mtu.saturating_sub(IPV4_HDR as u16))
+    } else {
+        icmp::too_big_v6(ctx, l3, u32::from(mtu.saturating_sub(IPV6_HDR as u16)))
+    };
+    match answered {
+        Some(()) => Reason::TxTooBig,
+        None => Reason::DropAdjustFailed,
+    }
 }

@@ -1,16 +1,17 @@
 //! The BPF maps of the balancer; names, key and value types live in lb-common.
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    limits::{DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_VIPS},
-    Backend, Counters, Reason, Service, ServiceKey, Vip,
+    limits::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, MAX_VIPS},
+    Backend, Counters, Flow, FlowEvent, FlowKey, RateWindow, Reason, Service, ServiceKey, Settings, Vip, VipKey,
 };
 
 /// Destination addresses we balance; anything else passes untouched after one lookup.
 #[map]
-pub static VIPS: HashMap<u32, Vip> = HashMap::with_max_entries(MAX_VIPS, 0);
+pub static VIPS: HashMap<VipKey, Vip> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// (VIP, port, protocol) → service and where its Maglev table is.
 #[map]
@@ -20,9 +21,27 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MA
 #[map]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_CAPACITY, 0);
 
-/// Backend id → address and MAC.
+/// Backend id → address, MAC and generation.
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// 5-tuple → pinned backend. LRU lists per CPU (a flow stays on the CPU its NIC queue maps to),
+/// so eviction takes no shared lock; the agent sizes it at load time.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Run-time knobs: one entry.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// New flows this second, per CPU.
+#[map]
+pub static NEW_FLOW_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Egress interfaces other than the ingress one, for XDP_REDIRECT.
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
 
 #[map]
 pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
@@ -32,6 +51,9 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 
 #[map]
 pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+#[map]
+pub static FLOW_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(FlowEvent::COUNT, 0);
 
 /// Seed of the flow hash, set by the agent at load time (read-only data).
 #[no_mangle]

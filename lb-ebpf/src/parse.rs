@@ -1,10 +1,12 @@
-//! Bounds-checked access to the frame and the header walk (Ethernet, one 802.1Q tag, IPv4,
-//! TCP/UDP). Raw pointer arithmetic happens only in `ptr_at`.
+//! Bounds-checked access to the frame and the header walk: Ethernet, one 802.1Q tag, IPv4 or
+//! IPv6 (with its extension headers), TCP/UDP. Raw pointer arithmetic happens only in `ptr_at`.
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
+use lb_common::{limits::MAX_IPV6_EXT_HEADERS, IPPROTO_TCP};
+use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
 
-const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 
 /// Pointer to a `T` at `offset` in the frame, or None when the frame is too short for it.
@@ -18,15 +20,30 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// A `T` at `offset`, copied out of the frame.
+#[inline(always)]
+pub fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked that the whole T is inside the frame; unaligned read.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// A reference to a `T` at `offset` in the frame (for byte-array fields only: no alignment).
+#[inline(always)]
+pub fn ref_at<'a, T>(ctx: &'a XdpContext, offset: usize) -> Option<&'a T> {
+    // SAFETY: inside the frame, which outlives the program's run; T is only made of bytes.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { &*p })
+}
+
 #[inline(always)]
 pub fn frame_len(ctx: &XdpContext) -> u64 {
     (ctx.data_end() - ctx.data()) as u64
 }
 
-/// Where the IPv4 header starts, after Ethernet and at most one VLAN tag.
+/// Where the IP header starts, after Ethernet and at most one VLAN tag.
 pub enum L3 {
     Ipv4(usize),
-    /// Another EtherType (ARP, IPv6, stacked VLANs...).
+    Ipv6(usize),
+    /// Another EtherType (ARP, stacked VLANs...).
     Other,
     /// Cut short inside Ethernet or the VLAN tag.
     Truncated,
@@ -50,28 +67,59 @@ pub fn l3(ctx: &XdpContext) -> L3 {
     }
     if ether_type == ETH_P_IP.to_be() {
         L3::Ipv4(offset)
+    } else if ether_type == ETH_P_IPV6.to_be() {
+        L3::Ipv6(offset)
     } else {
         L3::Other
     }
 }
 
-/// The L4 header's first four bytes (source and destination port, network order), if the
-/// frame holds the protocol's whole header at `offset`.
-#[inline(always)]
-pub fn l4_ports(ctx: &XdpContext, offset: usize, proto: u8) -> Option<u32> {
-    let ports = match proto {
-        lb_common::IPPROTO_TCP => ptr_at::<TcpHdr>(ctx, offset)? as *const u32,
-        _ => ptr_at::<UdpHdr>(ctx, offset)? as *const u32,
-    };
-    // SAFETY: both headers are at least four bytes long and inside the frame.
-    Some(unsafe { ports.read_unaligned() })
+/// The transport header after IPv6's extension headers.
+pub enum Ipv6Next {
+    /// Protocol number and offset of its header.
+    Transport(u8, usize),
+    Fragment,
+    /// Too many extension headers, or one cut short.
+    Unwalked,
 }
 
-/// The IPv4 header at `offset`.
+/// Walks hop-by-hop, routing and destination-options headers (at most
+/// MAX_IPV6_EXT_HEADERS); stops at the first other header.
 #[inline(always)]
-pub fn ipv4(ctx: &XdpContext, offset: usize) -> Option<&Ipv4Hdr> {
-    // SAFETY: inside the frame, and the frame outlives the program's run.
-    ptr_at::<Ipv4Hdr>(ctx, offset).map(|p| unsafe { &*p })
+pub fn ipv6_next(ctx: &XdpContext, mut next: u8, mut offset: usize) -> Ipv6Next {
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            0 | 43 | 60 => {
+                let Some([nh, len]) = read_at::<[u8; 2]>(ctx, offset) else {
+                    return Ipv6Next::Unwalked;
+                };
+                next = nh;
+                offset += (len as usize + 1) * 8;
+            }
+            44 => return Ipv6Next::Fragment,
+            _ => return Ipv6Next::Transport(next, offset),
+        }
+    }
+    match next {
+        0 | 43 | 60 => Ipv6Next::Unwalked,
+        44 => Ipv6Next::Fragment,
+        _ => Ipv6Next::Transport(next, offset),
+    }
+}
+
+/// The L4 header's first four bytes (source and destination port, as on the wire) and the
+/// TCP flags (0 for UDP), if the frame holds the protocol's whole header at `offset`.
+#[inline(always)]
+pub fn l4_ports(ctx: &XdpContext, offset: usize, proto: u8) -> Option<(u32, u8)> {
+    if proto == IPPROTO_TCP {
+        let tcp = ptr_at::<TcpHdr>(ctx, offset)? as *const u8;
+        // SAFETY: the whole TCP header is inside the frame: bytes 0..4 are the ports, 13 the flags.
+        unsafe { Some(((tcp as *const u32).read_unaligned(), *tcp.add(13))) }
+    } else {
+        let udp = ptr_at::<UdpHdr>(ctx, offset)? as *const u32;
+        // SAFETY: the whole UDP header is inside the frame.
+        unsafe { Some((udp.read_unaligned(), 0)) }
+    }
 }
 
 /// Rewrites the Ethernet addresses in place.
@@ -86,8 +134,6 @@ pub fn set_macs(ctx: &XdpContext, dst: [u16; 3], src: [u16; 3]) -> Option<()> {
 /// Swaps the Ethernet source and destination addresses.
 #[inline(always)]
 pub fn swap_macs(ctx: &XdpContext) -> Option<()> {
-    let p = ptr_at::<[u16; 6]>(ctx, 0)?;
-    // SAFETY: as in set_macs.
-    let m = unsafe { *p };
+    let m = read_at::<[u16; 6]>(ctx, 0)?;
     set_macs(ctx, [m[3], m[4], m[5]], [m[0], m[1], m[2]])
 }

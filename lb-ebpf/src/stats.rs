@@ -1,8 +1,8 @@
-//! Per-CPU counters: one per verdict reason, one per service and one per backend.
+//! Per-CPU counters: one per verdict reason, per flow-table event, per service and per backend.
 use aya_ebpf::maps::PerCpuArray;
-use lb_common::{Counters, Reason};
+use lb_common::{Counters, FlowEvent, Reason};
 
-use crate::maps::{BACKEND_STATS, REASON_STATS, SERVICE_STATS};
+use crate::maps::{BACKEND_STATS, FLOW_STATS, REASON_STATS, SERVICE_STATS};
 
 #[inline(always)]
 fn add(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
@@ -18,6 +18,11 @@ fn add(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
 #[inline(always)]
 pub fn count_reason(reason: Reason, bytes: u64) {
     add(&REASON_STATS, reason as u32, bytes);
+}
+
+#[inline(always)]
+pub fn count_flow(event: FlowEvent) {
+    add(&FLOW_STATS, event as u32, 0);
 }
 
 #[inline(always)]

@@ -51,7 +51,7 @@ fn check_accepts_a_good_config_and_explains_a_bad_one() {
     assert!(stderr.contains("line 7, column 15: service[0].maglev_size: expected a prime number"), "{stderr}");
     assert!(
         stderr.contains(
-            "line 12, column 11: service[0].backend[0].address: expected an IPv4 address, got \"10.98.0.311\""
+            "line 12, column 11: service[0].backend[0].address: expected an IPv4 or IPv6 address, got \"10.98.0.311\""
         ),
         "{stderr}"
     );

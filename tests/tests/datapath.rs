@@ -4,10 +4,11 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
+    config::Forward,
     dataplane::{Dataplane, LoadOptions, ServiceSlot},
     maglev::{self, Member},
 };
-use lb_common::{hash::flow_hash_v4, Counters, Reason};
+use lb_common::{addr_v4, hash::flow_hash, Counters, Reason, Settings};
 use xlb_tests::packet::{Frame, ETH_LEN, IPV4_LEN};
 
 const XDP_TX: u32 = 3;
@@ -31,25 +32,31 @@ fn backend_mac(i: u32) -> [u8; 6] {
 }
 
 fn bed() -> Bed {
-    let mut dp = Dataplane::load(&LoadOptions { hash_seed: SEED, iface_mac: LB_MAC, maglev_capacity: 8 * TABLE })
-        .expect("load the balancer (run the tests as root)");
+    let mut dp = Dataplane::load(&LoadOptions {
+        hash_seed: SEED,
+        iface_mac: LB_MAC,
+        maglev_capacity: 8 * TABLE,
+        flow_table_size: 4096,
+    })
+    .expect("load the balancer (run the tests as root)");
+    dp.set_settings(Settings { udp_idle_ns: 30_000_000_000, ..Settings::default() }).unwrap();
     let mut backend_macs = Vec::new();
     let mut members = Vec::new();
     for i in 0..3u32 {
         let addr = Ipv4Addr::new(10, 99, 0, 11 + i as u8);
-        dp.set_backend(i, addr, backend_mac(i)).unwrap();
+        dp.set_backend(i, addr.into(), Some(backend_mac(i)), true).unwrap();
         backend_macs.push(backend_mac(i));
         members.push(Member { id: i, key: u64::from(u32::from(addr)), weight: 1 });
     }
     let mut tables = Vec::new();
     for (id, (port, proto)) in [(80u16, 6u8), (53, 17)].into_iter().enumerate() {
-        let mut slot: ServiceSlot = dp.add_service(VIP, port, proto, id as u32, TABLE).unwrap();
+        let mut slot: ServiceSlot = dp.add_service(VIP.into(), port, proto, id as u32, TABLE, Forward::L2).unwrap();
         let table = maglev::build(&members, TABLE);
         dp.publish_table(&mut slot, &table).unwrap();
         tables.push(table);
     }
     // A service whose table stays empty: no usable backend.
-    dp.add_service(EMPTY_VIP, 80, 6, 2, TABLE).unwrap();
+    dp.add_service(EMPTY_VIP.into(), 80, 6, 2, TABLE, Forward::L2).unwrap();
     Bed { dp, tables, backend_macs }
 }
 
@@ -94,8 +101,7 @@ impl Bed {
             f.dport.to_be_bytes()[0],
             f.dport.to_be_bytes()[1],
         ]);
-        let h =
-            flow_hash_v4(u32::from_ne_bytes(f.src.octets()), u32::from_ne_bytes(f.dst.octets()), ports, f.proto, SEED);
+        let h = flow_hash(&addr_v4(f.src.octets()), &addr_v4(f.dst.octets()), ports, f.proto, SEED);
         self.tables[service][(h % TABLE) as usize]
     }
 
@@ -153,8 +159,8 @@ fn traffic_that_is_not_ours_passes_untouched() {
         &Frame::udp(CLIENT, 1234, Ipv4Addr::new(192, 0, 2, 1), 53).vlan(5).build(),
         Reason::PassNotVip,
     );
-    bed.assert_untouched(&Frame::tcp(CLIENT, 1234, VIP, 80).ether_type(0x0806).build(), Reason::PassNotIpv4);
-    bed.assert_untouched(&Frame::tcp(CLIENT, 1234, VIP, 80).ether_type(0x86dd).build(), Reason::PassNotIpv4);
+    bed.assert_untouched(&Frame::tcp(CLIENT, 1234, VIP, 80).ether_type(0x0806).build(), Reason::PassNotIp);
+    bed.assert_untouched(&Frame::tcp(CLIENT, 1234, VIP, 80).ether_type(0x86dd).build(), Reason::PassMalformed);
     bed.assert_untouched(&Frame::icmp(CLIENT, VIP).build(), Reason::PassVipIcmp);
 }
 
@@ -212,20 +218,17 @@ fn ip_options_and_fragments_to_a_vip_are_dropped() {
 }
 
 #[test]
-fn a_published_table_takes_effect_at_once() {
+fn a_published_table_takes_effect_for_new_flows_at_once() {
     let mut bed = bed();
-    let f = Frame::tcp(CLIENT, 45_000, VIP, 80);
-    let before = bed.expected_backend(0, &f);
-    // Move every entry to another backend and publish: the next frame follows.
-    let other = (before + 1) % 3;
-    let mut slot = bed.dp.add_service(Ipv4Addr::new(10, 99, 0, 102), 80, 6, 3, TABLE).unwrap();
-    bed.dp.publish_table(&mut slot, &vec![other; TABLE as usize]).unwrap();
-    let g = Frame::tcp(CLIENT, 45_000, Ipv4Addr::new(10, 99, 0, 102), 80);
-    let (verdict, out) = bed.run(&g.build());
-    assert_eq!(verdict, XDP_TX);
-    assert_eq!(out[0..6], bed.backend_macs[other as usize]);
-    // And again, flipping back to the first copy.
-    bed.dp.publish_table(&mut slot, &vec![before; TABLE as usize]).unwrap();
-    let (_, out) = bed.run(&g.build());
-    assert_eq!(out[0..6], bed.backend_macs[before as usize]);
+    let vip = Ipv4Addr::new(10, 99, 0, 102);
+    let mut slot = bed.dp.add_service(vip.into(), 80, 6, 3, TABLE, Forward::L2).unwrap();
+    // Every entry to one backend, then every entry to another: each new flow follows the
+    // table in force, whichever of the two copies it is.
+    for (round, target) in [1u32, 2, 0].into_iter().enumerate() {
+        bed.dp.publish_table(&mut slot, &vec![target; TABLE as usize]).unwrap();
+        let f = Frame::tcp(CLIENT, 45_000 + round as u16, vip, 80);
+        let (verdict, out) = bed.run(&f.build());
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(out[0..6], bed.backend_macs[target as usize], "round {round}");
+    }
 }

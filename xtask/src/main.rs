@@ -42,6 +42,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure the data path's per-packet cost (BPF_PROG_TEST_RUN) against baselines from the same run.
+    ///
+    /// Runs the xlb-bench binary of the tests crate in release mode (needs root); `--quick` for a
+    /// short run. Prints a markdown table and writes target/bench/pkt-cost-*.json.
+    Bench {
+        /// Arguments for xlb-bench (`--quick`, `--repeat N`, `--rounds N`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Delete leftover `xlb-*` network namespaces, e.g. after a crashed test run.
     CleanNetns,
 }
@@ -81,6 +90,13 @@ fn dispatch(command: Command) -> Result<()> {
             setup::setup()?;
             let mut cmd = run::cargo();
             cmd.args(["run", "-p", "xlb-tests", "--bin", "xlb-demo", "--"]).args(args);
+            run::run(&mut cmd)
+        }
+        Command::Bench { args } => {
+            run::require_root("the benchmark loads XDP programs and runs them with BPF_PROG_TEST_RUN")?;
+            setup::setup()?;
+            let mut cmd = run::cargo();
+            cmd.args(["run", "--release", "-p", "xlb-tests", "--bin", "xlb-bench", "--"]).args(args);
             run::run(&mut cmd)
         }
         Command::CleanNetns => clean_netns(),

@@ -76,7 +76,15 @@ fn bpf_linker() -> Result<()> {
     println!("setup: bpf-linker: missing or broken, building it against LLVM {major} (about a minute)");
     let mut install = run::cargo();
     install
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--force", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--force",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix);
     run::run(&mut install)?;

@@ -1,0 +1,119 @@
+//! Encapsulation for L3 DSR: IPv4 in IPv4 (protocol 4) and IPv6 in IPv6 (next header 41),
+//! written in front of the client's packet with bpf_xdp_adjust_head.
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::Addr;
+
+use crate::{csum, parse};
+
+pub const IPV4_HDR: usize = 20;
+pub const IPV6_HDR: usize = 40;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+const TTL: u8 = 64;
+
+/// Grows the frame's head by `grow` bytes and rebuilds the L2 header (`l2_len` bytes: 14, or
+/// 18 with a VLAN tag) in front; the MACs are rewritten later.
+#[inline(always)]
+pub fn grow_head(ctx: &XdpContext, grow: usize, l2_len: usize) -> Option<()> {
+    // SAFETY: the helper validates the delta against the frame's headroom.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
+        return None;
+    }
+    grow_head_l2_only(ctx, grow, l2_len)
+}
+
+/// After the head grew by `grow` bytes: moves the EtherType (and VLAN tag) of the old L2
+/// header to the new front.
+#[inline(always)]
+pub fn grow_head_l2_only(ctx: &XdpContext, grow: usize, l2_len: usize) -> Option<()> {
+    // The old L2 header now starts at `grow`; MACs are rewritten by the caller, so only the
+    // EtherType (and the VLAN tag before it) move.
+    if l2_len == 18 {
+        let tag: [u16; 3] = parse::read_at(ctx, grow + 12)?;
+        let p = parse::ptr_at::<[u16; 3]>(ctx, 12)?;
+        // SAFETY: inside the frame, checked by ptr_at.
+        unsafe { p.write_unaligned(tag) };
+    } else {
+        let ether_type: u16 = parse::read_at(ctx, grow + 12)?;
+        let p = parse::ptr_at::<u16>(ctx, 12)?;
+        // SAFETY: as above.
+        unsafe { p.write_unaligned(ether_type) };
+    }
+    Some(())
+}
+
+/// An IPv4 header (no options) with its checksum, as 16-bit words in memory order.
+#[inline(always)]
+pub fn ipv4_header(tos: u8, tot_len: u16, df: bool, proto: u8, src: u32, dst: u32) -> [u16; 10] {
+    let [s0, s1, s2, s3] = src.to_ne_bytes();
+    let [d0, d1, d2, d3] = dst.to_ne_bytes();
+    let mut h = [
+        u16::from_ne_bytes([0x45, tos]),
+        tot_len.to_be(),
+        0,
+        if df { 0x4000u16.to_be() } else { 0 },
+        u16::from_ne_bytes([TTL, proto]),
+        0,
+        u16::from_ne_bytes([s0, s1]),
+        u16::from_ne_bytes([s2, s3]),
+        u16::from_ne_bytes([d0, d1]),
+        u16::from_ne_bytes([d2, d3]),
+    ];
+    h[5] = csum::finish(csum::sum_words(&h));
+    h
+}
+
+/// An IPv6 header as 32-bit words in memory order.
+#[inline(always)]
+pub fn ipv6_header(
+    traffic_class: u8,
+    flow_label: u32,
+    payload_len: u16,
+    next: u8,
+    src: &Addr,
+    dst: &Addr,
+) -> [u32; 10] {
+    let [p0, p1] = payload_len.to_be_bytes();
+    [
+        ((6u32 << 28) | ((traffic_class as u32) << 20) | (flow_label & 0xf_ffff)).to_be(),
+        u32::from_ne_bytes([p0, p1, next, TTL]),
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+    ]
+}
+
+/// Puts an outer IPv4 header (protocol 4) in front of the IPv4 packet at `l3`.
+#[inline(always)]
+pub fn ipip_v4(ctx: &XdpContext, l3: usize, inner_len: u16, tos: u8, df: bool, src: u32, dst: u32) -> Option<()> {
+    let outer = ipv4_header(tos, inner_len.checked_add(IPV4_HDR as u16)?, df, IPPROTO_IPIP, src, dst);
+    grow_head(ctx, IPV4_HDR, l3)?;
+    let p = parse::ptr_at::<[u16; 10]>(ctx, l3)?;
+    // SAFETY: inside the frame, checked by ptr_at.
+    unsafe { p.write_unaligned(outer) };
+    Some(())
+}
+
+/// Puts an outer IPv6 header (next header 41) in front of the IPv6 packet at `l3`.
+#[inline(always)]
+pub fn ip6ip6(
+    ctx: &XdpContext,
+    l3: usize,
+    inner_len: u16,
+    tc: u8,
+    flow_label: u32,
+    src: &Addr,
+    dst: &Addr,
+) -> Option<()> {
+    let outer = ipv6_header(tc, flow_label, inner_len, IPPROTO_IPV6, src, dst);
+    grow_head(ctx, IPV6_HDR, l3)?;
+    let p = parse::ptr_at::<[u32; 10]>(ctx, l3)?;
+    // SAFETY: inside the frame, checked by ptr_at.
+    unsafe { p.write_unaligned(outer) };
+    Some(())
+}
