@@ -1,9 +1,10 @@
-//! A small builder of Ethernet/IPv4/TCP/UDP frames for BPF_PROG_TEST_RUN fixtures.
-use std::net::Ipv4Addr;
+//! A small builder of Ethernet/IPv4/IPv6/TCP/UDP frames for BPF_PROG_TEST_RUN fixtures and the fuzz test.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const ETH_LEN: usize = 14;
 pub const VLAN_LEN: usize = 4;
 pub const IPV4_LEN: usize = 20;
+pub const IPV6_LEN: usize = 40;
 
 #[derive(Clone, Debug)]
 pub struct Frame {
@@ -11,44 +12,62 @@ pub struct Frame {
     pub src_mac: [u8; 6],
     pub vlan: Option<u16>,
     pub ether_type: u16,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub proto: u8,
     pub sport: u16,
     pub dport: u16,
-    /// Bytes of IPv4 options (a multiple of 4).
+    /// Bytes of IPv4 options, or of IPv6 destination-options headers (a multiple of 8).
     pub ip_options: usize,
-    /// The IPv4 flags/fragment-offset field as on the wire (0x2000 = MF).
+    /// The IPv4 flags/fragment-offset field as on the wire (0x2000 = MF); for IPv6, nonzero
+    /// adds a fragment header with this offset/flags field.
     pub frag: u16,
+    /// TCP flags (SYN by default).
+    pub tcp_flags: u8,
     pub ttl: u8,
     pub payload: Vec<u8>,
 }
 
 impl Frame {
-    pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+    /// A TCP SYN; IPv4 or IPv6 after the addresses.
+    pub fn tcp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Self {
+        let (src, dst) = (src.into(), dst.into());
         Self {
             dst_mac: [0x02, 0, 0, 0, 0, 0x03],
             src_mac: [0x02, 0, 0, 0, 0, 0x02],
             vlan: None,
-            ether_type: 0x0800,
+            ether_type: if src.is_ipv4() { 0x0800 } else { 0x86dd },
             src,
             dst,
             proto: 6,
             sport,
             dport,
             ip_options: 0,
-            frag: 0x4000, // DF
+            frag: if src.is_ipv4() { 0x4000 } else { 0 }, // DF
+            tcp_flags: 0x02,
             ttl: 64,
             payload: b"hello".to_vec(),
         }
     }
 
-    pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+    pub fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Self {
         Self { proto: 17, ..Self::tcp(src, sport, dst, dport) }
     }
 
-    pub fn icmp(src: Ipv4Addr, dst: Ipv4Addr) -> Self {
-        Self { proto: 1, ..Self::tcp(src, 0, dst, 0) }
+    /// An echo request (ICMP or ICMPv6 after the addresses).
+    pub fn icmp(src: impl Into<IpAddr>, dst: impl Into<IpAddr>) -> Self {
+        let f = Self::tcp(src, 0, dst, 0);
+        Self { proto: if f.src.is_ipv4() { 1 } else { 58 }, ..f }
+    }
+
+    pub fn tcp_flags(mut self, flags: u8) -> Self {
+        self.tcp_flags = flags;
+        self
+    }
+
+    pub fn payload(mut self, payload: Vec<u8>) -> Self {
+        self.payload = payload;
+        self
     }
 
     pub fn vlan(mut self, id: u16) -> Self {
@@ -78,7 +97,10 @@ impl Frame {
 
     /// Offset of the L4 header in the built frame.
     pub fn l4_offset(&self) -> usize {
-        self.l3_offset() + IPV4_LEN + self.ip_options
+        match self.src {
+            IpAddr::V4(_) => self.l3_offset() + IPV4_LEN + self.ip_options,
+            IpAddr::V6(_) => self.l3_offset() + IPV6_LEN + self.ip_options + if self.frag != 0 { 8 } else { 0 },
+        }
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -90,6 +112,15 @@ impl Frame {
             f.extend_from_slice(&id.to_be_bytes());
         }
         f.extend_from_slice(&self.ether_type.to_be_bytes());
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => self.ipv4(&mut f, src, dst),
+            (IpAddr::V6(src), IpAddr::V6(dst)) => self.ipv6(&mut f, src, dst),
+            _ => panic!("source and destination of different families"),
+        }
+        f
+    }
+
+    fn ipv4(&self, f: &mut Vec<u8>, src: Ipv4Addr, dst: Ipv4Addr) {
         let l4 = self.l4();
         let ip_start = f.len();
         let ihl = (IPV4_LEN + self.ip_options) / 4;
@@ -102,8 +133,8 @@ impl Frame {
         f.push(self.ttl);
         f.push(self.proto);
         f.extend_from_slice(&[0, 0]);
-        f.extend_from_slice(&self.src.octets());
-        f.extend_from_slice(&self.dst.octets());
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
         // Options: NOPs then end-of-list.
         f.extend(std::iter::repeat_n(1u8, self.ip_options.saturating_sub(1)));
         if self.ip_options > 0 {
@@ -112,7 +143,31 @@ impl Frame {
         let csum = checksum(&f[ip_start..]);
         f[ip_start + 10..ip_start + 12].copy_from_slice(&csum.to_be_bytes());
         f.extend_from_slice(&l4);
-        f
+    }
+
+    fn ipv6(&self, f: &mut Vec<u8>, src: Ipv6Addr, dst: Ipv6Addr) {
+        let l4 = self.l4();
+        // Extension headers: destination options (padded with PadN), then a fragment header.
+        let mut ext = Vec::new();
+        let mut next = self.proto;
+        if self.frag != 0 {
+            ext.splice(0..0, [next, 0, (self.frag >> 8) as u8, self.frag as u8, 0, 0, 0x12, 0x34]);
+            next = 44;
+        }
+        if self.ip_options > 0 {
+            let mut opts = vec![next, (self.ip_options / 8 - 1) as u8, 1, (self.ip_options - 4) as u8];
+            opts.resize(self.ip_options, 0);
+            ext.splice(0..0, opts);
+            next = 60;
+        }
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((ext.len() + l4.len()) as u16).to_be_bytes());
+        f.push(next);
+        f.push(self.ttl);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(&ext);
+        f.extend_from_slice(&l4);
     }
 
     fn l4(&self) -> Vec<u8> {
@@ -123,7 +178,7 @@ impl Frame {
                 l4.extend_from_slice(&self.dport.to_be_bytes());
                 l4.extend_from_slice(&1u32.to_be_bytes()); // seq
                 l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-                l4.extend_from_slice(&[0x50, 0x02]); // data offset 5, SYN
+                l4.extend_from_slice(&[0x50, self.tcp_flags]); // data offset 5
                 l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, csum, urg
             }
             17 => {
@@ -133,6 +188,7 @@ impl Frame {
                 l4.extend_from_slice(&[0, 0]);
             }
             1 => l4.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]), // echo request
+            58 => l4.extend_from_slice(&[128, 0, 0, 0, 0, 1, 0, 1]), // echo request
             _ => {}
         }
         l4.extend_from_slice(&self.payload);
@@ -161,5 +217,17 @@ mod tests {
         assert_eq!(checksum(ip), 0, "a header with its checksum sums to zero");
         assert_eq!(f[18] & 0x0f, 6);
         assert_eq!(f.len(), 18 + 24 + 20 + 5);
+    }
+
+    #[test]
+    fn builds_ipv6_with_extension_headers() {
+        let a: Ipv6Addr = "fd00::1".parse().unwrap();
+        let f = Frame::udp(a, 1000, a, 53).ip_options(8).frag(0x0001).build();
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        assert_eq!(f[14 + 6], 60, "destination options first");
+        assert_eq!(f[14 + 40], 44, "then a fragment header");
+        assert_eq!(f[14 + 48], 17, "then UDP");
+        let frame = Frame::udp(a, 1000, a, 53).ip_options(8).frag(0x0001);
+        assert_eq!(frame.l4_offset(), 14 + 40 + 8 + 8);
     }
 }

@@ -5,10 +5,10 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
     config::Forward,
-    dataplane::{Dataplane, LoadOptions, ServiceSlot},
+    dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
     maglev::{self, Member},
 };
-use lb_common::{addr_v4, hash::flow_hash, Counters, Reason, Settings};
+use lb_common::{hash::flow_hash, Counters, Reason, Settings};
 use xlb_tests::packet::{Frame, ETH_LEN, IPV4_LEN};
 
 const XDP_TX: u32 = 3;
@@ -101,7 +101,7 @@ impl Bed {
             f.dport.to_be_bytes()[0],
             f.dport.to_be_bytes()[1],
         ]);
-        let h = flow_hash(&addr_v4(f.src.octets()), &addr_v4(f.dst.octets()), ports, f.proto, SEED);
+        let h = flow_hash(&map_addr(f.src).0, &map_addr(f.dst).0, ports, f.proto, SEED);
         self.tables[service][(h % TABLE) as usize]
     }
 
