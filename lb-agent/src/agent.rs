@@ -1,15 +1,22 @@
 //! The running balancer: services and backends from the config, their health, and the Maglev
-//! tables that follow from them. Every change goes through the Dataplane facade.
-use std::{collections::HashMap, fmt::Write as _, net::IpAddr, time::Duration};
+//! tables that follow from them. Every change goes through the Dataplane facade; a reload
+//! applies only the difference between the running state and the new config.
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+    net::IpAddr,
+    time::Duration,
+};
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use lb_common::Settings;
 use log::{error, info, warn};
+use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    config::{format_mac, Config, Forward, IpipConfig, ServiceConfig},
+    config::{format_mac, BackendConfig, Config, Forward, IpipConfig, ServiceConfig},
     dataplane::{self, Dataplane, ServiceSlot},
-    health::{Event, Target},
+    health::{self, Event},
     maglev::{self, Member},
     neigh,
 };
@@ -18,11 +25,21 @@ use crate::{
 const NEIGHBOUR_WAIT: Duration = Duration::from_secs(1);
 
 pub struct BackendState {
-    /// Index into BACKENDS and BACKEND_STATS.
+    /// Index into BACKENDS and BACKEND_STATS; also names the backend in health reports.
     pub id: u32,
+    pub config: BackendConfig,
     pub up: bool,
     /// None until configured or resolved: an L2 backend without one takes no traffic.
     pub mac: Option<[u8; 6]>,
+    health: Option<JoinHandle<()>>,
+}
+
+impl Drop for BackendState {
+    fn drop(&mut self) {
+        if let Some(task) = self.health.take() {
+            task.abort();
+        }
+    }
 }
 
 pub struct ServiceState {
@@ -32,17 +49,23 @@ pub struct ServiceState {
 }
 
 impl ServiceState {
-    /// Whether backend `b` can take packets: up, and reachable by the service's forwarding.
-    fn usable(&self, b: usize) -> bool {
-        let state = &self.backends[b];
-        state.up && (self.config.forward == Forward::Ipip || state.mac.is_some())
+    /// Whether a backend can take packets: up, and reachable by the service's forwarding.
+    fn usable(&self, b: &BackendState) -> bool {
+        b.up && (self.config.forward == Forward::Ipip || b.mac.is_some())
     }
 }
 
 pub struct Agent {
     pub dataplane: Dataplane,
-    pub interface: String,
     pub services: Vec<ServiceState>,
+    /// The config in force: what a reload is compared with.
+    config: Config,
+    /// Where health tasks report; None when health checks are not run (tests).
+    events: Option<mpsc::Sender<Event>>,
+    free_backend_ids: Vec<u32>,
+    next_backend_id: u32,
+    free_service_ids: Vec<u32>,
+    next_service_id: u32,
 }
 
 /// The stable identity of a backend for Maglev: an IPv4 address as its number, an IPv6
@@ -80,74 +103,124 @@ pub fn settings(config: &Config) -> Settings {
     s
 }
 
+/// What must not change without a restart: it is fixed when the program is loaded.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.interface != new.interface {
+        changed.push("interface");
+    }
+    if old.hash_seed != new.hash_seed {
+        changed.push("hash_seed");
+    }
+    if old.maglev_capacity != new.maglev_capacity {
+        changed.push("maglev_capacity");
+    }
+    if old.flows.size != new.flows.size {
+        changed.push("flows.size");
+    }
+    if old.egress_interfaces != new.egress_interfaces {
+        changed.push("egress_interfaces");
+    }
+    changed
+}
+
+fn service_key(s: &ServiceConfig) -> (IpAddr, u16, crate::config::Protocol) {
+    (s.vip, s.port, s.protocol)
+}
+
 impl Agent {
     /// Fills the maps from `config`: every backend starts up (health checks take it out), an L2
-    /// backend with its MAC from the config or the neighbour table.
-    pub fn new(mut dataplane: Dataplane, config: &Config) -> Result<Self> {
+    /// backend with its MAC from the config or the neighbour table. With `events`, a health
+    /// task per backend reports there (the caller must be inside a tokio runtime).
+    pub fn new(mut dataplane: Dataplane, config: &Config, events: Option<mpsc::Sender<Event>>) -> Result<Self> {
         dataplane.set_settings(settings(config))?;
         for name in &config.egress_interfaces {
             let index = dataplane::if_index(name).ok_or_else(|| anyhow!("unknown egress interface {name:?}"))?;
             dataplane.add_tx_port(index)?;
         }
-        // Resolve every unconfigured L2 MAC at once: start-up waits at most NEIGHBOUR_WAIT.
-        let unknown: Vec<IpAddr> = config
-            .services
-            .iter()
-            .filter(|s| s.forward == Forward::L2)
-            .flat_map(|s| &s.backends)
-            .filter(|b| b.mac.is_none())
-            .map(|b| b.address)
-            .collect();
-        let resolved: HashMap<_, _> =
-            unknown.iter().copied().zip(neigh::resolve_all(&unknown, &config.interface, NEIGHBOUR_WAIT)).collect();
-
-        let mut services = Vec::new();
-        let mut next_backend = 0u32;
-        for (id, sc) in config.services.iter().enumerate() {
-            let slot = dataplane
-                .add_service(sc.vip, sc.port, sc.protocol.number(), id as u32, sc.maglev_size, sc.forward)
-                .with_context(|| format!("cannot add service {}", sc.name))?;
-            let mut backends = Vec::new();
-            for b in &sc.backends {
-                let mac = b.mac.or_else(|| resolved.get(&b.address).copied().flatten());
-                if mac.is_none() && sc.forward == Forward::L2 {
-                    warn!(
-                        "service {}: backend {}: no neighbour entry on {}; it takes no traffic until it answers a health check (or set its mac)",
-                        sc.name, b.address, config.interface
-                    );
-                }
-                backends.push(BackendState { id: next_backend, up: true, mac });
-                next_backend += 1;
-            }
-            services.push(ServiceState { config: sc.clone(), slot, backends });
-        }
-        let mut agent = Self { dataplane, interface: config.interface.clone(), services };
-        for s in 0..agent.services.len() {
-            for b in 0..agent.services[s].backends.len() {
-                agent.write_backend(s, b)?;
-            }
-            agent.publish(s)?;
+        let mut agent = Self {
+            dataplane,
+            services: Vec::new(),
+            config: config.clone(),
+            events,
+            free_backend_ids: Vec::new(),
+            next_backend_id: 0,
+            free_service_ids: Vec::new(),
+            next_service_id: 0,
+        };
+        let macs = resolve_macs(config.services.iter().collect(), &config.interface);
+        for sc in &config.services {
+            agent.add_service(sc, &macs)?;
         }
         Ok(agent)
+    }
+
+    fn add_service(&mut self, sc: &ServiceConfig, macs: &HashMap<IpAddr, [u8; 6]>) -> Result<()> {
+        let id = self.free_service_ids.pop().unwrap_or_else(|| {
+            self.next_service_id += 1;
+            self.next_service_id - 1
+        });
+        let slot = self
+            .dataplane
+            .add_service(sc.vip, sc.port, sc.protocol.number(), id, sc.maglev_size, sc.forward)
+            .with_context(|| format!("cannot add service {}", sc.name))?;
+        self.services.push(ServiceState { config: sc.clone(), slot, backends: Vec::new() });
+        let s = self.services.len() - 1;
+        for b in &sc.backends {
+            self.add_backend(s, b, macs.get(&b.address).copied())?;
+        }
+        self.publish(s)
+    }
+
+    fn add_backend(&mut self, s: usize, config: &BackendConfig, resolved: Option<[u8; 6]>) -> Result<()> {
+        let id = self.free_backend_ids.pop().unwrap_or_else(|| {
+            self.next_backend_id += 1;
+            self.next_backend_id - 1
+        });
+        let service = &self.services[s];
+        let mac = config.mac.or(resolved);
+        if mac.is_none() && service.config.forward == Forward::L2 {
+            warn!(
+                "service {}: backend {}: no neighbour entry on {}; it takes no traffic until it answers a health check (or set its mac)",
+                service.config.name, config.address, self.config.interface
+            );
+        }
+        let health = match (&self.events, service.config.health.enabled) {
+            (Some(events), true) => {
+                let cfg = service.config.health.clone();
+                Some(tokio::spawn(health::run(id, config.address, cfg, true, events.clone())))
+            }
+            _ => None,
+        };
+        let state = BackendState { id, config: config.clone(), up: true, mac, health };
+        self.services[s].backends.push(state);
+        self.write_backend(s, self.services[s].backends.len() - 1)
+    }
+
+    /// Takes a backend out: flows pinned to it re-hash; its id may serve another backend later
+    /// (with a new generation).
+    fn remove_backend(&mut self, s: usize, b: usize) -> Result<()> {
+        let state = self.services[s].backends.remove(b);
+        self.dataplane.set_backend(state.id, state.config.address, state.mac, false)?;
+        self.free_backend_ids.push(state.id);
+        Ok(())
     }
 
     fn write_backend(&mut self, s: usize, b: usize) -> Result<()> {
         let service = &self.services[s];
         let state = &service.backends[b];
-        let usable = service.usable(b);
-        self.dataplane.set_backend(state.id, service.config.backends[b].address, state.mac, usable)
+        let usable = service.usable(state);
+        self.dataplane.set_backend(state.id, state.config.address, state.mac, usable)
     }
 
     /// Rebuilds the service's Maglev table from its usable backends and publishes it.
     fn publish(&mut self, s: usize) -> Result<()> {
         let service = &mut self.services[s];
-        let members: Vec<Member> = (0..service.backends.len())
-            .filter(|&b| service.usable(b))
-            .map(|b| Member {
-                id: service.backends[b].id,
-                key: address_key(service.config.backends[b].address),
-                weight: service.config.backends[b].weight,
-            })
+        let members: Vec<Member> = service
+            .backends
+            .iter()
+            .filter(|b| service.usable(b))
+            .map(|b| Member { id: b.id, key: address_key(b.config.address), weight: b.config.weight })
             .collect();
         let table = maglev::build(&members, service.slot.table_size);
         self.dataplane
@@ -159,22 +232,31 @@ impl Agent {
         Ok(())
     }
 
-    /// Applies a health report.
+    fn find(&self, id: u32) -> Option<(usize, usize)> {
+        self.services
+            .iter()
+            .enumerate()
+            .find_map(|(s, svc)| svc.backends.iter().position(|b| b.id == id).map(|b| (s, b)))
+    }
+
+    /// Applies a health report (one about a backend removed since is ignored).
     pub fn handle(&mut self, event: Event) -> Result<()> {
         match event {
-            Event::State { target: Target { service: s, backend: b }, up, detail } => {
-                self.services[s].backends[b].up = up;
-                if up && self.services[s].config.backends[b].mac.is_none() {
+            Event::State { target, up, detail } => {
+                let Some((s, b)) = self.find(target) else { return Ok(()) };
+                let interface = self.config.interface.clone();
+                let state = &mut self.services[s].backends[b];
+                state.up = up;
+                if up && state.config.mac.is_none() {
                     // A replaced host keeps its address but not its MAC.
-                    let fresh = neigh::lookup(self.services[s].config.backends[b].address, &self.interface);
-                    self.services[s].backends[b].mac = fresh.or(self.services[s].backends[b].mac);
+                    state.mac = neigh::lookup(state.config.address, &interface).or(state.mac);
                 }
                 // Down: flows pinned to it re-hash; up: it takes new flows again.
                 self.write_backend(s, b)?;
                 self.publish(s)?;
                 let service = &self.services[s];
                 let n_up = service.backends.iter().filter(|b| b.up).count();
-                let (addr, total) = (service.config.backends[b].address, service.backends.len());
+                let (addr, total) = (service.backends[b].config.address, service.backends.len());
                 let name = &service.config.name;
                 if up {
                     info!("service {name}: backend {addr} UP after {detail}; {n_up} of {total} backends up");
@@ -182,15 +264,21 @@ impl Agent {
                     warn!("service {name}: backend {addr} DOWN after {detail}; {n_up} of {total} backends up");
                 }
             }
-            Event::Reachable { target: Target { service: s, backend: b } } => {
+            Event::Reachable { target } => {
+                let Some((s, b)) = self.find(target) else { return Ok(()) };
                 // Only an L2 backend without a MAC looks at the neighbour table on a success.
                 let service = &self.services[s];
-                if service.config.forward != Forward::L2 || service.backends[b].mac.is_some() {
+                let state = &service.backends[b];
+                if service.config.forward != Forward::L2 || state.mac.is_some() {
                     return Ok(());
                 }
-                let addr = service.config.backends[b].address;
-                if let Some(mac) = neigh::lookup(addr, &self.interface) {
-                    info!("service {}: backend {addr} is at {}", service.config.name, format_mac(mac));
+                if let Some(mac) = neigh::lookup(state.config.address, &self.config.interface) {
+                    info!(
+                        "service {}: backend {} is at {}",
+                        service.config.name,
+                        state.config.address,
+                        format_mac(mac)
+                    );
                     self.services[s].backends[b].mac = Some(mac);
                     self.write_backend(s, b)?;
                     self.publish(s)?;
@@ -198,6 +286,113 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Brings the running state to `new` (already validated), changing only what differs:
+    /// flows to backends that stay keep their backend. Settings fixed at load time must not
+    /// change. Returns a one-line summary.
+    pub fn reload(&mut self, new: &Config) -> Result<String> {
+        let fixed = restart_only_changes(&self.config, new);
+        if !fixed.is_empty() {
+            bail!("changing {} needs a restart; nothing was changed", fixed.join(", "));
+        }
+        let wanted: HashMap<_, _> = new.services.iter().map(|s| (service_key(s), s)).collect();
+        let (mut added, mut removed, mut changed) = (0, 0, 0);
+
+        // Services that go.
+        let mut s = 0;
+        while s < self.services.len() {
+            if wanted.contains_key(&service_key(&self.services[s].config)) {
+                s += 1;
+                continue;
+            }
+            let service = self.services.remove(s);
+            self.dataplane.remove_service(&service.slot)?;
+            for b in &service.backends {
+                self.dataplane.set_backend(b.id, b.config.address, b.mac, false)?;
+                self.free_backend_ids.push(b.id);
+            }
+            self.free_service_ids.push(service.slot.id);
+            info!("service {} removed", service.config.name);
+            removed += 1;
+        }
+
+        self.dataplane.set_settings(settings(new))?;
+        let fresh: Vec<&ServiceConfig> = new.services.iter().collect();
+        let macs = resolve_macs(fresh, &new.interface);
+        for sc in &new.services {
+            let Some(s) = self.services.iter().position(|st| service_key(&st.config) == service_key(sc)) else {
+                self.add_service(sc, &macs)?;
+                info!("service {} added with {} backends", sc.name, sc.backends.len());
+                added += 1;
+                continue;
+            };
+            if self.update_service(s, sc, &macs)? {
+                changed += 1;
+            }
+        }
+        self.config = new.clone();
+        Ok(format!("{added} services added, {removed} removed, {changed} changed"))
+    }
+
+    /// Applies a service's new config; true when anything changed.
+    fn update_service(&mut self, s: usize, sc: &ServiceConfig, macs: &HashMap<IpAddr, [u8; 6]>) -> Result<bool> {
+        let old = self.services[s].config.clone();
+        if old == *sc {
+            return Ok(false);
+        }
+        if old.maglev_size != sc.maglev_size {
+            warn!(
+                "service {}: maglev_size stays {} until the service is removed and added again",
+                sc.name, old.maglev_size
+            );
+        }
+        let health_changed = old.health != sc.health;
+        let mut config = sc.clone();
+        config.maglev_size = old.maglev_size;
+        self.services[s].slot.set_forward(sc.forward);
+        self.services[s].config = config;
+
+        let wanted: HashSet<IpAddr> = sc.backends.iter().map(|b| b.address).collect();
+        let mut b = 0;
+        while b < self.services[s].backends.len() {
+            let addr = self.services[s].backends[b].config.address;
+            if wanted.contains(&addr) && !health_changed {
+                b += 1;
+            } else {
+                // A backend with new health settings is replaced, which restarts its checks.
+                self.remove_backend(s, b)?;
+                if !wanted.contains(&addr) {
+                    info!("service {}: backend {addr} removed", sc.name);
+                }
+            }
+        }
+        for bc in &sc.backends {
+            match self.services[s].backends.iter().position(|st| st.config.address == bc.address) {
+                Some(b) => {
+                    let state = &mut self.services[s].backends[b];
+                    if state.config != *bc {
+                        if state.config.weight != bc.weight {
+                            info!(
+                                "service {}: backend {} weight {} -> {}",
+                                sc.name, bc.address, state.config.weight, bc.weight
+                            );
+                        }
+                        state.mac = bc.mac.or(state.mac);
+                        state.config = bc.clone();
+                        self.write_backend(s, b)?;
+                    }
+                }
+                None => {
+                    self.add_backend(s, bc, macs.get(&bc.address).copied())?;
+                    if old.backends.iter().all(|o| o.address != bc.address) {
+                        info!("service {}: backend {} added", sc.name, bc.address);
+                    }
+                }
+            }
+        }
+        self.publish(s)?;
+        Ok(true)
     }
 
     /// Counters of the data path as a text table, for logs and the terminal.
@@ -221,25 +416,35 @@ impl Agent {
         for s in &self.services {
             let c = self.dataplane.service_counters(s.slot.id)?;
             writeln!(out, "{:<24} {:<26} {:>5} {:>12} {:>14}", s.config.name, "*", "", c.packets, c.bytes)?;
-            for (b, (state, cfg)) in s.backends.iter().zip(&s.config.backends).enumerate() {
-                let c = self.dataplane.backend_counters(state.id)?;
-                let label = match (state.up, s.usable(b), cfg.weight) {
+            for b in &s.backends {
+                let c = self.dataplane.backend_counters(b.id)?;
+                let label = match (b.up, s.usable(b), b.config.weight) {
                     (false, _, _) => "down",
                     (true, false, _) => "nomac",
                     (true, true, 0) => "drain",
                     (true, true, _) => "up",
                 };
-                writeln!(
-                    out,
-                    "{:<24} {:<26} {:>5} {:>12} {:>14}",
-                    "",
-                    cfg.address.to_string(),
-                    label,
-                    c.packets,
-                    c.bytes
-                )?;
+                let addr = b.config.address.to_string();
+                writeln!(out, "{:<24} {:<26} {:>5} {:>12} {:>14}", "", addr, label, c.packets, c.bytes)?;
             }
         }
         Ok(out)
     }
+}
+
+/// MACs of the L2 backends without a configured one, resolved all at once: start-up and
+/// reloads wait at most NEIGHBOUR_WAIT.
+fn resolve_macs(services: Vec<&ServiceConfig>, interface: &str) -> HashMap<IpAddr, [u8; 6]> {
+    let unknown: Vec<IpAddr> = services
+        .iter()
+        .filter(|s| s.forward == Forward::L2)
+        .flat_map(|s| &s.backends)
+        .filter(|b| b.mac.is_none())
+        .map(|b| b.address)
+        .collect();
+    unknown
+        .iter()
+        .zip(neigh::resolve_all(&unknown, interface, NEIGHBOUR_WAIT))
+        .filter_map(|(addr, mac)| Some((*addr, mac?)))
+        .collect()
 }

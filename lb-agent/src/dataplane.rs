@@ -17,6 +17,13 @@ use log::warn;
 
 use crate::config::{Forward, XdpMode};
 
+fn forward_flags(forward: Forward) -> u32 {
+    match forward {
+        Forward::L2 => 0,
+        Forward::Ipip => SERVICE_F_IPIP,
+    }
+}
+
 /// An address as the maps hold it: its words and its family.
 pub fn map_addr(addr: IpAddr) -> (Addr, u8) {
     match addr {
@@ -46,9 +53,16 @@ pub struct ServiceSlot {
     pub key: ServiceKey,
     pub id: u32,
     pub table_size: u32,
-    flags: u32,
+    pub flags: u32,
     bases: [u32; 2],
     active: usize,
+}
+
+impl ServiceSlot {
+    /// Changes how the service forwards; written with its next table.
+    pub fn set_forward(&mut self, forward: Forward) {
+        self.flags = forward_flags(forward);
+    }
 }
 
 pub struct Dataplane {
@@ -188,11 +202,7 @@ impl Dataplane {
         self.maglev_next += 2 * table_size;
         let (addr, family) = map_addr(vip);
         let key = ServiceKey { addr, port: port.to_be(), proto, family };
-        let flags = match forward {
-            Forward::L2 => 0,
-            Forward::Ipip => SERVICE_F_IPIP,
-        };
-        let mut slot = ServiceSlot { key, id, table_size, flags, bases, active: 0 };
+        let mut slot = ServiceSlot { key, id, table_size, flags: forward_flags(forward), bases, active: 0 };
         self.write_table(slot.bases[0], &vec![NO_BACKEND; table_size as usize])?;
         self.flip(&mut slot, 0)?;
         let vip_key = VipKey { addr, family, _pad: [0; 3] };
@@ -201,6 +211,18 @@ impl Dataplane {
             .insert(vip_key, Vip { services: services + 1 }, 0)
             .with_context(|| format!("cannot add VIP {vip}"))?;
         Ok(slot)
+    }
+
+    /// Removes a service: its packets become `drop_unknown_service` (or pass, when it was the
+    /// VIP's last service). Its two tables stay allocated: MAGLEV is carved out once.
+    pub fn remove_service(&mut self, slot: &ServiceSlot) -> Result<()> {
+        self.services.remove(&slot.key).context("cannot remove the service")?;
+        let vip_key = VipKey { addr: slot.key.addr, family: slot.key.family, _pad: [0; 3] };
+        match self.vips.get(&vip_key, 0).map_or(0, |v| v.services) {
+            0 | 1 => self.vips.remove(&vip_key).context("cannot remove the VIP")?,
+            n => self.vips.insert(vip_key, Vip { services: n - 1 }, 0).context("cannot update the VIP")?,
+        }
+        Ok(())
     }
 
     /// Writes a backend's slot. `usable` false keeps the slot but makes the data path re-hash

@@ -6,12 +6,8 @@ use tokio::{net::TcpStream, sync::mpsc, time};
 
 use crate::config::HealthConfig;
 
-/// Which backend of which service a report is about (indexes into the agent's state).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub service: usize,
-    pub backend: usize,
-}
+/// Which backend a report is about: its id, stable for the backend's life in the agent.
+pub type Target = u32;
 
 #[derive(Debug)]
 pub enum Event {
@@ -67,8 +63,7 @@ pub async fn run(target: Target, addr: IpAddr, cfg: HealthConfig, up: bool, even
     let mut state = RiseFall::new(up, cfg.rise, cfg.fall);
     // Spread the first probes over the interval so that backends (and balancer hosts) do
     // not probe in lockstep.
-    let jitter =
-        (crate::agent::address_key(addr) ^ (target.service as u64) << 7) % cfg.interval.as_millis().max(1) as u64;
+    let jitter = (crate::agent::address_key(addr) ^ u64::from(target) << 7) % cfg.interval.as_millis().max(1) as u64;
     time::sleep(Duration::from_millis(jitter)).await;
     let mut tick = time::interval(cfg.interval);
     tick.set_missed_tick_behavior(time::MissedTickBehavior::Delay);

@@ -8,7 +8,6 @@ use lb_agent::{
     agent::Agent,
     config::{Config, XdpMode},
     dataplane::{self, Dataplane, LoadOptions},
-    health::{self, Target},
 };
 use log::{error, info};
 use tokio::{
@@ -96,6 +95,14 @@ fn check(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// SIGHUP: a bad config, or one that needs a restart, leaves the running state as it was.
+fn reload(agent: &mut Agent, path: &std::path::Path) {
+    match Config::load(path).and_then(|config| agent.reload(&config)) {
+        Ok(summary) => info!("reloaded {}: {summary}", path.display()),
+        Err(e) => error!("reload of {} rejected: {e:#}", path.display()),
+    }
+}
+
 async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: u64) -> Result<()> {
     // Nothing touches the kernel before the config is known to be good.
     let config = Config::load(path)?;
@@ -106,26 +113,16 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
         maglev_capacity: config.maglev_capacity,
         flow_table_size: config.flows.size,
     })?;
-    let mut agent = Agent::new(dataplane, &config)?;
+    let (tx, mut rx) = mpsc::channel(256);
+    let mut agent = Agent::new(dataplane, &config, Some(tx))?;
     // Attach last: the first packet already finds every table in place.
     let mode = agent.dataplane.attach(&config.interface, xdp_mode.or(config.xdp_mode))?;
     info!("balancing {} services on {} (XDP {mode:?} mode)", config.services.len(), config.interface);
 
-    let (tx, mut rx) = mpsc::channel(256);
-    for (s, service) in config.services.iter().enumerate() {
-        if !service.health.enabled {
-            continue;
-        }
-        for (b, backend) in service.backends.iter().enumerate() {
-            let target = Target { service: s, backend: b };
-            tokio::spawn(health::run(target, backend.address, service.health.clone(), true, tx.clone()));
-        }
-    }
-    drop(tx);
-
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let period = Duration::from_secs(stats_interval.max(1));
     let mut stats_tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
@@ -138,6 +135,7 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
             _ = term.recv() => { info!("SIGTERM: detaching"); break }
             _ = int.recv() => { info!("SIGINT: detaching"); break }
             _ = usr1.recv() => info!("counters:\n{}", agent.stats_table()?),
+            _ = hup.recv() => reload(&mut agent, path),
             _ = stats_tick.tick(), if stats_interval > 0 => info!("counters:\n{}", agent.stats_table()?),
         }
     }

@@ -1,7 +1,7 @@
 //! The agent as a real process inside the balancer's namespace, its log in a file.
 use std::{
     fs::File,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
@@ -114,8 +114,23 @@ impl AgentProcess {
         }
     }
 
-    pub fn config_dir(&self) -> &Path {
-        &self._dir.0
+    /// Rewrites the config file, sends SIGHUP and waits for the agent's verdict; returns its
+    /// log line ("reloaded ..." or "reload ... rejected ...").
+    pub fn reload(&mut self, config: &str) -> Result<String> {
+        std::fs::write(self._dir.0.join("xlb.toml"), config)?;
+        let done = |log: &str| log.matches("reloaded").count() + log.matches("rejected").count();
+        let before = done(&self.log_text());
+        self.signal(libc::SIGHUP);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let log = self.log_text();
+            if done(&log) > before {
+                let line = log.lines().rev().find(|l| l.contains("reloaded") || l.contains("rejected"));
+                return Ok(line.unwrap_or_default().to_string());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("lb-agent did not answer SIGHUP within 10 s:\n{}", self.log_text())
     }
 }
 

@@ -31,8 +31,13 @@ pub fn backend_name(i: usize) -> String {
     format!("backend-{i}")
 }
 
-/// The agent's config for `n` backends: a TCP and a UDP service on the VIP.
+/// The agent's config for `n` backends of weight 1: a TCP and a UDP service on the VIP.
 pub fn config(n: usize) -> String {
+    config_for(&(0..n).map(|i| (i, 1)).collect::<Vec<_>>())
+}
+
+/// The agent's config for the given (backend index, weight) pairs.
+pub fn config_for(backends: &[(usize, u32)]) -> String {
     let mut c = format!(
         "interface = \"{IFACE}\"\nhash_seed = 2026\n\n[health]\ninterval_ms = {}\ntimeout_ms = {}\nrise = {RISE}\nfall = {FALL}\n",
         HEALTH_INTERVAL.as_millis(),
@@ -45,19 +50,25 @@ pub fn config(n: usize) -> String {
         if proto == "udp" {
             c += &format!("[service.health]\nport = {PORT}\n");
         }
-        for i in 0..n {
-            c += &format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_addr(i));
+        for &(i, weight) in backends {
+            c += &format!("\n[[service.backend]]\naddress = \"{}\"\nweight = {weight}\n", backend_addr(i));
         }
     }
     c
 }
 
 impl Scenario {
+    /// `n` backends, all in the config.
     pub fn start(n: usize) -> Result<Self> {
+        Self::start_with(n, &config(n))
+    }
+
+    /// `n` backends with servers, the agent started with `config`.
+    pub fn start_with(n: usize, config: &str) -> Result<Self> {
         let bed = L2Bed::new(n)?;
         let servers =
             (0..n).map(|i| Server::start(&bed.backends[i], &backend_name(i), VIP, PORT)).collect::<Result<Vec<_>>>()?;
-        let agent = AgentProcess::start(&bed.lb, &config(n), &[])?;
+        let agent = AgentProcess::start(&bed.lb, config, &[])?;
         Ok(Self { agent, servers, bed })
     }
 

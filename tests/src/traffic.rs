@@ -3,7 +3,7 @@
 //! time.
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -22,7 +22,8 @@ const POLL: Duration = Duration::from_millis(5);
 
 /// A server in a backend's namespace: TCP on 0.0.0.0:port, UDP on vip:port (a UDP server on
 /// the wildcard address would answer from the host's own address, which the client drops).
-/// Stopped, and its sockets closed, on `stop` or drop.
+/// A TCP connection gets the server's name as a line at once, and again for every line it
+/// sends, until it closes. Stopped, and every socket closed, on `stop` or drop.
 pub struct Server {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -41,14 +42,19 @@ impl Server {
         let reply = format!("{name}\n").into_bytes();
         let (s1, r1) = (stop.clone(), reply.clone());
         let tcp_thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
             while !s1.load(Ordering::Relaxed) {
                 match tcp.accept() {
-                    Ok((mut conn, _)) => {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = conn.write_all(&r1);
+                    Ok((conn, _)) => {
+                        let (stop, reply) = (s1.clone(), r1.clone());
+                        conns.push(std::thread::spawn(move || serve(conn, &reply, &stop)));
                     }
                     Err(_) => std::thread::sleep(POLL),
                 }
+                conns.retain(|c: &JoinHandle<()>| !c.is_finished());
+            }
+            for c in conns {
+                let _ = c.join();
             }
         });
         let s2 = stop.clone();
@@ -78,6 +84,69 @@ impl Drop for Server {
     }
 }
 
+/// One TCP connection: the name at once, then one name per line received; ends on EOF, error
+/// or stop.
+fn serve(mut conn: TcpStream, reply: &[u8], stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(POLL * 10));
+    if conn.write_all(reply).is_err() {
+        return;
+    }
+    let Ok(clone) = conn.try_clone() else { return };
+    let mut lines = BufReader::new(clone);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match lines.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                line.clear();
+                if conn.write_all(reply).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A long-lived TCP connection to a server above.
+pub struct Conn {
+    lines: BufReader<TcpStream>,
+    /// The backend that answered first.
+    pub backend: String,
+}
+
+impl Conn {
+    /// Asks again: the name of the backend that answers now.
+    pub fn ask(&mut self) -> Result<String, String> {
+        self.lines.get_mut().write_all(b"again\n").map_err(|e| e.kind().to_string())?;
+        read_name(&mut self.lines)
+    }
+}
+
+fn read_name(lines: &mut BufReader<TcpStream>) -> Result<String, String> {
+    let mut name = String::new();
+    match lines.read_line(&mut name) {
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(name.trim().to_string()),
+        Err(e) => Err(e.kind().to_string()),
+    }
+}
+
+fn open(to: SocketAddrV4) -> Result<Conn, String> {
+    let s = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT).map_err(|e| e.kind().to_string())?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(s);
+    let backend = read_name(&mut lines)?;
+    Ok(Conn { lines, backend })
+}
+
+/// `count` long-lived connections from `client`.
+pub fn open_connections(client: &Netns, to: SocketAddrV4, count: usize) -> Result<Vec<Conn>> {
+    client.run(move || (0..count).map(|_| open(to)).collect::<Result<Vec<_>, String>>())?.map_err(anyhow::Error::msg)
+}
+
 /// Answers per backend name, plus failures under the key "error: ...".
 pub type Tally = BTreeMap<String, usize>;
 
@@ -94,12 +163,9 @@ pub fn failures(t: &Tally) -> usize {
     t.iter().filter(|(k, _)| k.starts_with("error")).map(|(_, n)| n).sum()
 }
 
+/// A short connection: connect, read the name, close.
 fn tcp_request(to: SocketAddrV4) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT).map_err(|e| e.kind().to_string())?;
-    s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).map_err(|e| e.kind().to_string())?;
-    Ok(answer.trim().to_string())
+    open(to).map(|c| c.backend)
 }
 
 fn udp_request(to: SocketAddrV4) -> Result<String, String> {
