@@ -1,6 +1,6 @@
 //! The L2 DSR scenario that the end-to-end test checks and the demo shows: a bed, servers
 //! on every backend and the agent configured for them.
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
 
@@ -23,8 +23,8 @@ pub struct Scenario {
     pub bed: L2Bed,
 }
 
-pub fn vip() -> SocketAddrV4 {
-    SocketAddrV4::new(VIP, PORT)
+pub fn vip() -> SocketAddr {
+    (VIP, PORT).into()
 }
 
 pub fn backend_name(i: usize) -> String {
@@ -66,15 +66,16 @@ impl Scenario {
     /// `n` backends with servers, the agent started with `config`.
     pub fn start_with(n: usize, config: &str) -> Result<Self> {
         let bed = L2Bed::new(n)?;
-        let servers =
-            (0..n).map(|i| Server::start(&bed.backends[i], &backend_name(i), VIP, PORT)).collect::<Result<Vec<_>>>()?;
+        let servers = (0..n)
+            .map(|i| Server::start(&bed.backends[i], &backend_name(i), &[VIP.into()], PORT))
+            .collect::<Result<Vec<_>>>()?;
         let agent = AgentProcess::start(&bed.lb, config, &[])?;
         Ok(Self { agent, servers, bed })
     }
 
     /// Restarts backend `i`'s server.
     pub fn restart_server(&mut self, i: usize) -> Result<()> {
-        self.servers[i] = Server::start(&self.bed.backends[i], &backend_name(i), VIP, PORT)?;
+        self.servers[i] = Server::start(&self.bed.backends[i], &backend_name(i), &[VIP.into()], PORT)?;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -30,14 +30,20 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(ns: &Netns, name: &str, vip: Ipv4Addr, port: u16) -> Result<Self> {
+    pub fn start(ns: &Netns, name: &str, vips: &[IpAddr], port: u16) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (tcp, udp) = ns.run(move || -> Result<(TcpListener, UdpSocket)> {
-            let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        let vips = vips.to_vec();
+        let (tcp, udps) = ns.run(move || -> Result<(TcpListener, Vec<UdpSocket>)> {
+            // [::] takes IPv4 connections too (dual stack).
+            let tcp = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))?;
             tcp.set_nonblocking(true)?;
-            let udp = UdpSocket::bind((vip, port))?;
-            udp.set_read_timeout(Some(POLL * 4))?;
-            Ok((tcp, udp))
+            let mut udps = Vec::new();
+            for vip in vips {
+                let udp = UdpSocket::bind((vip, port))?;
+                udp.set_read_timeout(Some(POLL * 4))?;
+                udps.push(udp);
+            }
+            Ok((tcp, udps))
         })??;
         let reply = format!("{name}\n").into_bytes();
         let (s1, r1) = (stop.clone(), reply.clone());
@@ -57,16 +63,19 @@ impl Server {
                 let _ = c.join();
             }
         });
-        let s2 = stop.clone();
-        let udp_thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !s2.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(&reply, from);
+        let mut threads = vec![tcp_thread];
+        for udp in udps {
+            let (stop, reply) = (stop.clone(), reply.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(&reply, from);
+                    }
                 }
-            }
-        });
-        Ok(Self { stop, threads: vec![tcp_thread, udp_thread] })
+            }));
+        }
+        Ok(Self { stop, threads })
     }
 
     /// Closes the sockets: new connections are refused, as if the process had died.
@@ -134,7 +143,7 @@ fn read_name(lines: &mut BufReader<TcpStream>) -> Result<String, String> {
     }
 }
 
-fn open(to: SocketAddrV4) -> Result<Conn, String> {
+fn open(to: SocketAddr) -> Result<Conn, String> {
     let s = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT).map_err(|e| e.kind().to_string())?;
     s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
     let mut lines = BufReader::new(s);
@@ -143,7 +152,7 @@ fn open(to: SocketAddrV4) -> Result<Conn, String> {
 }
 
 /// `count` long-lived connections from `client`.
-pub fn open_connections(client: &Netns, to: SocketAddrV4, count: usize) -> Result<Vec<Conn>> {
+pub fn open_connections(client: &Netns, to: SocketAddr, count: usize) -> Result<Vec<Conn>> {
     client.run(move || (0..count).map(|_| open(to)).collect::<Result<Vec<_>, String>>())?.map_err(anyhow::Error::msg)
 }
 
@@ -164,29 +173,30 @@ pub fn failures(t: &Tally) -> usize {
 }
 
 /// A short connection: connect, read the name, close.
-fn tcp_request(to: SocketAddrV4) -> Result<String, String> {
+fn tcp_request(to: SocketAddr) -> Result<String, String> {
     open(to).map(|c| c.backend)
 }
 
-fn udp_request(to: SocketAddrV4) -> Result<String, String> {
+fn udp_request(to: SocketAddr) -> Result<String, String> {
     // A new socket each time: a new source port, so a new flow.
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+    let any: IpAddr = if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    let s = UdpSocket::bind((any, 0)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_millis(500))).map_err(|e| e.to_string())?;
     s.send_to(b"who?", to).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 256];
     let (n, from) = s.recv_from(&mut buf).map_err(|e| e.kind().to_string())?;
-    if from != to.into() {
+    if from != to {
         return Err(format!("answer from {from}, not {to}"));
     }
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
 }
 
 /// `count` TCP connections from `client`, one after the other, each from a new source port.
-pub fn tcp_requests(client: &Netns, to: SocketAddrV4, count: usize) -> Result<Tally> {
+pub fn tcp_requests(client: &Netns, to: SocketAddr, count: usize) -> Result<Tally> {
     client.run(move || tally((0..count).map(|_| tcp_request(to)).collect()))
 }
 
 /// `count` UDP request/answer exchanges from `client`, each from a new source port.
-pub fn udp_requests(client: &Netns, to: SocketAddrV4, count: usize) -> Result<Tally> {
+pub fn udp_requests(client: &Netns, to: SocketAddr, count: usize) -> Result<Tally> {
     client.run(move || tally((0..count).map(|_| udp_request(to)).collect()))
 }
