@@ -55,13 +55,19 @@ fn under_new_flow_limit(now: u64, limit: u32) -> bool {
 /// UDP, not idle too long); otherwise Maglev's, pinned unless over the new-flow rate.
 #[inline(always)]
 pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Option<Chosen> {
-    let now = unsafe { bpf_ktime_get_ns() };
     let settings = SETTINGS.get(0)?;
     let udp = key.proto == IPPROTO_UDP;
+    // The clock only matters to UDP pins and new pins: a TCP hit does without it.
+    // SAFETY: a helper without arguments.
+    let clock = || unsafe { bpf_ktime_get_ns() };
+    let mut now = 0;
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: the entry stays valid for the program's run (RCU); racing writers only
         // ever store whole, equally valid values.
         let f = unsafe { *flow };
+        if udp {
+            now = clock();
+        }
         let idle = udp && now.wrapping_sub(f.last_seen_ns) > settings.udp_idle_ns;
         if let (false, Some(backend)) = (idle, usable(f.backend, Some(f.generation))) {
             if tcp_flags & TCP_RST != 0 {
@@ -80,6 +86,9 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
     }
     let id = maglev(service, hash)?;
     let backend = usable(id, None)?;
+    if now == 0 {
+        now = clock();
+    }
     if tcp_flags & TCP_RST == 0 {
         if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) {
             let flow = Flow { backend: id, generation: backend.generation, last_seen_ns: now };

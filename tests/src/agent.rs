@@ -51,18 +51,24 @@ impl AgentProcess {
         let dir = TempDir::new("agent")?;
         let config_path = dir.0.join("xlb.toml");
         std::fs::write(&config_path, config)?;
+        let mut args = vec!["run", "--config", config_path.to_str().context("path")?];
+        args.extend_from_slice(extra);
+        Self::spawn(ns, dir, &args, "balancing")
+    }
+
+    /// Starts `lb-agent args...` in `ns`, its log in `dir`, and waits for `ready` in the log.
+    pub fn spawn(ns: &Netns, dir: TempDir, args: &[&str], ready: &str) -> Result<Self> {
         let log = dir.0.join("agent.log");
         let log_file = File::create(&log)?;
         let mut cmd = ns.command(agent_binary()?.to_str().context("path")?);
-        cmd.args(["run", "--config", config_path.to_str().context("path")?])
-            .args(extra)
+        cmd.args(args)
             .env("RUST_LOG_STYLE", "never")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
         let child = cmd.spawn().context("cannot start lb-agent")?;
         let mut agent = Self { child, log, _dir: dir };
-        agent.wait_for_log("balancing", Duration::from_secs(20))?;
+        agent.wait_for_log(ready, Duration::from_secs(20))?;
         Ok(agent)
     }
 

@@ -1,7 +1,7 @@
-//! A packet capture on one interface (AF_PACKET), counting IPv4 frames by source address: it
-//! proves that no backend reply crosses the balancer.
+//! A packet capture on one interface (AF_PACKET), counting IPv4 and IPv6 frames by source
+//! address: it proves that no backend reply crosses the balancer.
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -23,8 +23,9 @@ pub struct Capture {
 const ETH_P_ALL: u16 = 0x0003;
 
 impl Capture {
-    /// Counts frames seen on `iface` in `ns` (both directions) whose IPv4 source is `source`.
-    pub fn start(ns: &Netns, iface: &'static str, source: Ipv4Addr) -> Result<Self> {
+    /// Counts frames seen on `iface` in `ns` (both directions) whose IP source is one of `sources`.
+    pub fn start(ns: &Netns, iface: &'static str, sources: &[IpAddr]) -> Result<Self> {
+        let sources = sources.to_vec();
         let fd = ns.run(move || open(iface))??;
         let stop = Arc::new(AtomicBool::new(false));
         let matched = Arc::new(AtomicU64::new(0));
@@ -39,8 +40,12 @@ impl Capture {
                     continue;
                 }
                 t.fetch_add(1, Ordering::Relaxed);
-                let ipv4 = buf[12..14] == [0x08, 0x00];
-                if ipv4 && buf[26..30] == source.octets() {
+                let from = match (&buf[12..14], n) {
+                    ([0x08, 0x00], _) => IpAddr::from(<[u8; 4]>::try_from(&buf[26..30]).unwrap()),
+                    ([0x86, 0xdd], 54..) => IpAddr::from(<[u8; 16]>::try_from(&buf[22..38]).unwrap()),
+                    _ => continue,
+                };
+                if sources.contains(&from) {
                     m.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -29,7 +29,7 @@ fn l2_dsr_balances_tcp_and_udp_and_evicts_a_dead_backend() {
     assert!(s.agent.log_text().contains("Native mode"), "native XDP expected:\n{}", s.agent.log_text());
 
     // Spread: 300 TCP connections and 300 UDP exchanges, each from its own source port.
-    let capture = Capture::start(&s.bed.lb, IFACE, VIP).unwrap();
+    let capture = Capture::start(&s.bed.lb, IFACE, &[VIP.into()]).unwrap();
     let tcp = tcp_requests(&s.bed.client, vip(), FLOWS).unwrap();
     let udp = udp_requests(&s.bed.client, vip(), FLOWS).unwrap();
     // Positive control: one datagram that the balancer host itself sends from the VIP.

@@ -328,6 +328,7 @@ fn main() -> Result<()> {
         flow_table_size: 1 << 16,
     })
     .context("cannot load the data path (run as root: cargo xtask bench)")?;
+    dp.set_settings(lb_common::Settings { udp_idle_ns: 30_000_000_000, ..Default::default() })?;
     let mut members = Vec::new();
     for i in 0..BACKENDS {
         let addr = Ipv4Addr::new(10, 99, 0, 11 + i as u8);
