@@ -84,7 +84,7 @@ pub struct Dataplane {
     maglev_next: u32,
 }
 
-fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
@@ -93,7 +93,7 @@ where
 }
 
 /// Sums a per-CPU counter.
-fn sum(values: &aya::maps::PerCpuValues<Counters>) -> Counters {
+pub(crate) fn sum(values: &aya::maps::PerCpuValues<Counters>) -> Counters {
     values
         .iter()
         .fold(Counters::default(), |acc, c| Counters { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes })
@@ -152,27 +152,7 @@ impl Dataplane {
     /// Attaches the balancer to `iface`. `None` tries native mode and falls back to generic
     /// with a warning. Returns the mode in use. Detached when the Dataplane is dropped.
     pub fn attach(&mut self, iface: &str, mode: Option<XdpMode>) -> Result<XdpMode> {
-        if if_index(iface).is_none() {
-            bail!("unknown interface {iface:?}");
-        }
-        let prog = self.balancer();
-        let try_attach = |prog: &mut Xdp, mode: XdpMode| {
-            let flags = match mode {
-                XdpMode::Native => AyaXdpMode::Driver,
-                XdpMode::Generic => AyaXdpMode::Skb,
-            };
-            prog.attach(iface, flags).with_context(|| format!("cannot attach XDP in {mode:?} mode to {iface}"))
-        };
-        match mode {
-            Some(mode) => try_attach(prog, mode).map(|_| mode),
-            None => match try_attach(prog, XdpMode::Native) {
-                Ok(_) => Ok(XdpMode::Native),
-                Err(e) => {
-                    warn!("{e:#}; falling back to generic mode (slower: runs after the skb is built)");
-                    try_attach(prog, XdpMode::Generic).map(|_| XdpMode::Generic)
-                }
-            },
-        }
+        attach_xdp(self.balancer(), iface, mode)
     }
 
     /// Adds a service with an empty table (its packets are dropped as `drop_no_backend` until
@@ -301,6 +281,31 @@ impl Dataplane {
 
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
         Ok(sum(&self.backend_stats.get(&id, 0)?))
+    }
+}
+
+/// Attaches a loaded XDP program to `iface`. `None` tries native mode and falls back to
+/// generic with a warning. Returns the mode in use. Detached when the program is dropped.
+pub fn attach_xdp(prog: &mut Xdp, iface: &str, mode: Option<XdpMode>) -> Result<XdpMode> {
+    if if_index(iface).is_none() {
+        bail!("unknown interface {iface:?}");
+    }
+    let try_attach = |prog: &mut Xdp, mode: XdpMode| {
+        let flags = match mode {
+            XdpMode::Native => AyaXdpMode::Driver,
+            XdpMode::Generic => AyaXdpMode::Skb,
+        };
+        prog.attach(iface, flags).with_context(|| format!("cannot attach XDP in {mode:?} mode to {iface}"))
+    };
+    match mode {
+        Some(mode) => try_attach(prog, mode).map(|_| mode),
+        None => match try_attach(prog, XdpMode::Native) {
+            Ok(_) => Ok(XdpMode::Native),
+            Err(e) => {
+                warn!("{e:#}; falling back to generic mode (slower: runs after the skb is built)");
+                try_attach(prog, XdpMode::Generic).map(|_| XdpMode::Generic)
+            }
+        },
     }
 }
 

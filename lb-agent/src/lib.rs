@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod decap;
 pub mod health;
 pub mod maglev;
 pub mod neigh;

@@ -49,6 +49,20 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Strip the outer IPIP/IP6IP6 header of packets addressed to this host (run on each
+    /// backend of an ipip service). Runs until SIGINT/SIGTERM; SIGUSR1 logs the counters.
+    Decap {
+        /// Interface the encapsulated packets arrive on; every address on it is accepted
+        /// (IPv6 link-local ones aside).
+        #[arg(long)]
+        iface: String,
+        /// Force an XDP mode; by default native, falling back to generic with a warning.
+        #[arg(long, value_enum)]
+        xdp_mode: Option<XdpMode>,
+        /// Also accept this outer destination (repeatable), e.g. an address on another interface.
+        #[arg(long = "address", value_name = "ADDR")]
+        addresses: Vec<std::net::IpAddr>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +87,11 @@ fn main() -> ExitCode {
             .build()
             .context("cannot start the async runtime")
             .and_then(|rt| rt.block_on(run(&config, xdp_mode, stats_interval))),
+        Command::Decap { iface, xdp_mode, addresses } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(decap(&iface, xdp_mode, &addresses))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,4 +162,53 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
     drop(agent);
     info!("detached from {}; exiting", config.interface);
     Ok(())
+}
+
+/// `lb-agent decap`: accepts the interface's addresses and `extra`, attaches, and runs until
+/// SIGINT/SIGTERM.
+async fn decap(iface: &str, xdp_mode: Option<XdpMode>, extra: &[std::net::IpAddr]) -> Result<()> {
+    use lb_agent::decap::{iface_addresses, Decap};
+
+    let mut addresses = iface_addresses(iface)?;
+    for addr in extra {
+        if !addresses.contains(addr) {
+            addresses.push(*addr);
+        }
+    }
+    if addresses.is_empty() {
+        anyhow::bail!("{iface} has no IPv4 or global IPv6 address to accept: add one or give --address ADDR");
+    }
+    let mut decap = Decap::load()?;
+    for &addr in &addresses {
+        decap.add_address(addr)?;
+    }
+    let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    info!("accepting IPIP/IP6IP6 packets to {}", list.join(", "));
+    let mode = decap.attach(iface, xdp_mode)?;
+    info!("decapsulating on {iface} (XDP {mode:?} mode)");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: detaching"); break }
+            _ = int.recv() => { info!("SIGINT: detaching"); break }
+            _ = usr1.recv() => info!("counters:\n{}", decap_counters(&decap)?),
+        }
+    }
+    info!("counters:\n{}", decap_counters(&decap)?);
+    drop(decap);
+    info!("detached from {iface}; exiting");
+    Ok(())
+}
+
+fn decap_counters(decap: &lb_agent::decap::Decap) -> Result<String> {
+    use std::fmt::Write as _;
+
+    let mut out = format!("{:<24} {:>12} {:>14}\n", "verdict", "packets", "bytes");
+    for (reason, c) in decap.counters()? {
+        writeln!(out, "{:<24} {:>12} {:>14}", reason.name(), c.packets, c.bytes)?;
+    }
+    Ok(out)
 }

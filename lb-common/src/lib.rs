@@ -37,6 +37,11 @@ pub mod map_names {
     pub const NEW_FLOW_RATE: &str = "NEW_FLOW_RATE";
     /// Devmap of egress interfaces for XDP_REDIRECT (ifindex → ifindex).
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// [`crate::VipKey`] → `u32` (1, unused): outer destinations this host decapsulates (the
+    /// backend side of L3 DSR, program [`crate::program_names::DECAP`]).
+    pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+    /// Per-CPU [`crate::Counters`] per [`crate::reason::DecapReason`] (bytes as received).
+    pub const DECAP_STATS: &str = "DECAP_STATS";
 }
 
 /// Global variables of the eBPF object, set by the agent at load time.
@@ -55,6 +60,9 @@ pub mod program_names {
     pub const PASS: &str = "xlb_pass";
     /// Swaps the Ethernet addresses and bounces the frame: the minimal XDP_TX baseline.
     pub const MAC_SWAP: &str = "xlb_mac_swap";
+    /// Backend side of L3 DSR: strips the outer IPv4/IPv6 header of IPIP/IP6IP6 packets sent to
+    /// one of this host's addresses and passes the inner packet up the stack.
+    pub const DECAP: &str = "xlb_decap";
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -180,7 +188,8 @@ pub struct Flow {
     pub backend: u32,
     /// The backend slot's generation when the flow was pinned.
     pub generation: u32,
-    /// bpf_ktime_get_ns() of the last packet (refreshed at most once a second, UDP only).
+    /// bpf_ktime_get_ns() of the last packet (UDP only; refreshed once a second, or every half
+    /// idle time when that is shorter).
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 16);

@@ -25,3 +25,5 @@ pub const DEFAULT_NEW_FLOWS_PER_CPU_SEC: u32 = 125_000;
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// Egress interfaces in the XDP_REDIRECT devmap.
 pub const MAX_TX_PORTS: u32 = 64;
+/// Addresses one backend host accepts encapsulated packets for (`lb-agent decap`).
+pub const MAX_DECAP_ADDRS: u32 = 256;

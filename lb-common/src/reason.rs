@@ -82,6 +82,31 @@ counted_enum! {
     }
 }
 
+counted_enum! {
+    /// What the decapsulating program (the backend side of L3 DSR) did with a frame. Every
+    /// verdict is XDP_PASS: the program only ever removes an outer header.
+    DecapReason {
+        /// Untouched: neither IPv4 protocol 4 nor IPv6 next header 41 (outer IPv6 extension
+        /// headers are not walked), an outer IPv4 fragment, or not IP at all.
+        PassNotEncap = 0 => "pass_not_encap",
+        /// Untouched: encapsulated, but the outer destination is not one of this host's
+        /// accepted addresses (DECAP_ADDRS).
+        PassNotForUs = 1 => "pass_not_for_us",
+        /// Untouched: Ethernet, VLAN, outer or inner header cut short or inconsistent (version,
+        /// IHL, outer IPv4 options, lengths that disagree, inner family not the outer one).
+        PassMalformed = 2 => "pass_malformed",
+        /// The outer header was removed; the inner packet goes up the stack.
+        Decapsulated = 3 => "decapsulated",
+    }
+}
+
+impl DecapReason {
+    /// The XDP action: always XDP_PASS (2).
+    pub const fn action(self) -> u32 {
+        2
+    }
+}
+
 impl Reason {
     /// The XDP action that goes with the reason (XDP_DROP = 1, XDP_PASS = 2, XDP_TX = 3,
     /// XDP_REDIRECT = 4).
@@ -115,6 +140,9 @@ mod tests {
             assert_eq!(*r as usize, i);
         }
         for (i, r) in FlowEvent::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, r) in DecapReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
         }
     }

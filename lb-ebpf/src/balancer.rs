@@ -197,6 +197,9 @@ fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32
     }
     Ok(match route {
         Route::Via { ifindex, smac, dmac } => {
+            let Some(received) = parse::read_at::<[u16; 6]>(ctx, 0) else {
+                return Ok(Reason::DropAdjustFailed);
+            };
             if parse::set_macs(ctx, dmac, smac).is_none() {
                 return Ok(Reason::DropAdjustFailed);
             }
@@ -205,7 +208,9 @@ fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32
             } else if TX_PORTS.redirect(ifindex, xdp_action::XDP_PASS as u64) == Ok(xdp_action::XDP_REDIRECT) {
                 Reason::RedirectEncap
             } else {
-                // Not in the devmap: the kernel forwards it.
+                // Not in the devmap: the kernel forwards it, if it is still addressed to us.
+                let dst = [received[0], received[1], received[2]];
+                let _ = parse::set_macs(ctx, dst, [received[3], received[4], received[5]]);
                 Reason::PassNoNeighbour
             }
         }

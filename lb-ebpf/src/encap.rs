@@ -11,33 +11,31 @@ const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 const TTL: u8 = 64;
 
-/// Grows the frame's head by `grow` bytes and rebuilds the L2 header (`l2_len` bytes: 14, or
-/// 18 with a VLAN tag) in front; the MACs are rewritten later.
+/// Grows the frame's head by `grow` bytes and moves the L2 header (`l2_len` bytes: 14, or 18
+/// with a VLAN tag) to the new front, MACs included: a frame handed to the stack must still be
+/// addressed to our interface, or the kernel drops it as meant for another host.
 #[inline(always)]
 pub fn grow_head(ctx: &XdpContext, grow: usize, l2_len: usize) -> Option<()> {
     // SAFETY: the helper validates the delta against the frame's headroom.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
         return None;
     }
-    grow_head_l2_only(ctx, grow, l2_len)
+    move_l2(ctx, grow, l2_len)
 }
 
-/// After the head grew by `grow` bytes: moves the EtherType (and VLAN tag) of the old L2
-/// header to the new front.
+/// After the head grew by `grow` bytes: moves the old L2 header, now at `grow`, to the front.
 #[inline(always)]
-pub fn grow_head_l2_only(ctx: &XdpContext, grow: usize, l2_len: usize) -> Option<()> {
-    // The old L2 header now starts at `grow`; MACs are rewritten by the caller, so only the
-    // EtherType (and the VLAN tag before it) move.
+pub fn move_l2(ctx: &XdpContext, grow: usize, l2_len: usize) -> Option<()> {
     if l2_len == 18 {
-        let tag: [u16; 3] = parse::read_at(ctx, grow + 12)?;
-        let p = parse::ptr_at::<[u16; 3]>(ctx, 12)?;
+        let l2: [u16; 9] = parse::read_at(ctx, grow)?;
+        let p = parse::ptr_at::<[u16; 9]>(ctx, 0)?;
         // SAFETY: inside the frame, checked by ptr_at.
-        unsafe { p.write_unaligned(tag) };
+        unsafe { p.write_unaligned(l2) };
     } else {
-        let ether_type: u16 = parse::read_at(ctx, grow + 12)?;
-        let p = parse::ptr_at::<u16>(ctx, 12)?;
+        let l2: [u16; 7] = parse::read_at(ctx, grow)?;
+        let p = parse::ptr_at::<[u16; 7]>(ctx, 0)?;
         // SAFETY: as above.
-        unsafe { p.write_unaligned(ether_type) };
+        unsafe { p.write_unaligned(l2) };
     }
     Some(())
 }

@@ -33,7 +33,7 @@ fn reshape(ctx: &XdpContext, l2: usize, grow: usize, len: usize) -> Option<()> {
     if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta as i32) } != 0 {
         return None;
     }
-    crate::encap::grow_head_l2_only(ctx, grow, l2)?;
+    crate::encap::move_l2(ctx, grow, l2)?;
     parse::set_macs(ctx, [macs[3], macs[4], macs[5]], [macs[0], macs[1], macs[2]])
 }
 

@@ -6,6 +6,8 @@ mod balancer;
 #[cfg(target_arch = "bpf")]
 mod csum;
 #[cfg(target_arch = "bpf")]
+mod decap;
+#[cfg(target_arch = "bpf")]
 mod encap;
 #[cfg(target_arch = "bpf")]
 mod fib;
@@ -24,13 +26,23 @@ mod stats;
 mod programs {
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
-    use crate::{balancer, parse, stats};
+    use crate::{balancer, decap, parse, stats};
 
     /// The balancer: every frame is counted once, by the reason of its verdict.
     #[xdp]
     pub fn xlb_balancer(ctx: XdpContext) -> u32 {
         let reason = balancer::balance(&ctx);
         stats::count_reason(reason, parse::frame_len(&ctx));
+        reason.action()
+    }
+
+    /// The backend side of L3 DSR: strips the outer header of IPIP/IP6IP6 packets sent to one
+    /// of this host's addresses. Every frame is counted once (bytes as received) and passed.
+    #[xdp]
+    pub fn xlb_decap(ctx: XdpContext) -> u32 {
+        let bytes = parse::frame_len(&ctx);
+        let reason = decap::decap(&ctx);
+        decap::count(reason, bytes);
         reason.action()
     }
 

@@ -76,3 +76,13 @@ pub fn iface_mac() -> [u16; 3] {
     // SAFETY: as for hash_seed.
     unsafe { core::ptr::read_volatile(&IFACE_MAC) }
 }
+
+// The backend side of L3 DSR (program xlb_decap). Names and types in lb-common.
+
+/// Outer destinations this host decapsulates (value unused); anything else passes untouched.
+#[map]
+pub static DECAP_ADDRS: HashMap<VipKey, u32> = HashMap::with_max_entries(lb_common::limits::MAX_DECAP_ADDRS, 0);
+
+/// Per-CPU counters per `lb_common::reason::DecapReason`.
+#[map]
+pub static DECAP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(lb_common::reason::DecapReason::COUNT, 0);

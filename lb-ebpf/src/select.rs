@@ -74,7 +74,9 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
                 let _ = FLOWS.remove(key);
                 stats::count_flow(FlowEvent::Closed);
             } else {
-                if udp && now.wrapping_sub(f.last_seen_ns) > NS_PER_SEC {
+                // Refreshed well before it could expire, but not on every packet.
+                let refresh = if settings.udp_idle_ns < 2 * NS_PER_SEC { settings.udp_idle_ns / 2 } else { NS_PER_SEC };
+                if udp && now.wrapping_sub(f.last_seen_ns) > refresh {
                     // SAFETY: as above.
                     unsafe { (*flow).last_seen_ns = now };
                 }

@@ -23,7 +23,8 @@ pub struct Capture {
 const ETH_P_ALL: u16 = 0x0003;
 
 impl Capture {
-    /// Counts frames seen on `iface` in `ns` (both directions) whose IP source is one of `sources`.
+    /// Counts TCP and UDP frames seen on `iface` in `ns` (both directions) whose IP source is one
+    /// of `sources`.
     pub fn start(ns: &Netns, iface: &'static str, sources: &[IpAddr]) -> Result<Self> {
         let sources = sources.to_vec();
         let fd = ns.run(move || open(iface))??;
@@ -40,12 +41,14 @@ impl Capture {
                     continue;
                 }
                 t.fetch_add(1, Ordering::Relaxed);
-                let from = match (&buf[12..14], n) {
-                    ([0x08, 0x00], _) => IpAddr::from(<[u8; 4]>::try_from(&buf[26..30]).unwrap()),
-                    ([0x86, 0xdd], 54..) => IpAddr::from(<[u8; 16]>::try_from(&buf[22..38]).unwrap()),
+                // TCP and UDP only: the balancer host's own neighbour advertisements for an IPv6
+                // VIP come from the VIP too.
+                let (from, proto) = match (&buf[12..14], n) {
+                    ([0x08, 0x00], _) => (IpAddr::from(<[u8; 4]>::try_from(&buf[26..30]).unwrap()), buf[23]),
+                    ([0x86, 0xdd], 54..) => (IpAddr::from(<[u8; 16]>::try_from(&buf[22..38]).unwrap()), buf[20]),
                     _ => continue,
                 };
-                if sources.contains(&from) {
+                if matches!(proto, 6 | 17) && sources.contains(&from) {
                     m.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -4,6 +4,7 @@
 //! included. Shared by the integration tests and `cargo xtask demo`.
 pub mod agent;
 pub mod capture;
+pub mod dpbed;
 pub mod netns;
 pub mod packet;
 pub mod scenario;

@@ -134,7 +134,9 @@ impl L3Bed {
         plug(&switch, &lb, "v-lb", LB)?;
         add6(&lb, IFACE, "fd99::3/64")?;
         lb.exec(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", IFACE])?;
-        add6(&lb, IFACE, &format!("{VIP6}/128"))?;
+        // Deprecated, so that the balancer host never picks the VIP as the source of its own
+        // connections (health checks): a backend would answer its own VIP, locally.
+        lb.exec(&["ip", "-6", "addr", "add", &format!("{VIP6}/128"), "dev", IFACE, "nodad", "preferred_lft", "0"])?;
         route_via(&lb, "10.99.0.1", "fd99::1")?;
         // A packet whose next hop has no neighbour entry yet is handed to the stack, which
         // forwards it (and resolves the neighbour for the next ones).

@@ -144,7 +144,7 @@ fn read_name(lines: &mut BufReader<TcpStream>) -> Result<String, String> {
 }
 
 fn open(to: SocketAddr) -> Result<Conn, String> {
-    let s = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT).map_err(|e| e.kind().to_string())?;
+    let s = TcpStream::connect_timeout(&to, IO_TIMEOUT).map_err(|e| e.kind().to_string())?;
     s.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
     let mut lines = BufReader::new(s);
     let backend = read_name(&mut lines)?;

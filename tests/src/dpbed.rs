@@ -1,0 +1,738 @@
+//! A data-path bed for BPF_PROG_TEST_RUN fixtures of the routed (L3) data path: a network
+//! namespace with real routes and neighbour entries, so that the balancer's `bpf_fib_lookup`
+//! answers as it would on a host, and a loaded [`Dataplane`] with a fixed set of services.
+//!
+//! The kernel resolves BPF_PROG_TEST_RUN's `ingress_ifindex` and runs the FIB lookups in the
+//! network namespace of the *calling thread*, so every piece of BPF work happens on one thread
+//! that entered the namespace: [`DpBed::run`] (or [`with_bed`]) runs a closure there with a
+//! freshly loaded [`Bed`]. The namespace (and everything in it) goes when the [`DpBed`] drops.
+//!
+//! Topology, all inside the namespace:
+//!
+//! ```text
+//!   veth0 (LB_MAC, 10.1.0.1/24, fd00:1::1/64) ── veth1
+//!     10.2.0.0/24, fd00:2::/64  via GW4/GW6 (permanent neighbours GW4_MAC/GW6_MAC)
+//!     10.3.0.0/24, fd00:3::/64  via GW4/GW6, mtu lock 1300 (too-big cases)
+//!     10.4.0.0/24, fd00:4::/64  via NO_NEIGH_GW4/6 (no neighbour entry)
+//!   veth2 (LB_MAC2, 10.5.0.1/24, fd00:5::1/64) ── veth3
+//!     10.6.0.0/24, fd00:6::/64  via 10.5.0.254/fd00:5::fe (permanent, GW2_MAC): XDP_REDIRECT
+//!   no default route: 192.0.2.1 and 2001:db8::1 are unroutable.
+//! ```
+//!
+//! The route MTU is *locked*: `bpf_fib_lookup` ignores an unlocked route MTU (IPv4 unless
+//! `net.ipv4.ip_forward_use_pmtu`, IPv6 always) and checks against the device MTU instead.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    panic,
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
+use lb_agent::{
+    agent::address_key,
+    config::Forward,
+    dataplane::{if_index, map_addr, Dataplane, LoadOptions, ServiceSlot},
+    maglev::{self, Member},
+};
+use lb_common::{addr_v6, hash::flow_hash, Counters, FlowEvent, Reason, Settings, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::{
+    netns::Netns,
+    packet::{checksum, Frame, ETH_LEN, IPV4_LEN, IPV6_LEN, VLAN_LEN},
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub const SEED: u32 = 0x5eed;
+/// Maglev table size of every service (prime).
+pub const TABLE: u32 = 251;
+pub const FLOW_TABLE_SIZE: u32 = 4096;
+/// UDP idle time of the default settings: long enough never to expire in a test.
+pub const UDP_IDLE_NS: u64 = 60_000_000_000;
+
+pub const VETH: &str = "veth0";
+pub const VETH_PEER: &str = "veth1";
+pub const VETH2: &str = "veth2";
+pub const VETH2_PEER: &str = "veth3";
+/// MAC of veth0: the interface the balancer "runs on" (ingress of every test frame).
+pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x01];
+pub const LB_MAC2: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x02];
+/// Source MAC of test frames: the router that brought the client's packet.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
+pub const GW4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 254);
+pub const GW6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0xfe);
+pub const GW4_MAC: [u8; 6] = [0x02, 0x9a, 0, 0, 0x04, 0xfe];
+pub const GW6_MAC: [u8; 6] = [0x02, 0x9a, 0, 0, 0x06, 0xfe];
+pub const GW2_MAC: [u8; 6] = [0x02, 0x9a, 0, 0, 0x02, 0xfe];
+/// Gateways without a neighbour entry.
+pub const NO_NEIGH_GW4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 253);
+pub const NO_NEIGH_GW6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0xfd);
+/// MTU of the routes to 10.3.0.0/24 and fd00:3::/64.
+pub const SMALL_MTU: u16 = 1300;
+
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x100);
+pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 9, 0, 0, 0, 0, 0, 2);
+
+/// Ports of the services on both VIPs. L2 DSR: TCP 80, UDP 53. IPIP: TCP and UDP 443 (three
+/// backends), and single-backend TCP services whose backend is behind a small MTU, behind a
+/// gateway without neighbour, unroutable, or behind veth2.
+pub const PORT_L2_TCP: u16 = 80;
+pub const PORT_L2_UDP: u16 = 53;
+pub const PORT_IPIP: u16 = 443;
+pub const PORT_TOO_BIG: u16 = 1000;
+pub const PORT_NO_NEIGH: u16 = 1001;
+pub const PORT_NO_ROUTE: u16 = 1002;
+pub const PORT_REDIRECT: u16 = 1003;
+
+/// Outer source prefixes of the encapsulation: 10.1.0.0/24 and fd00:1::/112.
+pub const IPIP_SRC4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 0);
+pub const IPIP_SRC4_LEN: u8 = 24;
+pub const IPIP_SRC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0);
+pub const IPIP_SRC6_LEN: u8 = 112;
+
+/// Interface indexes and MACs of the bed, as seen inside the namespace.
+#[derive(Clone, Copy, Debug)]
+pub struct Topo {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub ifindex2: u32,
+    pub mac2: [u8; 6],
+}
+
+/// The namespace and its links. Lives on the test's own thread; BPF work goes through
+/// [`DpBed::run`].
+pub struct DpBed {
+    pub ns: Netns,
+}
+
+impl DpBed {
+    pub fn new() -> Result<Self> {
+        let ns = Netns::new("dp")?;
+        let ip = |args: &str| -> Result<()> {
+            let mut full = vec!["ip"];
+            full.extend(args.split_whitespace());
+            ns.exec(&full).map(drop)
+        };
+        let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        ip(&format!("link add {VETH} address {} type veth peer name {VETH_PEER}", mac(LB_MAC)))?;
+        ip(&format!("link add {VETH2} address {} type veth peer name {VETH2_PEER}", mac(LB_MAC2)))?;
+        ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+        ip(&format!("addr add 10.1.0.1/24 dev {VETH}"))?;
+        ip(&format!("addr add fd00:1::1/64 dev {VETH} nodad"))?;
+        ip(&format!("addr add 10.5.0.1/24 dev {VETH2}"))?;
+        ip(&format!("addr add fd00:5::1/64 dev {VETH2} nodad"))?;
+        for dev in [VETH, VETH_PEER, VETH2, VETH2_PEER] {
+            ip(&format!("link set {dev} up"))?;
+        }
+        ip(&format!("neigh add {GW4} lladdr {} dev {VETH} nud permanent", mac(GW4_MAC)))?;
+        ip(&format!("neigh add {GW6} lladdr {} dev {VETH} nud permanent", mac(GW6_MAC)))?;
+        ip(&format!("neigh add 10.5.0.254 lladdr {} dev {VETH2} nud permanent", mac(GW2_MAC)))?;
+        ip(&format!("neigh add fd00:5::fe lladdr {} dev {VETH2} nud permanent", mac(GW2_MAC)))?;
+        ip(&format!("route add 10.2.0.0/24 via {GW4}"))?;
+        ip(&format!("route add fd00:2::/64 via {GW6}"))?;
+        ip(&format!("route add 10.3.0.0/24 via {GW4} mtu lock {SMALL_MTU}"))?;
+        ip(&format!("route add fd00:3::/64 via {GW6} mtu lock {SMALL_MTU}"))?;
+        ip(&format!("route add 10.4.0.0/24 via {NO_NEIGH_GW4}"))?;
+        ip(&format!("route add fd00:4::/64 via {NO_NEIGH_GW6}"))?;
+        ip("route add 10.6.0.0/24 via 10.5.0.254")?;
+        ip("route add fd00:6::/64 via fd00:5::fe")?;
+        Ok(Self { ns })
+    }
+
+    /// Runs `f` with a freshly loaded [`Bed`] on a thread inside the namespace; a panic in `f`
+    /// is re-raised here with its own message.
+    pub fn run<F, R>(&self, f: F) -> R
+    where
+        F: FnOnce(&mut Bed) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        self.run_raw(move || {
+            let mut bed = Bed::new().expect("load the data-path bed (run the tests as root)");
+            f(&mut bed)
+        })
+    }
+
+    /// Runs `f` on a thread inside the namespace, without a [`Bed`] (e.g. to build one with
+    /// other options); a panic is re-raised here.
+    pub fn run_raw<F, R>(&self, f: F) -> R
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let handle = self.ns.spawn(f).expect("enter the bed's namespace");
+        match handle.join() {
+            Ok(r) => r,
+            Err(payload) => panic::resume_unwind(payload),
+        }
+    }
+
+    /// A counter of the namespace's IP statistics, e.g. ("Ip", "ForwDatagrams") from
+    /// /proc/net/snmp or ("Ip6", "Ip6OutForwDatagrams") from /proc/net/snmp6.
+    pub fn snmp(&self, table: &str, name: &str) -> Result<u64> {
+        let file = if table == "Ip6" { "/proc/net/snmp6" } else { "/proc/net/snmp" };
+        let out = self.ns.exec(&["cat", file])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if table == "Ip6" {
+            for line in text.lines() {
+                let mut words = line.split_whitespace();
+                if words.next() == Some(name) {
+                    return Ok(words.next().unwrap_or("0").parse()?);
+                }
+            }
+        } else {
+            let prefix = format!("{table}:");
+            let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+            if lines.len() == 2 {
+                let names = lines[0].split_whitespace();
+                if let Some((_, v)) = names.zip(lines[1].split_whitespace()).find(|(n, _)| *n == name) {
+                    return Ok(v.parse()?);
+                }
+            }
+        }
+        bail!("no counter {table} {name} in {file}")
+    }
+}
+
+/// Creates a bed, runs `f` in it, removes it.
+pub fn with_bed<F, R>(f: F) -> R
+where
+    F: FnOnce(&mut Bed) -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let bed = DpBed::new().expect("create the data-path bed's namespace (run as root)");
+    bed.run(f)
+}
+
+/// A service of the bed and the table last published for it.
+pub struct Svc {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: u8,
+    pub forward: Forward,
+    pub slot: ServiceSlot,
+    pub table: Vec<u32>,
+}
+
+/// What the bed last wrote to a backend slot.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendInfo {
+    pub addr: IpAddr,
+    pub mac: Option<[u8; 6]>,
+    pub usable: bool,
+}
+
+/// Backend ids of the standard services.
+pub const L2_V4: [u32; 3] = [0, 1, 2];
+pub const IPIP_V4: [u32; 3] = [3, 4, 5];
+pub const L2_V6: [u32; 3] = [6, 7, 8];
+pub const IPIP_V6: [u32; 3] = [9, 10, 11];
+pub const TOO_BIG_V4: u32 = 12;
+pub const TOO_BIG_V6: u32 = 13;
+pub const NO_NEIGH_V4: u32 = 14;
+pub const NO_NEIGH_V6: u32 = 15;
+pub const NO_ROUTE_V4: u32 = 16;
+pub const NO_ROUTE_V6: u32 = 17;
+pub const REDIRECT_V4: u32 = 18;
+pub const REDIRECT_V6: u32 = 19;
+
+/// MAC of an L2 backend.
+pub fn backend_mac(id: u32) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, 0, id as u8]
+}
+
+/// The standard backends: (id, address, MAC for L2).
+pub fn standard_backends() -> Vec<(u32, IpAddr, Option<[u8; 6]>)> {
+    let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+    let v6 = |net: u16, host: u16| IpAddr::V6(Ipv6Addr::new(0xfd00, net, 0, 0, 0, 0, 0, host));
+    let mut all = Vec::new();
+    for (i, id) in L2_V4.into_iter().enumerate() {
+        all.push((id, v4(10, 1, 0, 11 + i as u8), Some(backend_mac(id))));
+    }
+    for (i, id) in IPIP_V4.into_iter().enumerate() {
+        all.push((id, v4(10, 2, 0, 11 + i as u8), None));
+    }
+    for (i, id) in L2_V6.into_iter().enumerate() {
+        all.push((id, v6(1, 0x11 + i as u16), Some(backend_mac(id))));
+    }
+    for (i, id) in IPIP_V6.into_iter().enumerate() {
+        all.push((id, v6(2, 0x11 + i as u16), None));
+    }
+    all.extend([
+        (TOO_BIG_V4, v4(10, 3, 0, 10), None),
+        (TOO_BIG_V6, v6(3, 0x10), None),
+        (NO_NEIGH_V4, v4(10, 4, 0, 10), None),
+        (NO_NEIGH_V6, v6(4, 0x10), None),
+        (NO_ROUTE_V4, v4(192, 0, 2, 1), None),
+        (NO_ROUTE_V6, IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)), None),
+        (REDIRECT_V4, v4(10, 6, 0, 10), None),
+        (REDIRECT_V6, v6(6, 0x10), None),
+    ]);
+    all
+}
+
+/// The standard services: (VIP, port, protocol, forwarding, backend ids).
+pub fn standard_services() -> Vec<(IpAddr, u16, u8, Forward, Vec<u32>)> {
+    let mut all = Vec::new();
+    for (vip, l2, ipip, too_big, no_neigh, no_route, redirect) in [
+        (IpAddr::V4(VIP4), L2_V4, IPIP_V4, TOO_BIG_V4, NO_NEIGH_V4, NO_ROUTE_V4, REDIRECT_V4),
+        (IpAddr::V6(VIP6), L2_V6, IPIP_V6, TOO_BIG_V6, NO_NEIGH_V6, NO_ROUTE_V6, REDIRECT_V6),
+    ] {
+        all.extend([
+            (vip, PORT_L2_TCP, IPPROTO_TCP, Forward::L2, l2.to_vec()),
+            (vip, PORT_L2_UDP, IPPROTO_UDP, Forward::L2, l2.to_vec()),
+            (vip, PORT_IPIP, IPPROTO_TCP, Forward::Ipip, ipip.to_vec()),
+            (vip, PORT_IPIP, IPPROTO_UDP, Forward::Ipip, ipip.to_vec()),
+            (vip, PORT_TOO_BIG, IPPROTO_TCP, Forward::Ipip, vec![too_big]),
+            (vip, PORT_NO_NEIGH, IPPROTO_TCP, Forward::Ipip, vec![no_neigh]),
+            (vip, PORT_NO_ROUTE, IPPROTO_TCP, Forward::Ipip, vec![no_route]),
+            (vip, PORT_REDIRECT, IPPROTO_TCP, Forward::Ipip, vec![redirect]),
+        ]);
+    }
+    all
+}
+
+/// The settings the bed starts with: long UDP idle time, no new-flow limit, outer sources
+/// 10.1.0.0/24 and fd00:1::/112.
+pub fn default_settings() -> Settings {
+    let host4 = u32::MAX >> IPIP_SRC4_LEN;
+    let host6 = u32::MAX >> (IPIP_SRC6_LEN - 96);
+    let mut src6 = addr_v6(IPIP_SRC6.octets());
+    src6[3] &= !host6.to_be();
+    Settings {
+        udp_idle_ns: UDP_IDLE_NS,
+        new_flows_per_cpu_sec: 0,
+        ipip_src_v4: u32::from_ne_bytes(IPIP_SRC4.octets()) & !host4.to_be(),
+        ipip_src_v4_host: host4.to_be(),
+        ipip_src_v6_host: host6.to_be(),
+        ipip_src_v6: src6,
+    }
+}
+
+/// A loaded data path with the standard services, on a thread inside the bed's namespace.
+pub struct Bed {
+    pub dp: Dataplane,
+    pub topo: Topo,
+    pub services: Vec<Svc>,
+    pub backends: HashMap<u32, BackendInfo>,
+    pub settings: Settings,
+}
+
+impl Bed {
+    /// Loads the data path and adds the standard backends and services. Must run on a thread
+    /// inside the bed's namespace (see [`DpBed::run`]).
+    pub fn new() -> Result<Self> {
+        let topo = Topo {
+            ifindex: if_index(VETH).context("veth0 missing: not inside the bed's namespace?")?,
+            mac: LB_MAC,
+            ifindex2: if_index(VETH2).context("veth2 missing")?,
+            mac2: LB_MAC2,
+        };
+        let services = standard_services();
+        let dp = Dataplane::load(&LoadOptions {
+            hash_seed: SEED,
+            iface_mac: LB_MAC,
+            maglev_capacity: 2 * TABLE * (services.len() as u32 + 4),
+            flow_table_size: FLOW_TABLE_SIZE,
+        })?;
+        let settings = default_settings();
+        let mut bed = Self { dp, topo, services: Vec::new(), backends: HashMap::new(), settings };
+        bed.set_settings(settings)?;
+        for (id, addr, mac) in standard_backends() {
+            bed.set_backend(id, addr, mac, true)?;
+        }
+        for (id, (vip, port, proto, forward, members)) in services.into_iter().enumerate() {
+            let mut slot = bed.dp.add_service(vip, port, proto, id as u32, TABLE, forward)?;
+            let table = bed.table_of(&members);
+            bed.dp.publish_table(&mut slot, &table)?;
+            bed.services.push(Svc { vip, port, proto, forward, slot, table });
+        }
+        Ok(bed)
+    }
+
+    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+        self.settings = settings;
+        self.dp.set_settings(settings)
+    }
+
+    /// Writes a backend slot through the facade and remembers it.
+    pub fn set_backend(&mut self, id: u32, addr: IpAddr, mac: Option<[u8; 6]>, usable: bool) -> Result<()> {
+        self.dp.set_backend(id, addr, mac, usable)?;
+        self.backends.insert(id, BackendInfo { addr, mac, usable });
+        Ok(())
+    }
+
+    pub fn backend(&self, id: u32) -> BackendInfo {
+        self.backends[&id]
+    }
+
+    /// The Maglev table of these backends (weight 1 each, keyed by their current address).
+    pub fn table_of(&self, ids: &[u32]) -> Vec<u32> {
+        let members: Vec<Member> =
+            ids.iter().map(|&id| Member { id, key: address_key(self.backends[&id].addr), weight: 1 }).collect();
+        maglev::build(&members, TABLE)
+    }
+
+    fn service_index(&self, vip: IpAddr, proto: u8, port: u16) -> usize {
+        self.services
+            .iter()
+            .position(|s| s.vip == vip && s.proto == proto && s.port == port)
+            .unwrap_or_else(|| panic!("no service {vip} {proto}/{port} in the bed"))
+    }
+
+    pub fn service(&self, vip: IpAddr, proto: u8, port: u16) -> &Svc {
+        &self.services[self.service_index(vip, proto, port)]
+    }
+
+    /// Publishes `table` for the service and remembers it.
+    pub fn publish(&mut self, vip: IpAddr, proto: u8, port: u16, table: Vec<u32>) -> Result<()> {
+        let i = self.service_index(vip, proto, port);
+        let svc = &mut self.services[i];
+        self.dp.publish_table(&mut svc.slot, &table)?;
+        svc.table = table;
+        Ok(())
+    }
+
+    /// The backend the service's current table gives this flow.
+    pub fn expected_backend(&self, f: &Frame) -> u32 {
+        let svc = self.service(f.dst, f.proto, f.dport);
+        svc.table[(frame_hash(f) % TABLE) as usize]
+    }
+
+    /// Runs one frame as if it arrived on veth0: (verdict, output frame).
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let ifindex = self.topo.ifindex;
+        self.run_on(ifindex, frame)
+    }
+
+    /// Runs one frame as if it arrived on `ifindex` (0: the namespace's loopback, as without a
+    /// context). Panics if the kernel refuses the run.
+    pub fn run_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run_on(ifindex, frame).expect("BPF_PROG_TEST_RUN")
+    }
+
+    pub fn try_run_on(&mut self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let ctx = xdp_md(frame.len(), ifindex);
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let result = self.dp.balancer().test_run(opts)?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs one frame in "live frames" mode, arriving on veth0: XDP_PASS frames go up the
+    /// namespace's stack, XDP_TX/XDP_REDIRECT ones are transmitted. No output frame.
+    pub fn run_live(&mut self, frame: &[u8]) -> Result<()> {
+        let ctx = xdp_md(frame.len(), self.topo.ifindex);
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.ctx_in = Some(&ctx);
+        opts.attrs = TestRunAttrs::new().xdp_live_frames(1);
+        self.dp.balancer().test_run(opts)?;
+        Ok(())
+    }
+
+    pub fn reasons(&self) -> Vec<(Reason, Counters)> {
+        self.dp.reason_counters().expect("read REASON_STATS")
+    }
+
+    pub fn flows(&self) -> Vec<(FlowEvent, u64)> {
+        self.dp.flow_counters().expect("read FLOW_STATS")
+    }
+
+    /// Runs `frame` and checks the verdict is `reason`'s and that only `reason`'s counter
+    /// moved, by one frame of the output frame's size (the data path counts a frame at its
+    /// exit). Returns the output frame.
+    pub fn run_counted(&mut self, frame: &[u8], reason: Reason) -> Vec<u8> {
+        let before = self.reasons();
+        let (verdict, out) = self.run(frame);
+        let after = self.reasons();
+        // Counted at the exit: the bytes are the output frame's (grown by an encapsulation).
+        assert_reason_delta(&before, &after, reason, out.len());
+        assert_eq!(verdict, reason.action(), "verdict for {}", reason.name());
+        out
+    }
+
+    /// As [`Bed::run_counted`], and checks that the flow-table counters moved by exactly
+    /// `events` (each listed once per packet it should count).
+    pub fn run_flow(&mut self, frame: &[u8], reason: Reason, events: &[FlowEvent]) -> Vec<u8> {
+        let before = self.flows();
+        let out = self.run_counted(frame, reason);
+        let after = self.flows();
+        assert_flow_delta(&before, &after, events);
+        out
+    }
+
+    /// Runs an untouched-frame case: `reason`, and the output equals the input.
+    pub fn assert_untouched(&mut self, frame: &[u8], reason: Reason) {
+        let out = self.run_counted(frame, reason);
+        assert_eq!(out, frame, "{} leaves the frame as it was", reason.name());
+    }
+}
+
+/// The xdp_md context of a test run (net/bpf/test_run.c, xdp_convert_md_to_buff): data and
+/// data_meta 0, data_end the frame's length, egress_ifindex 0; a nonzero ingress_ifindex makes
+/// the kernel take that device's RX queue (in the calling thread's namespace) as the frame's.
+pub fn xdp_md(len: usize, ingress_ifindex: u32) -> [u8; 24] {
+    let fields = [0u32, len as u32, 0, ingress_ifindex, 0, 0];
+    let mut ctx = [0u8; 24];
+    for (i, v) in fields.iter().enumerate() {
+        ctx[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    ctx
+}
+
+/// Asserts that only `reason`'s counter moved, by one frame of `len` bytes.
+pub fn assert_reason_delta(before: &[(Reason, Counters)], after: &[(Reason, Counters)], reason: Reason, len: usize) {
+    for ((r, b), (_, a)) in before.iter().zip(after) {
+        let (dp, db) = (a.packets - b.packets, a.bytes - b.bytes);
+        if *r == reason {
+            assert_eq!((dp, db), (1, len as u64), "counter {} after one frame", r.name());
+        } else {
+            assert_eq!(dp, 0, "counter {} moved, expected only {}", r.name(), reason.name());
+        }
+    }
+}
+
+/// Asserts that the flow-event counters moved by exactly `events`.
+pub fn assert_flow_delta(before: &[(FlowEvent, u64)], after: &[(FlowEvent, u64)], events: &[FlowEvent]) {
+    let got: Vec<(FlowEvent, u64)> =
+        before.iter().zip(after).map(|((e, b), (_, a))| (*e, a - b)).filter(|(_, d)| *d > 0).collect();
+    let want: Vec<(FlowEvent, u64)> = FlowEvent::ALL
+        .iter()
+        .map(|e| (*e, events.iter().filter(|x| *x == e).count() as u64))
+        .filter(|(_, d)| *d > 0)
+        .collect();
+    assert_eq!(got, want, "flow-table events");
+}
+
+/// A frame from the client's router to the balancer's veth0.
+pub fn to_lb(mut f: Frame) -> Frame {
+    f.dst_mac = LB_MAC;
+    f.src_mac = CLIENT_MAC;
+    f
+}
+
+pub fn tcp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Frame {
+    to_lb(Frame::tcp(src, sport, dst, dport))
+}
+
+pub fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Frame {
+    to_lb(Frame::udp(src, sport, dst, dport))
+}
+
+/// The flow hash the data path computes for this frame (TCP or UDP).
+pub fn frame_hash(f: &Frame) -> u32 {
+    let [s0, s1] = f.sport.to_be_bytes();
+    let [d0, d1] = f.dport.to_be_bytes();
+    let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
+    flow_hash(&map_addr(f.src).0, &map_addr(f.dst).0, ports, f.proto, SEED)
+}
+
+/// The outer IPv4 source for a flow of this hash: the prefix, the host part from the hash.
+pub fn outer_src_v4(hash: u32) -> Ipv4Addr {
+    let host = u32::MAX >> IPIP_SRC4_LEN;
+    Ipv4Addr::from((u32::from(IPIP_SRC4) & !host) | (hash & host))
+}
+
+pub fn outer_src_v6(hash: u32) -> Ipv6Addr {
+    let host = u128::from(u32::MAX >> (IPIP_SRC6_LEN - 96));
+    Ipv6Addr::from((u128::from(IPIP_SRC6) & !host) | (u128::from(hash) & host))
+}
+
+/// Offset of the IP header: after Ethernet and at most one 802.1Q tag.
+pub fn l3_offset(frame: &[u8]) -> usize {
+    if frame[12..14] == [0x81, 0x00] {
+        ETH_LEN + VLAN_LEN
+    } else {
+        ETH_LEN
+    }
+}
+
+/// Ethernet header with these MACs and the input's tag and EtherType.
+fn l2(input: &[u8], dmac: [u8; 6], smac: [u8; 6]) -> Vec<u8> {
+    let l3 = l3_offset(input);
+    let mut f = Vec::with_capacity(input.len() + 64);
+    f.extend_from_slice(&dmac);
+    f.extend_from_slice(&smac);
+    f.extend_from_slice(&input[12..l3]);
+    f
+}
+
+/// An IPv4 header without options (RFC 791), identification 0, TTL 64, with its checksum.
+pub fn ipv4_header(tos: u8, total: u16, df: bool, proto: u8, src: Ipv4Addr, dst: Ipv4Addr) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[1] = tos;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[6] = if df { 0x40 } else { 0 };
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+/// The frame the balancer must emit when it encapsulates the IPv4 `input` (IPIP, RFC 2003)
+/// from `src` to `dst`: MACs `dmac`/`smac`, the input's tag and EtherType, an outer header
+/// carrying the inner one's TOS and DF, and the inner packet byte for byte.
+pub fn expect_ipip_v4(input: &[u8], dmac: [u8; 6], smac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let l3 = l3_offset(input);
+    let inner = &input[l3..];
+    let inner_len = u16::from_be_bytes([inner[2], inner[3]]);
+    let df = inner[6] & 0x40 != 0;
+    let mut f = l2(input, dmac, smac);
+    f.extend_from_slice(&ipv4_header(inner[1], inner_len + IPV4_LEN as u16, df, 4, src, dst));
+    f.extend_from_slice(inner);
+    f
+}
+
+/// As [`expect_ipip_v4`] for IPv6 in IPv6 (RFC 2473): traffic class copied, the flow label
+/// given, next header 41, hop limit 64.
+pub fn expect_ip6ip6(
+    input: &[u8],
+    dmac: [u8; 6],
+    smac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    flow_label: u32,
+) -> Vec<u8> {
+    let l3 = l3_offset(input);
+    let inner = &input[l3..];
+    let tc = (inner[0] << 4) | (inner[1] >> 4);
+    let inner_len = u16::from_be_bytes([inner[4], inner[5]]) + IPV6_LEN as u16;
+    let mut f = l2(input, dmac, smac);
+    let first = (6u32 << 28) | (u32::from(tc) << 20) | (flow_label & 0xf_ffff);
+    f.extend_from_slice(&first.to_be_bytes());
+    f.extend_from_slice(&inner_len.to_be_bytes());
+    f.extend_from_slice(&[41, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(inner);
+    f
+}
+
+/// The ICMP "fragmentation needed" (type 3 code 4, RFC 792/1191) answer to the IPv4 `input`:
+/// MACs swapped, from the packet's destination to its source, quoting its header and the
+/// first 8 bytes after it.
+pub fn expect_too_big_v4(input: &[u8], mtu: u16) -> Vec<u8> {
+    let l3 = l3_offset(input);
+    let ip = &input[l3..];
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let quoted = &ip[..IPV4_LEN + 8];
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = l2(input, mac_at(input, 6), mac_at(input, 0));
+    f.extend_from_slice(&ipv4_header(0, (IPV4_LEN + icmp.len()) as u16, false, 1, dst, src));
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// The ICMPv6 "packet too big" (type 2, RFC 4443) answer to the IPv6 `input`: MACs swapped,
+/// from its destination to its source, quoting its 40-byte header and the 8 bytes after it.
+pub fn expect_too_big_v6(input: &[u8], mtu: u32) -> Vec<u8> {
+    let l3 = l3_offset(input);
+    let ip = &input[l3..];
+    let src: [u8; 16] = ip[8..24].try_into().unwrap();
+    let dst: [u8; 16] = ip[24..40].try_into().unwrap();
+    let mut icmp = vec![2, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&ip[..IPV6_LEN + 8]);
+    let c = icmpv6_checksum(dst.into(), src.into(), &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = l2(input, mac_at(input, 6), mac_at(input, 0));
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// The ICMPv6 checksum of `msg` (its checksum field zero, or in place: then the result is 0
+/// when it is right), over the IPv6 pseudo-header.
+pub fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> u16 {
+    let mut buf = Vec::with_capacity(40 + msg.len());
+    buf.extend_from_slice(&src.octets());
+    buf.extend_from_slice(&dst.octets());
+    buf.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&[0, 0, 0, 58]);
+    buf.extend_from_slice(msg);
+    checksum(&buf)
+}
+
+pub fn mac_at(frame: &[u8], offset: usize) -> [u8; 6] {
+    frame[offset..offset + 6].try_into().unwrap()
+}
+
+/// IPv6 extension headers for [`ipv6_with_ext`]: hop-by-hop (0), routing (43), destination
+/// options (60) of 8 bytes; a fragment header (44) with this offset/flags field; an
+/// authentication header (51) of 12 bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum Ext {
+    HopByHop,
+    Routing,
+    DestOpts,
+    Fragment(u16),
+    Auth,
+}
+
+/// `f` (IPv6, no extension headers of its own) with these extension headers, in this order,
+/// between the IPv6 header and the transport header.
+pub fn ipv6_with_ext(f: &Frame, chain: &[Ext]) -> Vec<u8> {
+    assert!(f.src.is_ipv6() && f.ip_options == 0 && f.frag == 0);
+    let frame = f.build();
+    let l3 = l3_offset(&frame);
+    let mut next = frame[l3 + 6];
+    let mut ext = Vec::new();
+    for e in chain.iter().rev() {
+        let (kind, mut h) = match *e {
+            Ext::HopByHop => (0u8, vec![0, 0, 1, 4, 0, 0, 0, 0]),
+            Ext::Routing => (43, vec![0, 0, 0, 0, 0, 0, 0, 0]),
+            Ext::DestOpts => (60, vec![0, 0, 1, 4, 0, 0, 0, 0]),
+            Ext::Fragment(field) => (44, vec![0, 0, (field >> 8) as u8, field as u8, 0, 0, 0x12, 0x34]),
+            Ext::Auth => (51, vec![0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]),
+        };
+        h[0] = next;
+        next = kind;
+        h.extend_from_slice(&ext);
+        ext = h;
+    }
+    let mut out = frame[..l3 + IPV6_LEN].to_vec();
+    out[l3 + 6] = next;
+    let payload = u16::from_be_bytes([out[l3 + 4], out[l3 + 5]]) + ext.len() as u16;
+    out[l3 + 4..l3 + 6].copy_from_slice(&payload.to_be_bytes());
+    out.extend_from_slice(&ext);
+    out.extend_from_slice(&frame[l3 + IPV6_LEN..]);
+    out
+}
+
+/// Sets the IPv4 TOS (fixing the header checksum) or the IPv6 traffic class of a built frame.
+pub fn set_tos(frame: &mut [u8], tos: u8) {
+    let l3 = l3_offset(frame);
+    if frame[l3] >> 4 == 4 {
+        frame[l3 + 1] = tos;
+        frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let ihl = usize::from(frame[l3] & 0x0f) * 4;
+        let c = checksum(&frame[l3..l3 + ihl]);
+        frame[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    } else {
+        frame[l3] = 0x60 | (tos >> 4);
+        frame[l3 + 1] = (frame[l3 + 1] & 0x0f) | (tos << 4);
+    }
+}
