@@ -79,6 +79,8 @@ pub struct Config {
     pub maglev_capacity: u32,
     pub flows: FlowConfig,
     pub ipip: IpipConfig,
+    /// Where the Prometheus endpoint listens; None: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Interfaces other than `interface` that encapsulated packets may leave by (XDP_REDIRECT).
     pub egress_interfaces: Vec<String>,
     pub services: Vec<ServiceConfig>,
@@ -187,6 +189,8 @@ struct RawConfig {
     #[serde(default)]
     egress_interfaces: Vec<Spanned<String>>,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     flows: RawFlows,
     #[serde(default)]
     ipip: RawIpip,
@@ -202,6 +206,12 @@ struct RawFlows {
     size: Option<Spanned<u32>>,
     udp_idle_secs: Option<Spanned<u32>>,
     new_flows_per_cpu_sec: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -344,6 +354,18 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         })),
         new_flows_per_cpu_sec: raw.flows.new_flows_per_cpu_sec.unwrap_or(DEFAULT_NEW_FLOWS_PER_CPU_SEC),
     };
+    let metrics_listen = raw.metrics.listen.as_ref().and_then(|l| match l.get_ref().parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            let got = l.get_ref();
+            errors.at(
+                l.span(),
+                "metrics.listen",
+                format!("expected an address and port like \"127.0.0.1:9100\", got {got:?}"),
+            );
+            None
+        }
+    });
     let ipip = IpipConfig {
         source_v4: raw.ipip.source_v4.as_ref().and_then(|p| parse_prefix(p, "ipip.source_v4", errors)),
         source_v6: raw.ipip.source_v6.as_ref().and_then(|p| parse_prefix(p, "ipip.source_v6", errors)),
@@ -413,6 +435,7 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         maglev_capacity,
         flows,
         ipip,
+        metrics_listen,
         egress_interfaces,
         services,
     }

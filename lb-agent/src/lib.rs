@@ -6,4 +6,5 @@ pub mod dataplane;
 pub mod decap;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod neigh;

@@ -8,6 +8,7 @@ use lb_agent::{
     agent::Agent,
     config::{Config, XdpMode},
     dataplane::{self, Dataplane, LoadOptions},
+    metrics,
 };
 use log::{error, info};
 use tokio::{
@@ -138,6 +139,15 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
     let mode = agent.dataplane.attach(&config.interface, xdp_mode.or(config.xdp_mode))?;
     info!("balancing {} services on {} (XDP {mode:?} mode)", config.services.len(), config.interface);
 
+    let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::Scrape>(16);
+    if let Some(addr) = config.metrics_listen {
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, scrape_tx).await {
+                error!("{e:#}");
+            }
+        });
+    }
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
@@ -155,6 +165,9 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
             _ = int.recv() => { info!("SIGINT: detaching"); break }
             _ = usr1.recv() => info!("counters:\n{}", agent.stats_table()?),
             _ = hup.recv() => reload(&mut agent, path),
+            Some(metrics::Scrape(reply)) = scrapes.recv() => {
+                let _ = reply.send(metrics::render(&agent).unwrap_or_else(|e| format!("# error: {e:#}\n")));
+            }
             _ = stats_tick.tick(), if stats_interval > 0 => info!("counters:\n{}", agent.stats_table()?),
         }
     }

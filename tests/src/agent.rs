@@ -72,6 +72,19 @@ impl AgentProcess {
         Ok(agent)
     }
 
+    /// GET /metrics from `addr` inside `ns` (the agent's namespace).
+    pub fn scrape(ns: &Netns, addr: &'static str) -> Result<String> {
+        use std::io::{Read, Write};
+        ns.run(move || -> Result<String> {
+            let mut conn = std::net::TcpStream::connect(addr)?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut response = String::new();
+            conn.read_to_string(&mut response)?;
+            Ok(response)
+        })?
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -16,6 +16,8 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(100);
 pub const RISE: u32 = 2;
 pub const FALL: u32 = 2;
+/// The agent's Prometheus endpoint, inside the balancer's namespace.
+pub const METRICS: &str = "127.0.0.1:9100";
 
 pub struct Scenario {
     pub agent: AgentProcess,
@@ -39,7 +41,7 @@ pub fn config(n: usize) -> String {
 /// The agent's config for the given (backend index, weight) pairs.
 pub fn config_for(backends: &[(usize, u32)]) -> String {
     let mut c = format!(
-        "interface = \"{IFACE}\"\nhash_seed = 2026\n\n[health]\ninterval_ms = {}\ntimeout_ms = {}\nrise = {RISE}\nfall = {FALL}\n",
+        "interface = \"{IFACE}\"\nhash_seed = 2026\n\n[metrics]\nlisten = \"{METRICS}\"\n\n[health]\ninterval_ms = {}\ntimeout_ms = {}\nrise = {RISE}\nfall = {FALL}\n",
         HEALTH_INTERVAL.as_millis(),
         HEALTH_TIMEOUT.as_millis()
     );

@@ -3,8 +3,9 @@
 use std::time::{Duration, Instant};
 
 use xlb_tests::{
+    agent::AgentProcess,
     capture::Capture,
-    scenario::{backend_name, vip, Scenario, FALL, HEALTH_INTERVAL, HEALTH_TIMEOUT, RISE},
+    scenario::{backend_name, vip, Scenario, FALL, HEALTH_INTERVAL, HEALTH_TIMEOUT, METRICS, RISE},
     topology::{backend_addr, CLIENT, IFACE, VIP},
     traffic::{failures, tcp_requests, udp_requests, Tally},
 };
@@ -21,6 +22,13 @@ fn assert_even(t: &Tally, backends: &[usize], total: usize) {
         assert!(n.abs_diff(share) * 10 <= share * 4, "backend {i} answered {n} of {total}: {t:?}");
     }
     assert_eq!(t.values().sum::<usize>(), total, "answers from unknown backends: {t:?}");
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
 }
 
 #[test]
@@ -48,6 +56,23 @@ fn l2_dsr_balances_tcp_and_udp_and_evicts_a_dead_backend() {
     // Direct server return: of 600 replies from the VIP, none crossed the balancer; the
     // capture did see the control datagram (XDP_TX frames never reach a capture).
     assert_eq!(from_vip, 1, "backend replies crossed the balancer (or the capture saw nothing)");
+
+    // The counters as an operator scrapes them.
+    let metrics = AgentProcess::scrape(&s.bed.lb, METRICS).unwrap();
+    assert!(metrics.starts_with("HTTP/1.0 200 OK"), "{metrics}");
+    let forwarded = metric(&metrics, "xlb_frames_total{reason=\"tx_forwarded\"}");
+    assert!(forwarded >= 4 * FLOWS as u64, "{metrics}");
+    let per_backend: u64 = (0..BACKENDS)
+        .map(|i| metric(&metrics, &format!("xlb_backend_packets_total{{service=\"demo-tcp\",vip=\"{VIP}\",port=\"80\",protocol=\"tcp\",backend=\"{}\"}}", backend_addr(i))))
+        .sum();
+    assert_eq!(
+        per_backend,
+        metric(
+            &metrics,
+            &format!("xlb_service_packets_total{{service=\"demo-tcp\",vip=\"{VIP}\",port=\"80\",protocol=\"tcp\"}}")
+        )
+    );
+    assert!(metrics.contains(&format!("backend=\"{}\"}} 1\n", backend_addr(1))), "{metrics}");
 
     // Kill backend 1: evicted within fall × interval + timeout (plus scheduling slack).
     let dead = backend_addr(1);
