@@ -232,6 +232,22 @@ impl Agent {
         Ok(())
     }
 
+    /// The config in force (the file's, with API changes applied).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A backend's state in one word: "up", "down", "drain" (weight 0) or "nomac" (an L2
+    /// backend whose MAC is unknown).
+    pub fn backend_state(&self, service: &ServiceState, b: &BackendState) -> &'static str {
+        match (b.up, service.usable(b), b.config.weight) {
+            (false, _, _) => "down",
+            (true, false, _) => "nomac",
+            (true, true, 0) => "drain",
+            (true, true, _) => "up",
+        }
+    }
+
     fn find(&self, id: u32) -> Option<(usize, usize)> {
         self.services
             .iter()
@@ -418,12 +434,7 @@ impl Agent {
             writeln!(out, "{:<24} {:<26} {:>5} {:>12} {:>14}", s.config.name, "*", "", c.packets, c.bytes)?;
             for b in &s.backends {
                 let c = self.dataplane.backend_counters(b.id)?;
-                let label = match (b.up, s.usable(b), b.config.weight) {
-                    (false, _, _) => "down",
-                    (true, false, _) => "nomac",
-                    (true, true, 0) => "drain",
-                    (true, true, _) => "up",
-                };
+                let label = self.backend_state(s, b);
                 let addr = b.config.address.to_string();
                 writeln!(out, "{:<24} {:<26} {:>5} {:>12} {:>14}", "", addr, label, c.packets, c.bytes)?;
             }

@@ -6,7 +6,9 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use lb_agent::{
     agent::Agent,
+    api,
     config::{Config, XdpMode},
+    ctl,
     dataplane::{self, Dataplane, LoadOptions},
     metrics,
 };
@@ -44,6 +46,20 @@ enum Command {
         /// Log the counters every N seconds (0: only on SIGUSR1 and at exit).
         #[arg(long, default_value_t = 0)]
         stats_interval: u64,
+        /// Unix socket of the control API (`lb-agent ctl`); created with mode 0600.
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// Talk to a running agent through its control socket.
+    Ctl {
+        /// The agent's control socket.
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the agent's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: ctl::CtlCommand,
     },
     /// Validate a configuration file and exit: 0 when valid, 1 with every error otherwise.
     Check {
@@ -82,12 +98,23 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Run { config, xdp_mode, stats_interval } => tokio::runtime::Builder::new_multi_thread()
+        Command::Run { config, xdp_mode, stats_interval, api_socket } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run(&config, xdp_mode, stats_interval))),
+            .and_then(|rt| rt.block_on(run(&config, xdp_mode, stats_interval, api_socket))),
+        Command::Ctl { socket, json, command } => {
+            // Plain text for a human or a script: no log prefixes.
+            return match ctl::run(&socket, json, command) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Decap { iface, xdp_mode, addresses } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -123,7 +150,12 @@ fn reload(agent: &mut Agent, path: &std::path::Path) {
     }
 }
 
-async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: u64) -> Result<()> {
+async fn run(
+    path: &std::path::Path,
+    xdp_mode: Option<XdpMode>,
+    stats_interval: u64,
+    api_socket: PathBuf,
+) -> Result<()> {
     // Nothing touches the kernel before the config is known to be good.
     let config = Config::load(path)?;
     let iface_mac = dataplane::iface_mac(&config.interface)?;
@@ -148,6 +180,14 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
         });
     }
 
+    let (call_tx, mut calls) = mpsc::channel::<api::Call>(16);
+    let socket = api_socket.clone();
+    tokio::spawn(async move {
+        if let Err(e) = api::serve(socket, call_tx).await {
+            error!("{e:#}");
+        }
+    });
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
@@ -165,6 +205,9 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
             _ = int.recv() => { info!("SIGINT: detaching"); break }
             _ = usr1.recv() => info!("counters:\n{}", agent.stats_table()?),
             _ = hup.recv() => reload(&mut agent, path),
+            Some(api::Call { request, reply }) = calls.recv() => {
+                let _ = reply.send(api::handle(&mut agent, request, path));
+            }
             Some(metrics::Scrape(reply)) = scrapes.recv() => {
                 let _ = reply.send(metrics::render(&agent).unwrap_or_else(|e| format!("# error: {e:#}\n")));
             }
@@ -173,6 +216,7 @@ async fn run(path: &std::path::Path, xdp_mode: Option<XdpMode>, stats_interval: 
     }
     info!("counters:\n{}", agent.stats_table()?);
     drop(agent);
+    let _ = std::fs::remove_file(&api_socket);
     info!("detached from {}; exiting", config.interface);
     Ok(())
 }

@@ -51,7 +51,9 @@ impl AgentProcess {
         let dir = TempDir::new("agent")?;
         let config_path = dir.0.join("xlb.toml");
         std::fs::write(&config_path, config)?;
-        let mut args = vec!["run", "--config", config_path.to_str().context("path")?];
+        let socket = dir.0.join("agent.sock");
+        let socket = socket.to_str().context("path")?.to_string();
+        let mut args = vec!["run", "--config", config_path.to_str().context("path")?, "--api-socket", &socket];
         args.extend_from_slice(extra);
         Self::spawn(ns, dir, &args, "balancing")
     }
@@ -70,6 +72,18 @@ impl AgentProcess {
         let mut agent = Self { child, log, _dir: dir };
         agent.wait_for_log(ready, Duration::from_secs(20))?;
         Ok(agent)
+    }
+
+    /// `lb-agent ctl --socket <this agent's socket> args...`: (success, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = std::process::Command::new(agent_binary()?)
+            .arg("ctl")
+            .arg("--socket")
+            .arg(self._dir.0.join("agent.sock"))
+            .args(args)
+            .output()?;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        Ok((out.status.success(), text(&out.stdout), text(&out.stderr)))
     }
 
     /// GET /metrics from `addr` inside `ns` (the agent's namespace).
