@@ -5,13 +5,17 @@ use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
     net::IpAddr,
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use lb_common::Settings;
 use log::{error, info, warn};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, Notify},
+    task::JoinHandle,
+};
 
 use crate::{
     config::{format_mac, BackendConfig, Config, Forward, IpipConfig, ServiceConfig},
@@ -32,6 +36,8 @@ pub struct BackendState {
     /// None until configured or resolved: an L2 backend without one takes no traffic.
     pub mac: Option<[u8; 6]>,
     health: Option<JoinHandle<()>>,
+    /// Wakes the health task for a probe now (a passive alarm).
+    pub poke: Arc<Notify>,
 }
 
 impl Drop for BackendState {
@@ -46,12 +52,19 @@ pub struct ServiceState {
     pub config: ServiceConfig,
     pub slot: ServiceSlot,
     pub backends: Vec<BackendState>,
+    /// Fewer than `health.min_healthy` backends are up: the failing ones stay in the table.
+    pub fail_open: bool,
 }
 
 impl ServiceState {
-    /// Whether a backend can take packets: up, and reachable by the service's forwarding.
+    /// Whether the service's forwarding can reach the backend at all.
+    fn reachable(&self, b: &BackendState) -> bool {
+        self.config.forward == Forward::Ipip || b.mac.is_some()
+    }
+
+    /// Whether a backend can take packets: up (or the service fails open), and reachable.
     fn usable(&self, b: &BackendState) -> bool {
-        b.up && (self.config.forward == Forward::Ipip || b.mac.is_some())
+        (b.up || self.fail_open) && self.reachable(b)
     }
 }
 
@@ -164,12 +177,12 @@ impl Agent {
             .dataplane
             .add_service(sc.vip, sc.port, sc.protocol.number(), id, sc.maglev_size, sc.forward)
             .with_context(|| format!("cannot add service {}", sc.name))?;
-        self.services.push(ServiceState { config: sc.clone(), slot, backends: Vec::new() });
+        self.services.push(ServiceState { config: sc.clone(), slot, backends: Vec::new(), fail_open: false });
         let s = self.services.len() - 1;
         for b in &sc.backends {
             self.add_backend(s, b, macs.get(&b.address).copied())?;
         }
-        self.publish(s)
+        self.refresh(s)
     }
 
     fn add_backend(&mut self, s: usize, config: &BackendConfig, resolved: Option<[u8; 6]>) -> Result<()> {
@@ -185,14 +198,15 @@ impl Agent {
                 service.config.name, config.address, self.config.interface
             );
         }
+        let poke = Arc::new(Notify::new());
         let health = match (&self.events, service.config.health.enabled) {
             (Some(events), true) => {
                 let cfg = service.config.health.clone();
-                Some(tokio::spawn(health::run(id, config.address, cfg, true, events.clone())))
+                Some(tokio::spawn(health::run(id, config.address, cfg, true, events.clone(), poke.clone())))
             }
             _ => None,
         };
-        let state = BackendState { id, config: config.clone(), up: true, mac, health };
+        let state = BackendState { id, config: config.clone(), up: true, mac, health, poke };
         self.services[s].backends.push(state);
         self.write_backend(s, self.services[s].backends.len() - 1)
     }
@@ -211,6 +225,28 @@ impl Agent {
         let state = &service.backends[b];
         let usable = service.usable(state);
         self.dataplane.set_backend(state.id, state.config.address, state.mac, usable)
+    }
+
+    /// Re-decides whether the service fails open (rewriting every backend when that changes)
+    /// and publishes its table.
+    fn refresh(&mut self, s: usize) -> Result<()> {
+        let service = &self.services[s];
+        let up = service.backends.iter().filter(|b| b.up && service.reachable(b)).count();
+        let min = service.config.health.min_healthy as usize;
+        let fail_open = !service.backends.is_empty() && up < min;
+        if fail_open != service.fail_open {
+            let name = &service.config.name;
+            if fail_open {
+                error!("service {name}: FAIL OPEN: only {up} backends healthy, fewer than min_healthy {min}: every backend stays in the table");
+            } else {
+                info!("service {name}: {up} backends healthy again; failing ones leave the table");
+            }
+            self.services[s].fail_open = fail_open;
+            for b in 0..self.services[s].backends.len() {
+                self.write_backend(s, b)?;
+            }
+        }
+        self.publish(s)
     }
 
     /// Rebuilds the service's Maglev table from its usable backends and publishes it.
@@ -269,7 +305,7 @@ impl Agent {
                 }
                 // Down: flows pinned to it re-hash; up: it takes new flows again.
                 self.write_backend(s, b)?;
-                self.publish(s)?;
+                self.refresh(s)?;
                 let service = &self.services[s];
                 let n_up = service.backends.iter().filter(|b| b.up).count();
                 let (addr, total) = (service.backends[b].config.address, service.backends.len());
@@ -297,7 +333,7 @@ impl Agent {
                     );
                     self.services[s].backends[b].mac = Some(mac);
                     self.write_backend(s, b)?;
-                    self.publish(s)?;
+                    self.refresh(s)?;
                 }
             }
         }
@@ -407,7 +443,7 @@ impl Agent {
                 }
             }
         }
-        self.publish(s)?;
+        self.refresh(s)?;
         Ok(true)
     }
 

@@ -119,7 +119,9 @@ pub struct ServiceConfig {
 pub struct HealthConfig {
     /// false: backends are always considered up.
     pub enabled: bool,
-    /// TCP port probed on each backend; the service port unless set.
+    /// What a probe does.
+    pub check: Check,
+    /// Port probed on each backend; the service port unless set.
     pub port: u16,
     pub interval: Duration,
     pub timeout: Duration,
@@ -127,6 +129,32 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that take an up backend out.
     pub fall: u32,
+    /// Each interval is stretched or shrunk by up to this fraction at random, so balancer
+    /// hosts sharing backends do not probe in lockstep.
+    pub jitter: f64,
+    /// Fewest backends the service keeps in its table: below it, failing backends stay in
+    /// (fail open) rather than leaving the survivors every flow, or no backend at all.
+    pub min_healthy: u32,
+}
+
+/// The kind of active health check.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Check {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// GET `path` answers with one of `statuses`.
+    Http { path: String, host: Option<String>, statuses: Vec<u16> },
+    /// A datagram carrying `payload` gets any answer.
+    Udp { payload: Vec<u8> },
+}
+
+/// `kind` in a `[health]` section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum CheckKind {
+    Tcp,
+    Http,
+    Udp,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -225,6 +253,13 @@ struct RawIpip {
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     enabled: Option<bool>,
+    kind: Option<CheckKind>,
+    http_path: Option<Spanned<String>>,
+    http_host: Option<String>,
+    http_status: Option<Vec<u16>>,
+    udp_payload: Option<String>,
+    jitter: Option<Spanned<f64>>,
+    min_healthy: Option<Spanned<u32>>,
     port: Option<Spanned<u16>>,
     interval_ms: Option<Spanned<u64>>,
     timeout_ms: Option<Spanned<u64>>,
@@ -258,11 +293,14 @@ struct RawBackend {
 
 const DEFAULT_HEALTH: HealthConfig = HealthConfig {
     enabled: true,
+    check: Check::Tcp,
     port: 0,
     interval: Duration::from_millis(1000),
     timeout: Duration::from_millis(500),
     rise: 2,
     fall: 3,
+    jitter: 0.1,
+    min_healthy: 1,
 };
 
 /// Collects errors against the source text, turning byte spans into line and column.
@@ -580,6 +618,49 @@ fn merge_health(
     let mut h = DEFAULT_HEALTH;
     h.enabled = own.enabled.or(top.enabled).unwrap_or(true);
     h.port = service_port;
+    h.check = match own.kind.or(top.kind).unwrap_or(CheckKind::Tcp) {
+        CheckKind::Tcp => Check::Tcp,
+        CheckKind::Http => {
+            let http_path = own.http_path.as_ref().or(top.http_path.as_ref());
+            if let Some(p) = http_path.filter(|p| !p.get_ref().starts_with('/')) {
+                let got = p.get_ref();
+                errors.at(
+                    p.span(),
+                    format!("{path}.health.http_path"),
+                    format!("expected a path starting with '/', got {got:?}"),
+                );
+            }
+            Check::Http {
+                path: http_path.map_or_else(|| "/".to_string(), |p| p.get_ref().clone()),
+                host: own.http_host.clone().or_else(|| top.http_host.clone()),
+                statuses: own.http_status.clone().or_else(|| top.http_status.clone()).unwrap_or_else(|| vec![200]),
+            }
+        }
+        CheckKind::Udp => Check::Udp {
+            payload: own
+                .udp_payload
+                .clone()
+                .or_else(|| top.udp_payload.clone())
+                .unwrap_or_else(|| "ping".into())
+                .into_bytes(),
+        },
+    };
+    if let Some(j) = own.jitter.as_ref().or(top.jitter.as_ref()) {
+        if !(0.0..=0.5).contains(j.get_ref()) {
+            errors.at(
+                j.span(),
+                format!("{path}.health.jitter"),
+                format!("expected a fraction from 0 to 0.5, got {}", j.get_ref()),
+            );
+        }
+        h.jitter = *j.get_ref();
+    }
+    if let Some((span, n)) = pick(&own.min_healthy, &top.min_healthy) {
+        if n > 100_000 {
+            errors.at(span, format!("{path}.health.min_healthy"), format!("expected 0 to 100000, got {n}"));
+        }
+        h.min_healthy = n as u32;
+    }
     if let Some((span, port)) = pick(&own.port, &top.port) {
         if port == 0 {
             errors.at(span, format!("{path}.health.port"), "expected a port from 1 to 65535, got 0");

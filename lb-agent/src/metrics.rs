@@ -42,6 +42,15 @@ pub fn render(agent: &Agent) -> Result<String> {
         writeln!(bytes, "xlb_service_bytes_total{{{labels}}} {}", c.bytes)?;
     }
     out += &bytes;
+    family(
+        &mut out,
+        "xlb_service_fail_open",
+        "gauge",
+        "1 while fewer than min_healthy backends are up and failing ones stay in.",
+    );
+    for s in &agent.services {
+        writeln!(out, "xlb_service_fail_open{{{}}} {}", service_labels(s), u8::from(s.fail_open))?;
+    }
     let (mut packets, mut bytes, mut up, mut weight) = (String::new(), String::new(), String::new(), String::new());
     family(&mut packets, "xlb_backend_packets_total", "counter", "Packets forwarded per backend.");
     family(&mut bytes, "xlb_backend_bytes_total", "counter", "Bytes forwarded per backend.");

@@ -200,3 +200,52 @@ pub fn tcp_requests(client: &Netns, to: SocketAddr, count: usize) -> Result<Tall
 pub fn udp_requests(client: &Netns, to: SocketAddr, count: usize) -> Result<Tally> {
     client.run(move || tally((0..count).map(|_| udp_request(to)).collect()))
 }
+
+/// A tiny HTTP health endpoint in a backend's namespace: every request gets the status set
+/// with `set_status` (200 at first). Stopped on drop.
+pub struct HttpHealth {
+    status: Arc<std::sync::atomic::AtomicU16>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpHealth {
+    pub fn start(ns: &Netns, port: u16) -> Result<Self> {
+        let listener = ns.run(move || -> Result<TcpListener> {
+            let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })??;
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (status.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(POLL);
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut request = [0u8; 1024];
+                let _ = std::io::Read::read(&mut conn, &mut request);
+                let code = st.load(Ordering::Relaxed);
+                let _ = conn.write_all(format!("HTTP/1.0 {code} X\r\nContent-Length: 0\r\n\r\n").as_bytes());
+            }
+        });
+        Ok(Self { status, stop, thread: Some(thread) })
+    }
+
+    pub fn set_status(&self, code: u16) {
+        self.status.store(code, Ordering::Relaxed);
+    }
+}
+
+impl Drop for HttpHealth {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Active health checks of every kind, and the eviction policy, against real servers in
+//! network namespaces. Needs root.
+use std::time::Duration;
+
+use xlb_tests::{
+    agent::AgentProcess,
+    scenario::{backend_name, config_for, vip, Scenario, METRICS, PORT},
+    topology::{backend_addr, VIP},
+    traffic::{failures, tcp_requests, HttpHealth, Server},
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[test]
+fn http_checks_follow_the_status_code() {
+    let config = config_for(&[(0, 1), (1, 1), (2, 1)]).replace(
+        "[health]\n",
+        "[health]\nkind = \"http\"\nport = 8080\nhttp_path = \"/healthz\"\nhttp_status = [200, 204]\n",
+    );
+    // The UDP service's own [service.health] sets port 80: make it an HTTP check on 8080 too.
+    let config = config.replace("[service.health]\nport = 80\n", "[service.health]\nport = 8080\n");
+    let bed_servers = Scenario::start_with(3, &config);
+    let mut s = bed_servers.expect("test bed");
+    let health: Vec<HttpHealth> = (0..3).map(|i| HttpHealth::start(&s.bed.backends[i], 8080).unwrap()).collect();
+    health[0].set_status(503);
+    s.agent.wait_for_count(&format!("backend {} DOWN after", backend_addr(0)), 2, WAIT).unwrap();
+    assert!(s.agent.log_text().contains("last: HTTP status 503"), "{}", s.agent.log_text());
+    let t = tcp_requests(&s.bed.client, vip(), 150).unwrap();
+    assert!(failures(&t) == 0 && !t.contains_key(&backend_name(0)), "{t:?}");
+    health[0].set_status(204);
+    s.agent.wait_for_count(&format!("backend {} UP after", backend_addr(0)), 2, WAIT).unwrap();
+    drop(health);
+    s.agent.stop().unwrap();
+}
+
+#[test]
+fn udp_checks_need_an_answer() {
+    let config = config_for(&[(0, 1), (1, 1), (2, 1)])
+        .replace("[service.health]\nport = 80\n", "[service.health]\nkind = \"udp\"\nudp_payload = \"health?\"\n");
+    let mut s = Scenario::start_with(3, &config).expect("test bed");
+    // Answer UDP on the backends' own addresses too, where the checks go.
+    for i in 0..3 {
+        s.servers[i].stop();
+        s.servers[i] =
+            Server::start(&s.bed.backends[i], &backend_name(i), &[VIP.into(), backend_addr(i).into()], PORT).unwrap();
+    }
+    // Whatever the first probes saw, every backend of the UDP service is up within a second.
+    let all_up = || {
+        let (_, json, _) = s.agent.ctl(&["--json", "list"]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let udp = v["services"].as_array().unwrap().iter().find(|x| x["name"] == "demo-udp").cloned().unwrap();
+        udp["backends"].as_array().unwrap().iter().all(|b| b["state"] == "up")
+    };
+    let start = std::time::Instant::now();
+    while !all_up() {
+        assert!(start.elapsed() < WAIT, "UDP checks fail against live servers:\n{}", s.agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.servers[2].stop();
+    s.agent.wait_for_log(&format!("service demo-udp: backend {} DOWN", backend_addr(2)), WAIT).unwrap();
+    s.agent.stop().unwrap();
+}
+
+#[test]
+fn below_min_healthy_the_service_fails_open() {
+    let config = config_for(&[(0, 1), (1, 1), (2, 1)]).replace("[health]\n", "[health]\nmin_healthy = 2\n");
+    let mut s = Scenario::start_with(3, &config).expect("test bed");
+    s.servers[0].stop();
+    s.agent.wait_for_count(&format!("backend {} DOWN", backend_addr(0)), 2, WAIT).unwrap();
+    assert!(!s.agent.log_text().contains("FAIL OPEN"));
+    s.servers[1].stop();
+    s.agent.wait_for_count("FAIL OPEN", 2, WAIT).unwrap();
+    let metrics = AgentProcess::scrape(&s.bed.lb, METRICS).unwrap();
+    assert!(metrics.contains("xlb_service_fail_open{service=\"demo-tcp\""), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("xlb_service_fail_open{service=\"demo-tcp\"") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // The failing backends are back in the table: some connections reach them (and fail).
+    let t = tcp_requests(&s.bed.client, vip(), 60).unwrap();
+    assert!(failures(&t) > 0 && t.contains_key(&backend_name(2)), "{t:?}");
+    s.restart_server(0).unwrap();
+    s.agent.wait_for_count("healthy again", 2, WAIT).unwrap();
+    s.agent.stop().unwrap();
+}
