@@ -6,7 +6,7 @@ use std::{
     fmt::Write as _,
     net::IpAddr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -38,6 +38,17 @@ pub struct BackendState {
     health: Option<JoinHandle<()>>,
     /// Wakes the health task for a probe now (a passive alarm).
     pub poke: Arc<Notify>,
+    /// Set by a passive alarm: out of the table until then, whatever the active checks say.
+    pub held_until: Option<Instant>,
+    /// The in-band counters at the last passive check.
+    last_flows: lb_common::BackendFlows,
+}
+
+impl BackendState {
+    /// Up by the active checks and not held out by the passive signal.
+    pub fn healthy(&self) -> bool {
+        self.up && self.held_until.is_none()
+    }
 }
 
 impl Drop for BackendState {
@@ -64,7 +75,7 @@ impl ServiceState {
 
     /// Whether a backend can take packets: up (or the service fails open), and reachable.
     fn usable(&self, b: &BackendState) -> bool {
-        (b.up || self.fail_open) && self.reachable(b)
+        (b.healthy() || self.fail_open) && self.reachable(b)
     }
 }
 
@@ -206,7 +217,9 @@ impl Agent {
             }
             _ => None,
         };
-        let state = BackendState { id, config: config.clone(), up: true, mac, health, poke };
+        let last_flows = self.dataplane.backend_flows(id).unwrap_or_default();
+        let state =
+            BackendState { id, config: config.clone(), up: true, mac, health, poke, held_until: None, last_flows };
         self.services[s].backends.push(state);
         self.write_backend(s, self.services[s].backends.len() - 1)
     }
@@ -231,7 +244,7 @@ impl Agent {
     /// and publishes its table.
     fn refresh(&mut self, s: usize) -> Result<()> {
         let service = &self.services[s];
-        let up = service.backends.iter().filter(|b| b.up && service.reachable(b)).count();
+        let up = service.backends.iter().filter(|b| b.healthy() && service.reachable(b)).count();
         let min = service.config.health.min_healthy as usize;
         let fail_open = !service.backends.is_empty() && up < min;
         if fail_open != service.fail_open {
@@ -276,7 +289,8 @@ impl Agent {
     /// A backend's state in one word: "up", "down", "drain" (weight 0) or "nomac" (an L2
     /// backend whose MAC is unknown).
     pub fn backend_state(&self, service: &ServiceState, b: &BackendState) -> &'static str {
-        match (b.up, service.usable(b), b.config.weight) {
+        match (b.healthy(), service.usable(b), b.config.weight) {
+            (false, true, _) => "failopen",
             (false, _, _) => "down",
             (true, false, _) => "nomac",
             (true, true, 0) => "drain",
@@ -335,6 +349,51 @@ impl Agent {
                     self.write_backend(s, b)?;
                     self.refresh(s)?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The in-band check, every `passive.window`: a backend whose new TCP flows had to resend
+    /// their SYN more than `ratio` times per flow is held out of the table for `hold` and
+    /// probed at once; its active checks bring it back after the hold. Either signal can
+    /// evict; fail open still applies.
+    pub fn passive_check(&mut self, now: Instant) -> Result<()> {
+        let cfg = self.config.passive.clone();
+        for s in 0..self.services.len() {
+            let mut changed = false;
+            let name = self.services[s].config.name.clone();
+            for b in 0..self.services[s].backends.len() {
+                let id = self.services[s].backends[b].id;
+                let flows = self.dataplane.backend_flows(id)?;
+                let state = &mut self.services[s].backends[b];
+                let new = flows.new_flows.saturating_sub(state.last_flows.new_flows);
+                let retx = flows.syn_retransmits.saturating_sub(state.last_flows.syn_retransmits);
+                state.last_flows = flows;
+                if state.held_until.is_some_and(|t| t <= now) {
+                    state.held_until = None;
+                    changed = true;
+                    info!("service {name}: backend {} released from its passive hold", state.config.address);
+                    continue;
+                }
+                let suspect = new + retx >= cfg.min_flows && retx as f64 > cfg.ratio * new.max(1) as f64;
+                if cfg.enabled && suspect && state.held_until.is_none() {
+                    state.held_until = Some(now + cfg.hold);
+                    state.poke.notify_one();
+                    changed = true;
+                    warn!(
+                        "service {name}: backend {} DOWN by passive alarm: {retx} SYN retransmissions for {new} new flows in {} ms; held out for {} ms",
+                        state.config.address,
+                        cfg.window.as_millis(),
+                        cfg.hold.as_millis()
+                    );
+                }
+            }
+            if changed {
+                for b in 0..self.services[s].backends.len() {
+                    self.write_backend(s, b)?;
+                }
+                self.refresh(s)?;
             }
         }
         Ok(())

@@ -81,6 +81,7 @@ pub struct Config {
     pub ipip: IpipConfig,
     /// Where the Prometheus endpoint listens; None: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub passive: PassiveConfig,
     /// Interfaces other than `interface` that encapsulated packets may leave by (XDP_REDIRECT).
     pub egress_interfaces: Vec<String>,
     pub services: Vec<ServiceConfig>,
@@ -93,6 +94,20 @@ pub struct FlowConfig {
     pub udp_idle: Duration,
     /// New flows per second and CPU that are pinned; 0: no limit.
     pub new_flows_per_cpu_sec: u32,
+}
+
+/// In-band health: the share of new TCP flows whose SYN had to be sent again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassiveConfig {
+    pub enabled: bool,
+    /// How often the counters are compared.
+    pub window: Duration,
+    /// Fewer new flows than this in a window say nothing.
+    pub min_flows: u64,
+    /// SYN retransmissions per new flow above which the backend is suspect.
+    pub ratio: f64,
+    /// How long a suspect backend stays out, whatever its active checks say.
+    pub hold: Duration,
 }
 
 /// Outer source addresses of encapsulated packets: the prefix, with the host part varying per
@@ -219,6 +234,8 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    passive: RawPassive,
+    #[serde(default)]
     flows: RawFlows,
     #[serde(default)]
     ipip: RawIpip,
@@ -234,6 +251,16 @@ struct RawFlows {
     size: Option<Spanned<u32>>,
     udp_idle_secs: Option<Spanned<u32>>,
     new_flows_per_cpu_sec: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPassive {
+    enabled: Option<bool>,
+    window_ms: Option<Spanned<u64>>,
+    min_flows: Option<u64>,
+    ratio: Option<Spanned<f64>>,
+    hold_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -404,6 +431,33 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
             None
         }
     });
+    let p = &raw.passive;
+    let ms = |v: &Option<Spanned<u64>>, field: &str, default: u64, errors: &mut Errors<'_>| match v {
+        Some(v) if !(100..=3_600_000).contains(v.get_ref()) => {
+            errors.at(v.span(), format!("passive.{field}"), format!("expected 100 to 3600000 ms, got {}", v.get_ref()));
+            Duration::from_millis(default)
+        }
+        Some(v) => Duration::from_millis(*v.get_ref()),
+        None => Duration::from_millis(default),
+    };
+    let passive = PassiveConfig {
+        enabled: p.enabled.unwrap_or(true),
+        window: ms(&p.window_ms, "window_ms", 2000, errors),
+        min_flows: p.min_flows.unwrap_or(10).max(1),
+        ratio: match &p.ratio {
+            Some(r) if !(*r.get_ref() > 0.0 && *r.get_ref() <= 10.0) => {
+                errors.at(
+                    r.span(),
+                    "passive.ratio",
+                    format!("expected a ratio above 0 and up to 10, got {}", r.get_ref()),
+                );
+                0.5
+            }
+            Some(r) => *r.get_ref(),
+            None => 0.5,
+        },
+        hold: ms(&p.hold_ms, "hold_ms", 10_000, errors),
+    };
     let ipip = IpipConfig {
         source_v4: raw.ipip.source_v4.as_ref().and_then(|p| parse_prefix(p, "ipip.source_v4", errors)),
         source_v6: raw.ipip.source_v6.as_ref().and_then(|p| parse_prefix(p, "ipip.source_v6", errors)),
@@ -474,6 +528,7 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         flows,
         ipip,
         metrics_listen,
+        passive,
         egress_interfaces,
         services,
     }

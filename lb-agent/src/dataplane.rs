@@ -73,6 +73,7 @@ pub struct Dataplane {
     backends: Array<MapData, Backend>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
+    backend_flows: PerCpuArray<MapData, lb_common::BackendFlows>,
     reason_stats: PerCpuArray<MapData, Counters>,
     flow_stats: PerCpuArray<MapData, Counters>,
     settings: Array<MapData, Settings>,
@@ -123,6 +124,7 @@ impl Dataplane {
             backends: take_map(&mut ebpf, map_names::BACKENDS)?,
             service_stats: take_map(&mut ebpf, map_names::SERVICE_STATS)?,
             backend_stats: take_map(&mut ebpf, map_names::BACKEND_STATS)?,
+            backend_flows: take_map(&mut ebpf, map_names::BACKEND_FLOW_STATS)?,
             reason_stats: take_map(&mut ebpf, map_names::REASON_STATS)?,
             flow_stats: take_map(&mut ebpf, map_names::FLOW_STATS)?,
             settings: take_map(&mut ebpf, map_names::SETTINGS)?,
@@ -281,6 +283,15 @@ impl Dataplane {
 
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
         Ok(sum(&self.backend_stats.get(&id, 0)?))
+    }
+
+    /// New flows and SYN retransmissions of a backend, summed over CPUs (since load).
+    pub fn backend_flows(&self, id: u32) -> Result<lb_common::BackendFlows> {
+        let values = self.backend_flows.get(&id, 0)?;
+        Ok(values.iter().fold(lb_common::BackendFlows::default(), |a, c| lb_common::BackendFlows {
+            new_flows: a.new_flows + c.new_flows,
+            syn_retransmits: a.syn_retransmits + c.syn_retransmits,
+        }))
     }
 }
 

@@ -192,6 +192,8 @@ async fn run(
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut passive_tick = tokio::time::interval(config.passive.window);
+    passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let period = Duration::from_secs(stats_interval.max(1));
     let mut stats_tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
@@ -205,6 +207,9 @@ async fn run(
             _ = int.recv() => { info!("SIGINT: detaching"); break }
             _ = usr1.recv() => info!("counters:\n{}", agent.stats_table()?),
             _ = hup.recv() => reload(&mut agent, path),
+            _ = passive_tick.tick() => if let Err(e) = agent.passive_check(std::time::Instant::now()) {
+                error!("cannot apply the passive health check: {e:#}");
+            },
             Some(api::Call { request, reply }) = calls.recv() => {
                 let _ = reply.send(api::handle(&mut agent, request, path));
             }

@@ -27,6 +27,8 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// Per-CPU [`crate::Counters`] per [`crate::Reason`].
     pub const REASON_STATS: &str = "REASON_STATS";
+    /// Per-CPU [`crate::BackendFlows`] per backend id: the passive health signal.
+    pub const BACKEND_FLOW_STATS: &str = "BACKEND_FLOW_STATS";
     /// Per-CPU [`crate::Counters`] per [`crate::FlowEvent`] (packets only).
     pub const FLOW_STATS: &str = "FLOW_STATS";
     /// [`crate::FlowKey`] → [`crate::Flow`]: LRU hash with per-CPU LRU lists.
@@ -220,6 +222,19 @@ pub struct RateWindow {
     pub count: u64,
 }
 const _: () = assert!(core::mem::size_of::<RateWindow>() == 16);
+
+/// Value of [`map_names::BACKEND_FLOW_STATS`]: what the balancer sees of a backend's health
+/// without seeing its replies. A client whose SYN got no answer sends it again, and the
+/// retransmission hits the flow pinned by the first one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendFlows {
+    /// Flows given to the backend (pinned or not).
+    pub new_flows: u64,
+    /// TCP SYNs (without ACK) of flows already pinned to the backend.
+    pub syn_retransmits: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendFlows>() == 16);
 
 /// Per-CPU counter pair, summed over CPUs by the agent.
 #[repr(C)]

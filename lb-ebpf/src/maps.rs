@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     limits::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, MAX_VIPS},
-    Backend, Counters, Flow, FlowEvent, FlowKey, RateWindow, Reason, Service, ServiceKey, Settings, Vip, VipKey,
+    Backend, BackendFlows, Counters, Flow, FlowEvent, FlowKey, RateWindow, Reason, Service, ServiceKey, Settings, Vip,
+    VipKey,
 };
 
 /// Destination addresses we balance; anything else passes untouched after one lookup.
@@ -48,6 +49,9 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 
 #[map]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static BACKEND_FLOW_STATS: PerCpuArray<BackendFlows> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
 pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

@@ -7,7 +7,9 @@ use crate::{
     stats,
 };
 
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// A usable backend: its id and its slot.
@@ -81,6 +83,9 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 stats::count_flow(FlowEvent::Hit);
+                if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                    stats::count_syn_retransmit(f.backend);
+                }
             }
             return Some(Chosen { id: f.backend, backend });
         }
@@ -91,6 +96,7 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
     if now == 0 {
         now = clock();
     }
+    stats::count_new_flow(id);
     if tcp_flags & TCP_RST == 0 {
         if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) {
             let flow = Flow { backend: id, generation: backend.generation, last_seen_ns: now };

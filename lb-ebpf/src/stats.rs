@@ -2,7 +2,7 @@
 use aya_ebpf::maps::PerCpuArray;
 use lb_common::{Counters, FlowEvent, Reason};
 
-use crate::maps::{BACKEND_STATS, FLOW_STATS, REASON_STATS, SERVICE_STATS};
+use crate::maps::{BACKEND_FLOW_STATS, BACKEND_STATS, FLOW_STATS, REASON_STATS, SERVICE_STATS};
 
 #[inline(always)]
 fn add(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
@@ -29,4 +29,22 @@ pub fn count_flow(event: FlowEvent) {
 pub fn count_forward(service: u32, backend: u32, bytes: u64) {
     add(&SERVICE_STATS, service, bytes);
     add(&BACKEND_STATS, backend, bytes);
+}
+
+/// A flow given to `backend`.
+#[inline(always)]
+pub fn count_new_flow(backend: u32) {
+    if let Some(c) = BACKEND_FLOW_STATS.get_ptr_mut(backend) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe { (*c).new_flows += 1 };
+    }
+}
+
+/// A SYN again on a flow already pinned to `backend`: its first one got no answer.
+#[inline(always)]
+pub fn count_syn_retransmit(backend: u32) {
+    if let Some(c) = BACKEND_FLOW_STATS.get_ptr_mut(backend) {
+        // SAFETY: as above.
+        unsafe { (*c).syn_retransmits += 1 };
+    }
 }

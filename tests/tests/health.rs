@@ -83,3 +83,46 @@ fn below_min_healthy_the_service_fails_open() {
     s.agent.wait_for_count("healthy again", 2, WAIT).unwrap();
     s.agent.stop().unwrap();
 }
+
+/// A backend that silently drops SYNs to the service while its health port still answers:
+/// only the in-band signal (SYN retransmissions) can find it.
+#[test]
+fn a_backend_that_blackholes_syns_is_evicted_by_the_passive_signal() {
+    let config = config_for(&[(0, 1), (1, 1), (2, 1)]).replace(
+        "[health]\n",
+        "[passive]\nwindow_ms = 500\nmin_flows = 3\nratio = 0.5\nhold_ms = 60000\n\n[health]\nport = 8080\n",
+    );
+    let config = config.replace("[service.health]\nport = 80\n", "[service.health]\nport = 8080\n");
+    let mut s = Scenario::start_with(3, &config).expect("test bed");
+    let _health: Vec<HttpHealth> = (0..3).map(|i| HttpHealth::start(&s.bed.backends[i], 8080).unwrap()).collect();
+    let victim = backend_addr(1);
+    s.bed.backends[1]
+        .exec(&["nft", "add table inet xlbtest"])
+        .and_then(|_| {
+            s.bed.backends[1].exec(&["nft", "add chain inet xlbtest in { type filter hook input priority 0 ; }"])
+        })
+        .and_then(|_| {
+            s.bed.backends[1]
+                .exec(&["nft", &format!("add rule inet xlbtest in ip daddr {VIP} tcp dport {PORT} tcp flags syn drop")])
+        })
+        .expect("nftables");
+
+    // Clients in parallel: those sent to the victim resend their SYN after a second.
+    let started = std::time::Instant::now();
+    let client = &s.bed.client;
+    let agent = &mut s.agent;
+    let detection = std::thread::scope(|scope| {
+        for _ in 0..6 {
+            scope.spawn(|| tcp_requests(client, vip(), 5).unwrap());
+        }
+        agent.wait_for_log(&format!("backend {victim} DOWN by passive alarm"), Duration::from_secs(20)).unwrap();
+        started.elapsed()
+    });
+    eprintln!("passive detection after {detection:?}");
+    let log = s.agent.log_text();
+    assert!(!log.contains(&format!("backend {victim} DOWN after")), "the active checks must not see it:\n{log}");
+    // Evicted: every new connection succeeds, none on the victim.
+    let t = tcp_requests(&s.bed.client, vip(), 120).unwrap();
+    assert!(failures(&t) == 0 && !t.contains_key(&backend_name(1)), "{t:?}");
+    s.agent.stop().unwrap();
+}
