@@ -15,7 +15,7 @@ pub const MAX_MAGLEV_SIZE: u32 = 655_373;
 /// Entries of the MAGLEV map when the config does not say: room for eight services of the
 /// default size, each with its two copies (active and inactive).
 pub const DEFAULT_MAGLEV_CAPACITY: u32 = 16 * DEFAULT_MAGLEV_SIZE;
-/// Flow-table entries when the config does not say (about 64 B of kernel memory each with the
+/// Flow-table entries when the config does not say (about 121 B of kernel memory each with the
 /// hash overhead: see the README).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
 /// Idle time after which a UDP flow is re-hashed.

@@ -11,6 +11,21 @@ use xlb_tests::{
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Waits until every backend of `service` is up, as `lb-agent ctl list` says.
+fn wait_all_up(s: &Scenario, service: &str) {
+    let all_up = || {
+        let (_, json, _) = s.agent.ctl(&["--json", "list"]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let svc = v["services"].as_array().unwrap().iter().find(|x| x["name"] == service).cloned().unwrap();
+        svc["backends"].as_array().unwrap().iter().all(|b| b["state"] == "up")
+    };
+    let start = std::time::Instant::now();
+    while !all_up() {
+        assert!(start.elapsed() < WAIT, "{service}: not every backend came up:\n{}", s.agent.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn http_checks_follow_the_status_code() {
     let config = config_for(&[(0, 1), (1, 1), (2, 1)]).replace(
@@ -22,13 +37,17 @@ fn http_checks_follow_the_status_code() {
     let bed_servers = Scenario::start_with(3, &config);
     let mut s = bed_servers.expect("test bed");
     let health: Vec<HttpHealth> = (0..3).map(|i| HttpHealth::start(&s.bed.backends[i], 8080).unwrap()).collect();
+    // The endpoints started after the agent: wait until its checks see them all.
+    wait_all_up(&s, "demo-tcp");
+    let down = format!("backend {} DOWN after", backend_addr(0));
+    let before = s.agent.log_text().matches(&down).count();
     health[0].set_status(503);
-    s.agent.wait_for_count(&format!("backend {} DOWN after", backend_addr(0)), 2, WAIT).unwrap();
+    s.agent.wait_for_count(&down, before + 2, WAIT).unwrap();
     assert!(s.agent.log_text().contains("last: HTTP status 503"), "{}", s.agent.log_text());
     let t = tcp_requests(&s.bed.client, vip(), 150).unwrap();
     assert!(failures(&t) == 0 && !t.contains_key(&backend_name(0)), "{t:?}");
     health[0].set_status(204);
-    s.agent.wait_for_count(&format!("backend {} UP after", backend_addr(0)), 2, WAIT).unwrap();
+    wait_all_up(&s, "demo-tcp");
     drop(health);
     s.agent.stop().unwrap();
 }
@@ -44,18 +63,7 @@ fn udp_checks_need_an_answer() {
         s.servers[i] =
             Server::start(&s.bed.backends[i], &backend_name(i), &[VIP.into(), backend_addr(i).into()], PORT).unwrap();
     }
-    // Whatever the first probes saw, every backend of the UDP service is up within a second.
-    let all_up = || {
-        let (_, json, _) = s.agent.ctl(&["--json", "list"]).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-        let udp = v["services"].as_array().unwrap().iter().find(|x| x["name"] == "demo-udp").cloned().unwrap();
-        udp["backends"].as_array().unwrap().iter().all(|b| b["state"] == "up")
-    };
-    let start = std::time::Instant::now();
-    while !all_up() {
-        assert!(start.elapsed() < WAIT, "UDP checks fail against live servers:\n{}", s.agent.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_all_up(&s, "demo-udp");
     s.servers[2].stop();
     s.agent.wait_for_log(&format!("service demo-udp: backend {} DOWN", backend_addr(2)), WAIT).unwrap();
     s.agent.stop().unwrap();
@@ -88,24 +96,19 @@ fn below_min_healthy_the_service_fails_open() {
 /// only the in-band signal (SYN retransmissions) can find it.
 #[test]
 fn a_backend_that_blackholes_syns_is_evicted_by_the_passive_signal() {
-    let config = config_for(&[(0, 1), (1, 1), (2, 1)]).replace(
-        "[health]\n",
-        "[passive]\nwindow_ms = 500\nmin_flows = 3\nratio = 0.5\nhold_ms = 60000\n\n[health]\nport = 8080\n",
-    );
-    let config = config.replace("[service.health]\nport = 80\n", "[service.health]\nport = 8080\n");
+    // The health checks go to the backends' own addresses, which nftables leaves alone.
+    let config = config_for(&[(0, 1), (1, 1), (2, 1)])
+        .replace("[health]\n", "[passive]\nwindow_ms = 500\nmin_flows = 3\nratio = 0.5\nhold_ms = 60000\n\n[health]\n");
     let mut s = Scenario::start_with(3, &config).expect("test bed");
-    let _health: Vec<HttpHealth> = (0..3).map(|i| HttpHealth::start(&s.bed.backends[i], 8080).unwrap()).collect();
     let victim = backend_addr(1);
-    s.bed.backends[1]
-        .exec(&["nft", "add table inet xlbtest"])
-        .and_then(|_| {
-            s.bed.backends[1].exec(&["nft", "add chain inet xlbtest in { type filter hook input priority 0 ; }"])
-        })
-        .and_then(|_| {
-            s.bed.backends[1]
-                .exec(&["nft", &format!("add rule inet xlbtest in ip daddr {VIP} tcp dport {PORT} tcp flags syn drop")])
-        })
-        .expect("nftables");
+    let rules = [
+        "add table inet xlbtest".to_string(),
+        "add chain inet xlbtest in { type filter hook input priority 0 ; }".to_string(),
+        format!("add rule inet xlbtest in ip daddr {VIP} tcp dport {PORT} tcp flags syn drop"),
+    ];
+    for rule in &rules {
+        s.bed.backends[1].exec(&["nft", rule]).expect("nftables");
+    }
 
     // Clients in parallel: those sent to the victim resend their SYN after a second.
     let started = std::time::Instant::now();
@@ -113,9 +116,9 @@ fn a_backend_that_blackholes_syns_is_evicted_by_the_passive_signal() {
     let agent = &mut s.agent;
     let detection = std::thread::scope(|scope| {
         for _ in 0..6 {
-            scope.spawn(|| tcp_requests(client, vip(), 5).unwrap());
+            scope.spawn(|| tcp_requests(client, vip(), 8).unwrap());
         }
-        agent.wait_for_log(&format!("backend {victim} DOWN by passive alarm"), Duration::from_secs(20)).unwrap();
+        agent.wait_for_log(&format!("backend {victim} DOWN by passive alarm"), Duration::from_secs(30)).unwrap();
         started.elapsed()
     });
     eprintln!("passive detection after {detection:?}");
