@@ -43,7 +43,8 @@ counted_enum! {
         DropUnknownService = 5 => "drop_unknown_service",
         /// XDP_DROP: the service has no usable backend.
         DropNoBackend = 6 => "drop_no_backend",
-        /// XDP_DROP: TCP or UDP header to a VIP cut short.
+        /// XDP_DROP: TCP or UDP to a VIP cut short: its header (by the frame or by the IP length
+        /// field), or the packet (an IP length field past the frame's end).
         DropTruncatedL4 = 7 => "drop_truncated_l4",
         /// XDP_DROP: fragment to a VIP (later fragments carry no ports to hash).
         DropFragment = 8 => "drop_fragment",
@@ -63,6 +64,10 @@ counted_enum! {
         DropNoRoute = 14 => "drop_no_route",
         /// XDP_DROP: the frame could not be grown or shrunk (bpf_xdp_adjust_head/tail failed).
         DropAdjustFailed = 15 => "drop_adjust_failed",
+        /// XDP_DROP: too big once encapsulated, as for tx_too_big, but from a source that is no
+        /// single host (0/8, 127/8, 224/4, 240/4; ::, ::1, ff00::/8): no ICMP error may go to it
+        /// (RFC 1122 3.2.2, RFC 4443 2.4 (e)).
+        DropTooBigBadSource = 16 => "drop_too_big_bad_source",
     }
 }
 
@@ -125,7 +130,8 @@ impl Reason {
             | Reason::DropFragment
             | Reason::DropIpOptions
             | Reason::DropNoRoute
-            | Reason::DropAdjustFailed => 1,
+            | Reason::DropAdjustFailed
+            | Reason::DropTooBigBadSource => 1,
         }
     }
 }

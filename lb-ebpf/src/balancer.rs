@@ -22,13 +22,16 @@ const IPPROTO_ICMPV6: u8 = 58;
 /// More-fragments flag and fragment offset, in the header's (big-endian) layout.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 const IP_DF: u16 = 0x4000;
+const TCP_HDR: usize = 20;
+const UDP_HDR: usize = 8;
 
 /// A packet to a VIP, as far as the balancer needs it.
 struct Packet {
     key: FlowKey,
     l3: usize,
     tcp_flags: u8,
-    /// Length of the IP packet, header included.
+    /// Length of the IP packet by its header's length field, header included; checked to cover
+    /// the transport header and to end inside the frame. Bytes after it are padding.
     ip_len: u16,
     /// IPv4 TOS or IPv6 traffic class.
     tos: u8,
@@ -93,11 +96,15 @@ fn ipv4_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     }
     let proto = transport(ip.proto, IPPROTO_ICMP)?;
     let (ports, tcp_flags) = parse::l4_ports(ctx, l3 + IPV4_HDR, proto).ok_or(Reason::DropTruncatedL4)?;
+    let ip_len = u16::from_be_bytes(ip.tot_len);
+    if !length_fits(ctx, l3, l3 + IPV4_HDR, proto, ip_len as usize) {
+        return Err(Reason::DropTruncatedL4);
+    }
     Ok(Packet {
         key: FlowKey { src: addr_v4(ip.src_addr), dst, ports, proto, family: FAMILY_V4, _pad: 0 },
         l3,
         tcp_flags,
-        ip_len: u16::from_be_bytes(ip.tot_len),
+        ip_len,
         tos: ip.tos,
         df: frags & IP_DF != 0,
     })
@@ -122,6 +129,9 @@ fn ipv6_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     let proto = transport(proto, IPPROTO_ICMPV6)?;
     let (ports, tcp_flags) = parse::l4_ports(ctx, l4, proto).ok_or(Reason::DropTruncatedL4)?;
     let payload_len = u16::from_be_bytes(ip.payload_len);
+    if !length_fits(ctx, l3, l4, proto, payload_len as usize + IPV6_HDR) {
+        return Err(Reason::DropTruncatedL4);
+    }
     Ok(Packet {
         key: FlowKey { src: addr_v6(ip.src_addr), dst, ports, proto, family: FAMILY_V6, _pad: 0 },
         l3,
@@ -130,6 +140,19 @@ fn ipv6_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
         tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
         df: true,
     })
+}
+
+/// Whether the IP length field (`ip_len`, IP header included) describes a packet the frame
+/// holds: long enough for the IP header (with IPv6's extension headers: `l4 - l3` bytes) and
+/// the whole TCP (20) or UDP (8) header, and not running past the frame. Otherwise the packet
+/// is cut short (by the frame, or by its own length field): drop_truncated_l4, as for a TCP/UDP
+/// header the frame cuts short. Checked only for TCP/UDP to a VIP: ICMP goes to the host's
+/// stack, which judges lengths itself. Bytes after the length (Ethernet pads frames to 60
+/// bytes) are allowed; see forward_encap for what becomes of them.
+#[inline(always)]
+fn length_fits(ctx: &XdpContext, l3: usize, l4: usize, proto: u8, ip_len: usize) -> bool {
+    let l4_header = if proto == IPPROTO_TCP { TCP_HDR } else { UDP_HDR };
+    ip_len >= l4 - l3 + l4_header && l3 + ip_len <= parse::frame_len(ctx) as usize
 }
 
 /// TCP and UDP go on; the family's ICMP goes to the host; anything else has no service.
@@ -153,7 +176,7 @@ fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen
     match forward_encap(ctx, packet, chosen.backend, hash) {
         Ok(reason) => reason,
         // Called from here, not from forward_encap: the verifier adds up the stacks of a chain.
-        Err(mtu) => too_big(ctx, packet.key.family, packet.l3, mtu),
+        Err(mtu) => too_big(ctx, packet, mtu),
     }
 }
 
@@ -169,17 +192,27 @@ fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32
     };
     let family = packet.key.family;
     let backend = &backend.addr;
-    let (src, outer_len) = if family == FAMILY_V4 {
+    let (src, outer_hdr) = if family == FAMILY_V4 {
         let src = settings.ipip_src_v4 | (hash.to_be() & settings.ipip_src_v4_host);
-        ([src, 0, 0, 0], packet.ip_len.saturating_add(IPV4_HDR as u16))
+        ([src, 0, 0, 0], IPV4_HDR)
     } else {
         let s = &settings.ipip_src_v6;
         let src = [s[0], s[1], s[2], s[3] | (hash.to_be() & settings.ipip_src_v6_host)];
-        (src, packet.ip_len.saturating_add(IPV6_HDR as u16))
+        (src, IPV6_HDR)
     };
+    // The outer header declares the inner packet by its length field (ip_len). Bytes the frame
+    // holds after it (Ethernet padding) stay where they are: after the outer packet's declared
+    // end, where every receiver (ip_rcv, ipv6_rcv, the decapsulator's stack) trims them. They
+    // do go on the wire, so the MTU check counts them: the frame's bytes from the IP header on.
+    let outer_len = packet.ip_len.saturating_add(outer_hdr as u16);
+    let on_wire = (parse::frame_len(ctx) as usize).saturating_sub(l3).saturating_add(outer_hdr);
+    let on_wire = if on_wire > u16::MAX as usize { u16::MAX } else { on_wire as u16 };
     let proto = if family == FAMILY_V4 { 4 } else { 41 };
-    let route = fib::route(ctx, family, proto, &src, backend, outer_len);
+    let route = fib::route(ctx, family, proto, &src, backend, on_wire);
     let (df, route) = match route {
+        // Too big only by the bytes after the packet: the stack trims them and forwards the
+        // packet, which fits (it resolves the route and the neighbour itself).
+        Route::TooBig(mtu) if outer_len <= mtu => (packet.df, Route::NoNeighbour),
         Route::TooBig(_) if !packet.df => (false, Route::NoNeighbour),
         Route::TooBig(mtu) => return Err(mtu),
         other => (packet.df, other),
@@ -220,8 +253,15 @@ fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32
     })
 }
 
+/// Answers a packet too big for the route to its backend once encapsulated, unless its source is
+/// no single host: then no ICMP error may go to it (RFC 1122 3.2.2, RFC 4443 2.4 (e)), and the
+/// packet, which cannot be forwarded either, is dropped untouched.
 #[inline(always)]
-fn too_big(ctx: &XdpContext, family: u8, l3: usize, mtu: u16) -> Reason {
+fn too_big(ctx: &XdpContext, packet: &Packet, mtu: u16) -> Reason {
+    let (family, l3) = (packet.key.family, packet.l3);
+    if !icmp::may_answer(family, &packet.key.src) {
+        return Reason::DropTooBigBadSource;
+    }
     let answered = if family == FAMILY_V4 {
         icmp::too_big_v4(ctx, l3, mtu.saturating_sub(IPV4_HDR as u16))
     } else {

@@ -131,8 +131,10 @@ fn outer_v4(ctx: &XdpContext, l3: usize) -> Result<(), DecapReason> {
     if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
         return Err(DecapReason::PassMalformed);
     }
-    let inner_len = u16::from_be_bytes(inner.tot_len);
-    if u16::from_be_bytes(outer.tot_len) != inner_len.wrapping_add(IPV4_HDR as u16) {
+    // In 32 bits: modulo 2^16, an outer length below its own header (0..=19) would agree with
+    // an inner one of 65516 or more.
+    let inner_len = u32::from(u16::from_be_bytes(inner.tot_len));
+    if u32::from(u16::from_be_bytes(outer.tot_len)) != inner_len + IPV4_HDR as u32 {
         return Err(DecapReason::PassMalformed);
     }
     if outer.tos & ECN_MASK == ECN_CE {
@@ -160,8 +162,10 @@ fn outer_v6(ctx: &XdpContext, l3: usize) -> Result<(), DecapReason> {
     if inner.vcf[0] >> 4 != 6 {
         return Err(DecapReason::PassMalformed);
     }
-    let inner_payload = u16::from_be_bytes(inner.payload_len);
-    if u16::from_be_bytes(outer.payload_len) != inner_payload.wrapping_add(IPV6_HDR as u16) {
+    // In 32 bits, as for IPv4: an outer payload of 0..=39 must not agree with an inner one of
+    // 65496 or more.
+    let inner_payload = u32::from(u16::from_be_bytes(inner.payload_len));
+    if u32::from(u16::from_be_bytes(outer.payload_len)) != inner_payload + IPV6_HDR as u32 {
         return Err(DecapReason::PassMalformed);
     }
     if (outer.vcf[1] >> 4) & ECN_MASK == ECN_CE {

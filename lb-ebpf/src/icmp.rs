@@ -5,6 +5,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
+use lb_common::{Addr, FAMILY_V4};
 
 use crate::{
     csum,
@@ -17,6 +18,24 @@ const ICMP_HDR: usize = 8;
 const QUOTED_L4: usize = 8;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
+
+/// Whether an ICMP error may be sent to `src` (an [`Addr`]: network-order words): only if it
+/// names a single host. RFC 1122 3.2.2 forbids answering a zero, loopback, broadcast, multicast
+/// or class E source: 0.0.0.0/8, 127.0.0.0/8, 224.0.0.0/4, 240.0.0.0/4 (255.255.255.255
+/// included). RFC 4443 2.4 (e) forbids the unspecified address (::) and multicast (ff00::/8);
+/// ::1 names no host on the wire either (RFC 4291 2.5.3). A spoofed source of that kind would
+/// otherwise make the balancer send errors to a group, or to a host's own loopback.
+#[inline(always)]
+pub fn may_answer(family: u8, src: &Addr) -> bool {
+    // The first word holds the first four bytes of the address, in memory (network) order.
+    let first = src[0].to_ne_bytes()[0];
+    if family == FAMILY_V4 {
+        return first != 0 && first != 127 && first < 224;
+    }
+    let unspecified_or_loopback =
+        src[0] == 0 && src[1] == 0 && src[2] == 0 && (src[3] == 0 || src[3] == u32::from_ne_bytes([0, 0, 0, 1]));
+    first != 0xff && !unspecified_or_loopback
+}
 
 /// Grows the head by `grow` bytes and cuts the frame to `len`, keeping the L2 header's
 /// EtherType and VLAN tag, with the MACs swapped. The client's packet then sits right where the

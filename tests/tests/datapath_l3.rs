@@ -12,10 +12,10 @@ use lb_common::{FlowEvent, Reason, IPPROTO_TCP, IPPROTO_UDP};
 use xlb_tests::{
     dpbed::{
         backend_mac, expect_ip6ip6, expect_ipip_v4, expect_too_big_v4, expect_too_big_v6, frame_hash, icmpv6_checksum,
-        ipv6_with_ext, mac_at, outer_src_v4, outer_src_v6, set_tos, tcp, udp, with_bed, Bed, DpBed, Ext, CLIENT4,
-        CLIENT6, CLIENT_MAC, GW2_MAC, GW4_MAC, GW6_MAC, L2_V4, L2_V6, LB_MAC, LB_MAC2, PORT_IPIP, PORT_L2_TCP,
-        PORT_L2_UDP, PORT_NO_NEIGH, PORT_NO_ROUTE, PORT_REDIRECT, PORT_TOO_BIG, SMALL_MTU, UDP_IDLE_NS, VIP4, VIP6,
-        XDP_PASS, XDP_REDIRECT, XDP_TX,
+        ipv6_with_ext, l3_offset, mac_at, outer_src_v4, outer_src_v6, set_tos, tcp, to_lb, udp, with_bed, Bed, DpBed,
+        Ext, CLIENT4, CLIENT6, CLIENT_MAC, GW2_MAC, GW4_MAC, GW6_MAC, L2_V4, L2_V6, LB_MAC, LB_MAC2, PORT_IPIP,
+        PORT_L2_TCP, PORT_L2_UDP, PORT_NO_NEIGH, PORT_NO_ROUTE, PORT_REDIRECT, PORT_TOO_BIG, SMALL_MTU, UDP_IDLE_NS,
+        VIP4, VIP6, XDP_PASS, XDP_REDIRECT, XDP_TX,
     },
     packet::{checksum, Frame, ETH_LEN, IPV4_LEN, IPV6_LEN},
 };
@@ -781,5 +781,203 @@ fn the_fib_sees_only_a_locked_route_mtu() {
             let out = bed.run_counted(&input, Reason::TxEncap);
             assert_eq!(out, expected_encap(bed, &f, &input, bed.expected_backend(&f)), "encapsulated beyond 1300");
         }
+    });
+}
+
+// ---- 7. The IP length field, padding, sources no ICMP error may go to ----------------------
+
+const DROP_TOO_BIG_BAD_SOURCE: Reason = Reason::DropTooBigBadSource;
+
+/// `frame` with its IP length field set to `ip_len` bytes, IP header included (IPv4: total
+/// length, checksum redone; IPv6: payload length `ip_len - 40`).
+fn with_ip_length(frame: &[u8], ip_len: usize) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let l3 = l3_offset(&f);
+    if f[l3] >> 4 == 4 {
+        f[l3 + 2..l3 + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+        f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum(&f[l3..l3 + IPV4_LEN]);
+        f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    } else {
+        f[l3 + 4..l3 + 6].copy_from_slice(&((ip_len - IPV6_LEN) as u16).to_be_bytes());
+    }
+    f
+}
+
+/// A TCP/UDP packet to a VIP whose length field runs past the frame (the packet is cut short)
+/// or does not cover its IP and TCP/UDP headers (the ports would come from bytes after the
+/// packet) is dropped untouched as drop_truncated_l4, before the flow table, for L2 and IPIP
+/// services alike. ICMP to a VIP still goes to the host, whose stack judges its length.
+#[test]
+fn an_ip_length_past_the_frame_or_short_of_the_headers_is_truncated() {
+    with_bed(|bed| {
+        for f in [
+            tcp(CLIENT4, 65_000, VIP4, PORT_IPIP),
+            udp(CLIENT4, 65_001, VIP4, PORT_L2_UDP),
+            tcp(CLIENT4, 65_002, VIP4, PORT_L2_TCP).vlan(5),
+            tcp(CLIENT6, 65_000, VIP6, PORT_IPIP),
+            udp(CLIENT6, 65_001, VIP6, PORT_L2_UDP).vlan(5),
+        ] {
+            let input = f.build();
+            let l3 = f.l3_offset();
+            let ip_len = input.len() - l3;
+            let headers = f.l4_offset() - l3 + if f.proto == IPPROTO_TCP { 20 } else { 8 };
+            let mut claims = vec![ip_len + 1, ip_len + 1000, 65_535, headers - 1];
+            claims.extend(if f.src.is_ipv4() { &[20, 19, 0][..] } else { &[IPV6_LEN][..] });
+            for claim in claims {
+                let bad = with_ip_length(&input, claim);
+                let out = bed.run_flow(&bad, Reason::DropTruncatedL4, &[]);
+                assert_eq!(out, bad, "{} {}/{}, length {claim} of {ip_len}: untouched", f.dst, f.proto, f.dport);
+            }
+        }
+        // The edge: a length that covers exactly the headers (the 5 payload bytes then are
+        // padding) is forwarded.
+        let f = tcp(CLIENT4, 65_003, VIP4, PORT_IPIP);
+        let input = with_ip_length(&f.build(), IPV4_LEN + 20);
+        let out = bed.run_flow(&input, Reason::TxEncap, &[New]);
+        assert_eq!(out, expected_encap(bed, &f, &input, bed.expected_backend(&f)));
+        // ICMP: the host's.
+        for f in [to_lb(Frame::icmp(CLIENT4, VIP4)), to_lb(Frame::icmp(CLIENT6, VIP6))] {
+            let input = f.build();
+            let bad = with_ip_length(&input, input.len() - f.l3_offset() + 100);
+            bed.assert_untouched(&bad, Reason::PassVipIcmp);
+        }
+    });
+}
+
+/// Ethernet pads frames to 60 bytes: the bytes after the IP packet's length are kept. The outer
+/// header declares the inner packet by its length field, so the padding travels after the
+/// outer packet's declared end, where the receiver's stack trims it; L2 DSR leaves it as is.
+#[test]
+fn padding_after_the_packet_travels_behind_the_outer_packet() {
+    with_bed(|bed| {
+        for f in [
+            tcp(CLIENT4, 65_010, VIP4, PORT_IPIP).payload(Vec::new()),
+            tcp(CLIENT4, 65_011, VIP4, PORT_IPIP).payload(Vec::new()).vlan(3),
+            udp(CLIENT6, 65_012, VIP6, PORT_IPIP).payload(Vec::new()),
+        ] {
+            let mut input = f.build();
+            let ip_len = input.len() - f.l3_offset();
+            input.resize(input.len().max(60), 0);
+            input.extend_from_slice(&[0xee; 3]);
+            let out = bed.run_counted(&input, Reason::TxEncap);
+            assert_eq!(
+                out,
+                expected_encap(bed, &f, &input, bed.expected_backend(&f)),
+                "padding after the inner packet"
+            );
+            let l3 = f.l3_offset();
+            let declared = if f.src.is_ipv4() {
+                usize::from(u16::from_be_bytes([out[l3 + 2], out[l3 + 3]]))
+            } else {
+                usize::from(u16::from_be_bytes([out[l3 + 4], out[l3 + 5]])) + IPV6_LEN
+            };
+            let outer = if f.src.is_ipv4() { IPV4_LEN } else { IPV6_LEN };
+            assert_eq!(declared, outer + ip_len, "the outer length is the inner length field + its header");
+            assert!(out.len() - l3 > declared, "the padding follows the declared end");
+        }
+        let f = tcp(CLIENT4, 65_013, VIP4, PORT_L2_TCP).payload(Vec::new());
+        let mut input = f.build();
+        input.resize(60, 0);
+        let out = bed.run_counted(&input, Reason::TxForwarded);
+        assert_eq!(out[12..], input[12..], "L2 DSR: only the MACs change");
+    });
+}
+
+/// The MTU check counts the whole frame from the IP header on, padding included: a frame too
+/// big only by the bytes after its packet is handed to the stack (pass_no_neighbour), which
+/// trims them and forwards the packet, which fits; one too big by its packet is answered.
+#[test]
+fn too_big_only_by_trailing_bytes_is_left_to_the_stack() {
+    with_bed(|bed| {
+        for (src, dst, fits) in [
+            (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), usize::from(SMALL_MTU) - IPV4_LEN),
+            (IpAddr::V6(CLIENT6), IpAddr::V6(VIP6), usize::from(SMALL_MTU) - IPV6_LEN),
+        ] {
+            let f = sized_tcp(src, 65_020, dst, PORT_TOO_BIG, fits);
+            let mut input = f.build();
+            input.extend_from_slice(&[0xee; 20]);
+            let out = bed.run_flow(&input, Reason::PassNoNeighbour, &[New]);
+            assert_eq!(out[..12], input[..12], "still addressed to veth0");
+            assert_eq!(out[12..], expected_encap(bed, &f, &input, bed.expected_backend(&f))[12..]);
+            // One byte more in the packet itself: too big, answered as before.
+            let f = sized_tcp(src, 65_021, dst, PORT_TOO_BIG, fits + 1);
+            let mut input = f.build();
+            input.extend_from_slice(&[0xee; 20]);
+            let trimmed = input[..input.len() - 20].to_vec();
+            let out = bed.run_flow(&input, Reason::TxTooBig, &[New]);
+            let expected = if src.is_ipv4() {
+                expect_too_big_v4(&trimmed, SMALL_MTU - 20)
+            } else {
+                expect_too_big_v6(&trimmed, u32::from(SMALL_MTU) - 40)
+            };
+            assert_eq!(out, expected, "answered; the answer quotes the packet");
+        }
+    });
+}
+
+/// End to end: the stack takes the encapsulated frames the balancer hands it with bytes after
+/// the outer packet's declared end (ip_rcv trims them) and forwards them: one with Ethernet
+/// padding to a next hop without neighbour entry, one too big only by its trailing bytes.
+#[test]
+fn frames_with_trailing_bytes_are_trimmed_and_forwarded_by_the_kernel() {
+    let dp = DpBed::new().unwrap();
+    let forwarded = |dp: &DpBed| dp.snmp("Ip", "ForwDatagrams").unwrap();
+    // Flows whose outer source is an ordinary host of 10.1.0.0/24 (not .0, .1 or .255).
+    let ordinary = |port: u16, len: Option<usize>| {
+        (56_001..57_000u16)
+            .map(|sport| match len {
+                Some(n) => sized_tcp(CLIENT4.into(), sport, VIP4.into(), port, n),
+                None => tcp(CLIENT4, sport, VIP4, port).payload(Vec::new()),
+            })
+            .find(|f| !matches!(outer_src_v4(frame_hash(f)).octets()[3], 0 | 1 | 255))
+            .unwrap()
+    };
+    let mut padded = ordinary(PORT_NO_NEIGH, None).build();
+    padded.resize(60, 0);
+    let mut trailing = ordinary(PORT_TOO_BIG, Some(usize::from(SMALL_MTU) - IPV4_LEN)).build();
+    trailing.extend_from_slice(&[0xee; 20]);
+    for (name, frame) in [("padded, no neighbour", padded), ("too big only by trailing bytes", trailing)] {
+        let before = forwarded(&dp);
+        let input = frame.clone();
+        let out = dp.run(move |bed| {
+            let out = bed.run_counted(&input, Reason::PassNoNeighbour);
+            bed.run_live(&input).unwrap();
+            out
+        });
+        assert!(out.len() - ETH_LEN > usize::from(u16::from_be_bytes([out[ETH_LEN + 2], out[ETH_LEN + 3]])), "{name}");
+        assert_eq!(forwarded(&dp) - before, 1, "{name}: forwarded by the stack");
+    }
+}
+
+/// No ICMP error to a source that is no single host (RFC 1122 3.2.2, RFC 4443 2.4 (e)): a
+/// packet too big once encapsulated from such a source is dropped untouched, after the flow
+/// table (the flow is pinned like any other).
+#[test]
+fn too_big_from_a_source_that_is_no_single_host_is_dropped() {
+    with_bed(|bed| {
+        let sources: [(IpAddr, IpAddr); 9] = [
+            (Ipv4Addr::UNSPECIFIED.into(), VIP4.into()),
+            (Ipv4Addr::new(0, 9, 9, 9).into(), VIP4.into()),
+            (Ipv4Addr::LOCALHOST.into(), VIP4.into()),
+            (Ipv4Addr::new(224, 0, 0, 5).into(), VIP4.into()),
+            (Ipv4Addr::new(240, 1, 2, 3).into(), VIP4.into()),
+            (Ipv4Addr::BROADCAST.into(), VIP4.into()),
+            (Ipv6Addr::UNSPECIFIED.into(), VIP6.into()),
+            (Ipv6Addr::LOCALHOST.into(), VIP6.into()),
+            (Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).into(), VIP6.into()),
+        ];
+        for (i, (src, dst)) in sources.into_iter().enumerate() {
+            let mut f = sized_tcp(src, 65_030, dst, PORT_TOO_BIG, 1400);
+            if i % 2 == 1 {
+                f = f.vlan(11);
+            }
+            let input = f.build();
+            let out = bed.run_flow(&input, DROP_TOO_BIG_BAD_SOURCE, &[New]);
+            assert_eq!(out, input, "from {src}: dropped untouched");
+        }
+        // The same packets that fit are forwarded: only the ICMP error is refused.
+        let f = sized_tcp(Ipv4Addr::new(224, 0, 0, 5).into(), 65_031, VIP4.into(), PORT_TOO_BIG, 1000);
+        bed.run_counted(&f.build(), Reason::TxEncap);
     });
 }

@@ -290,6 +290,67 @@ fn congestion_marks_reach_the_inner_packet() {
     bed.assert_decapsulated(&ip6ip6(&not_ect6, ETH_LEN, LB6, US6, CE), &not_ect6);
 }
 
+/// Found by the fuzz test (tests/tests/fuzz.rs): the length check compared modulo 2^16, so an
+/// outer IPv4 total length below its own header (0..=19) agreed with an inner one of 65516 or
+/// more, and an outer IPv6 payload length of 0..=39 with an inner one of 65496 or more: such
+/// frames were decapsulated instead of passed untouched as malformed.
+#[test]
+fn lengths_that_agree_only_modulo_2_16_are_malformed() {
+    let mut bed = bed();
+    let inner = Frame::tcp(CLIENT, 40_000, VIP, 80).build();
+    let inner6 = Frame::tcp(CLIENT6, 40_000, VIP6, 80).build();
+    let v4 = ipip(&inner, ETH_LEN, LB, US, 0);
+    let v6 = ip6ip6(&inner6, ETH_LEN, LB6, US6, 0);
+    for inner_len in [0xffffu16, 0xffec, 0xfff0] {
+        let mut f = v4.clone();
+        let outer_len = inner_len.wrapping_add(IPV4_LEN as u16);
+        f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&outer_len.to_be_bytes());
+        f[ETH_LEN + 22..ETH_LEN + 24].copy_from_slice(&inner_len.to_be_bytes());
+        bed.assert_untouched(&f, DecapReason::PassMalformed);
+    }
+    for inner_payload in [0xffffu16, 0xffd8, 0xffe0] {
+        let mut f = v6.clone();
+        let outer_payload = inner_payload.wrapping_add(IPV6_LEN as u16);
+        f[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&outer_payload.to_be_bytes());
+        f[ETH_LEN + 44..ETH_LEN + 46].copy_from_slice(&inner_payload.to_be_bytes());
+        bed.assert_untouched(&f, DecapReason::PassMalformed);
+    }
+    // The largest lengths that do agree are still decapsulated (the frame need not hold them:
+    // the stack judges the inner packet).
+    let mut f = v4.clone();
+    f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&0xffffu16.to_be_bytes());
+    f[ETH_LEN + 22..ETH_LEN + 24].copy_from_slice(&0xffebu16.to_be_bytes());
+    let mut expected = inner.clone();
+    expected[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&0xffebu16.to_be_bytes());
+    bed.assert_decapsulated(&f, &expected);
+}
+
+/// Bytes after the outer packet's declared end (Ethernet padding, or what the balancer keeps
+/// after a padded client frame) stay after the inner packet, for the stack to trim; a packet
+/// encapsulated twice loses one outer header only.
+#[test]
+fn padding_stays_and_nested_packets_are_stripped_once() {
+    let mut bed = bed();
+    let mut inner = Frame::tcp(CLIENT, 40_000, VIP, 80).payload(Vec::new()).build();
+    let frame = ipip(&inner, ETH_LEN, LB, US, 0);
+    inner.extend_from_slice(&[0; 6]);
+    let mut padded = frame.clone();
+    padded.extend_from_slice(&[0; 6]);
+    bed.assert_decapsulated(&padded, &inner);
+
+    let inner6 = Frame::udp(CLIENT6, 40_001, VIP6, 53).build();
+    let middle6 = ip6ip6(&inner6, ETH_LEN, LB6, US6, 0);
+    let twice6 = ip6ip6(&middle6, ETH_LEN, LB6, US6, 0);
+    bed.assert_decapsulated(&twice6, &middle6);
+    let inner4 = Frame::udp(CLIENT, 40_002, VIP, 53).vlan(9).build();
+    let l3 = ETH_LEN + VLAN_LEN;
+    let middle4 = ipip(&inner4, l3, LB, US, 0);
+    let twice4 = ipip(&middle4, l3, LB, US, 0);
+    bed.assert_decapsulated(&twice4, &middle4);
+    // Stripped once more, the result is the client's frame.
+    bed.assert_decapsulated(&middle4, &inner4);
+}
+
 // ---- `lb-agent decap` as a process ----
 
 /// `lb-agent decap` running in a namespace, its log in a file; killed if still running on drop.

@@ -1,8 +1,9 @@
-//! Fuzz and property test of the XDP balancer: at least a million random and mutated frames
-//! through BPF_PROG_TEST_RUN, each checked against properties that hold whatever the input, and
-//! against an independent model of the data path (verdict, reason and the exact output frame).
-//! The counters are read once, at the end: every frame must have been counted exactly once,
-//! under the reason the model predicted. Needs root (CAP_BPF, CAP_NET_ADMIN).
+//! Fuzz and property test of the XDP programs: at least a million random and mutated frames
+//! through BPF_PROG_TEST_RUN for each of the balancer and the decapsulator, each checked against
+//! properties that hold whatever the input, and against an independent model of the program
+//! (verdict, reason and the exact output frame). The counters are read once, at the end: every
+//! frame must have been counted exactly once, under the reason the model predicted. Needs root
+//! (CAP_BPF, CAP_NET_ADMIN).
 //!
 //! The test bed is one network namespace with three veth pairs, so that `bpf_fib_lookup` can
 //! answer every way the encapsulation path cares about:
@@ -16,7 +17,8 @@
 //! ```
 //!
 //! Environment: `XLB_FUZZ_SEED` (decimal, 0x-hex, or `random`), `XLB_FUZZ_FRAMES` (default
-//! 1,000,000), `XLB_FUZZ_STRICT=1` turns the known findings (see `Finding`) into failures.
+//! 1,000,000, per program), `XLB_FUZZ_STRICT=0` counts the findings (see `Finding`) instead of
+//! failing on them (they fail by default).
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -28,9 +30,10 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_agent::{
     config::Forward,
     dataplane::{if_index, map_addr, Dataplane, LoadOptions},
+    decap::Decap,
     maglev::{self, Member},
 };
-use lb_common::{addr_v6, hash::flow_hash, Reason, Settings, NO_BACKEND};
+use lb_common::{addr_v6, hash::flow_hash, reason::DecapReason, Reason, Settings, NO_BACKEND};
 use xlb_tests::{
     netns::Netns,
     packet::{checksum, Frame},
@@ -53,6 +56,8 @@ const DEFAULT_SEED: u64 = 0x00c0_ffee_5eed_f00d;
 const MIN_FRAME: usize = 14;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
+
+const DROP_TOO_BIG_BAD_SOURCE: Reason = Reason::DropTooBigBadSource;
 
 // ---------------------------------------------------------------------------------------------
 // The test bed: interfaces, routes, neighbours, services and backends. The model below is
@@ -275,7 +280,8 @@ struct Flow {
     dst: IpAddr,
     ports: [u8; 4],
     proto: u8,
-    /// The length the IP header claims (IPv6: payload length + 40, saturating).
+    /// The length the IP header claims (IPv6: payload length + 40): covers the IP and
+    /// transport headers and ends inside the frame.
     ip_len: u16,
     tos: u8,
     df: bool,
@@ -359,6 +365,7 @@ impl Model {
         let proto = transport(f[l3 + 9], 1)?;
         let l4 = l3 + 20;
         let ports = l4_ports(f, l4, proto)?;
+        let ip_len = claimed_length(f, l3, l4, proto, usize::from(be16(f, l3 + 2)))?;
         Ok(Flow {
             l3,
             l4,
@@ -367,7 +374,7 @@ impl Model {
             dst,
             ports,
             proto,
-            ip_len: be16(f, l3 + 2),
+            ip_len,
             tos: f[l3 + 1],
             df: frags & 0x4000 != 0,
         })
@@ -397,6 +404,7 @@ impl Model {
         }
         let proto = transport(next, 58)?;
         let ports = l4_ports(f, off, proto)?;
+        let ip_len = claimed_length(f, l3, off, proto, usize::from(be16(f, l3 + 4)) + 40)?;
         Ok(Flow {
             l3,
             l4: off,
@@ -405,7 +413,7 @@ impl Model {
             dst,
             ports,
             proto,
-            ip_len: be16(f, l3 + 4).saturating_add(40),
+            ip_len,
             tos: (f[l3] << 4) | (f[l3 + 1] >> 4),
             df: true,
         })
@@ -436,16 +444,22 @@ impl Model {
             return Expect { reason: Reason::TxForwarded, out: Some(out), forwarded };
         }
         let Hop::Route { mtu, mut via } = backend.hop else { return Expect::same(Reason::DropNoRoute) };
-        let outer_len = flow.ip_len.saturating_add(if flow.v6 { 40 } else { 20 });
-        if outer_len > mtu {
-            if flow.df {
+        let grow = if flow.v6 { 40 } else { 20 };
+        // The outer header declares the inner packet by its length field; the bytes after it
+        // (padding) travel too, so the MTU is checked against the whole frame's IP part.
+        let outer_len = usize::from(flow.ip_len) + grow;
+        let on_wire = f.len() - flow.l3 + grow;
+        if on_wire > usize::from(mtu) {
+            if outer_len <= usize::from(mtu) || !flow.df {
+                // Too big only by its padding (the stack trims it and forwards the rest), or
+                // to be fragmented: the kernel's stack forwards it.
+                via = None;
+            } else if !single_host(flow.src) {
+                // No ICMP error may go to a source that is no single host.
+                return Expect::same(DROP_TOO_BIG_BAD_SOURCE);
+            } else {
                 return Expect { reason: Reason::TxTooBig, out: Some(self.too_big(f, flow, mtu)), forwarded: None };
             }
-            // The kernel's stack fragments it.
-            via = None;
-        }
-        if !flow.v6 && flow.ip_len > u16::MAX - 20 {
-            return Expect::same(Reason::DropAdjustFailed);
         }
         let l3 = flow.l3;
         let reason = match via {
@@ -551,6 +565,17 @@ fn transport(proto: u8, icmp: u8) -> Result<u8, Reason> {
     }
 }
 
+/// The IP length field (`ip_len`, IP header included) of a TCP/UDP packet at `l3` whose
+/// transport header is at `l4`, if it covers that header and ends inside the frame; else the
+/// packet is cut short: drop_truncated_l4.
+fn claimed_length(f: &[u8], l3: usize, l4: usize, proto: u8, ip_len: usize) -> Result<u16, Reason> {
+    let l4_header = if proto == TCP { 20 } else { 8 };
+    if ip_len < l4 - l3 + l4_header || l3 + ip_len > f.len() {
+        return Err(Reason::DropTruncatedL4);
+    }
+    Ok(ip_len as u16)
+}
+
 fn l4_ports(f: &[u8], l4: usize, proto: u8) -> Result<[u8; 4], Reason> {
     let need = if proto == TCP { 20 } else { 8 };
     if f.len() < l4 + need {
@@ -590,17 +615,18 @@ fn icmpv6_checksum(ip: &[u8]) -> u16 {
 // Properties that hold whatever the input, independent of the model's details.
 // ---------------------------------------------------------------------------------------------
 
-/// Data-path findings the properties tolerate and count, unless `XLB_FUZZ_STRICT=1`. Each has
-/// an ignored reproducer at the end of this file.
+/// Data-path findings: failures, unless `XLB_FUZZ_STRICT=0` only counts them. Each was a bug of
+/// the balancer this test found; each has a regression test at the end of this file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Finding {
-    /// The outer header claims more bytes than the frame carries: the encapsulation trusts the
-    /// inner header's length field.
+    /// The outer header claims more bytes than the frame carries. Was: the encapsulation
+    /// trusted an inner length field that ran past the frame (now drop_truncated_l4).
     OuterLengthBeyondFrame,
-    /// An encapsulated frame sent out (TX/REDIRECT) larger than the egress route's MTU: the MTU
-    /// check used the inner header's length field, not the frame's length.
+    /// An encapsulated frame sent out (TX/REDIRECT) larger than the egress route's MTU. Was:
+    /// the MTU check used the inner length field, which may claim less than the frame carries.
     LargerThanEgressMtu,
     /// An ICMP error to a source that is no single host (RFC 1122 3.2.2, RFC 4443 2.4 (e)).
+    /// Was: answered whatever the source (now dropped).
     IcmpErrorToNonUnicastSource,
 }
 
@@ -700,15 +726,15 @@ fn check_encap(model: &Model, f: &[u8], verdict: u32, out: &[u8], findings: &mut
         if h[0] >> 4 != 6 || h[6] != 41 || h[7] == 0 {
             return Err("outer IPv6 header malformed (version, next header 41, hop limit)".into());
         }
-        // The data path adds 40 to the payload length with saturation, twice.
-        let claimed = (usize::from(be16(f, l2 + 4)) + 40).min(65535) + 40;
+        let claimed = usize::from(be16(f, l2 + 4)) + 40 + 40;
         (usize::from(be16(h, 4)) + 40, claimed, ip6(&h[24..]))
     };
     let Some(mtu) = model.route_mtu(dst) else {
         return Err(format!("encapsulated to {dst}, which is no routable backend"));
     };
-    if outer_len != carried && outer_len != claimed {
-        return Err(format!("outer length {outer_len}: neither the {carried} bytes carried nor the {claimed} claimed"));
+    // The inner packet is what its length field says; bytes after it are padding.
+    if outer_len != claimed {
+        return Err(format!("outer length {outer_len}, not the {claimed} the inner length field claims"));
     }
     if outer_len > carried {
         findings.note(Finding::OuterLengthBeyondFrame, f, out)?;
@@ -727,15 +753,15 @@ fn check_encap(model: &Model, f: &[u8], verdict: u32, out: &[u8], findings: &mut
 }
 
 /// Whether an ICMP error may be sent to `src` (RFC 1122 3.2.2: not to a zero, loopback,
-/// broadcast, multicast or class E source; RFC 4443 2.4 (e.5): not to the unspecified or a
-/// multicast source).
+/// broadcast, multicast or class E source; RFC 4443 2.4 (e): not to the unspecified or a
+/// multicast source; nor to ::1, which names no host on the wire, RFC 4291 2.5.3).
 fn single_host(src: IpAddr) -> bool {
     match src {
         IpAddr::V4(a) => {
             let o = a.octets();
             o[0] != 0 && o[0] != 127 && o[0] < 224
         }
-        IpAddr::V6(a) => !a.is_unspecified() && !a.is_multicast(),
+        IpAddr::V6(a) => !a.is_unspecified() && !a.is_multicast() && !a.is_loopback(),
     }
 }
 
@@ -789,7 +815,7 @@ fn check_icmp(f: &[u8], out: &[u8], l2: usize, et: u16, findings: &mut Findings)
 }
 
 fn strict() -> bool {
-    std::env::var("XLB_FUZZ_STRICT").is_ok_and(|v| v == "1")
+    std::env::var("XLB_FUZZ_STRICT").map_or(true, |v| v != "0")
 }
 
 fn hex(b: &[u8]) -> String {
@@ -897,6 +923,30 @@ fn random_addr(rng: &mut Rng, v6: bool) -> IpAddr {
     }
 }
 
+/// Sources that are no single host, which no ICMP error may answer.
+const NOT_ONE_HOST: [IpAddr; 10] = [
+    IpAddr::V4(Ipv4Addr::new(0, 0, 0, 0)),
+    IpAddr::V4(Ipv4Addr::new(0, 1, 2, 3)),
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+    IpAddr::V4(Ipv4Addr::new(224, 0, 0, 1)),
+    IpAddr::V4(Ipv4Addr::new(240, 0, 0, 1)),
+    IpAddr::V4(Ipv4Addr::new(255, 255, 255, 255)),
+    IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    IpAddr::V6(Ipv6Addr::LOCALHOST),
+    IpAddr::V6(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)),
+    IpAddr::V6(Ipv6Addr::new(0xff0e, 0, 0, 0, 0, 0, 0, 0x101)),
+];
+
+/// A client address: random, now and then one that is no single host.
+fn random_source(rng: &mut Rng, v6: bool) -> IpAddr {
+    if rng.percent(4) {
+        let mut choices = NOT_ONE_HOST.iter().filter(|a| a.is_ipv6() == v6);
+        let n = choices.clone().count();
+        return *choices.nth(rng.below(n)).unwrap();
+    }
+    random_addr(rng, v6)
+}
+
 fn valid_frame(rng: &mut Rng, model: &Model, shape: Shape) -> Vec<u8> {
     let v6 = shape.v6.unwrap_or_else(|| rng.percent(45));
     let dst = match shape.vip.unwrap_or_else(|| rng.percent(80).then(|| rng.below(VIPS_PER_FAMILY))) {
@@ -908,7 +958,7 @@ fn valid_frame(rng: &mut Rng, model: &Model, shape: Shape) -> Vec<u8> {
             }
         },
     };
-    let src = random_addr(rng, v6);
+    let src = random_source(rng, v6);
     let icmp = if v6 { 58 } else { 1 };
     let proto = shape.proto.unwrap_or_else(|| match rng.below(100) {
         0..=44 => TCP,
@@ -1459,10 +1509,13 @@ fn verdict_name(v: u32) -> &'static str {
     }
 }
 
-/// Reasons this set-up cannot produce, with why. Empty: every path is reachable here
-/// (drop_adjust_failed through an IPv4 total length of 65516 or more without DF, to an
-/// encapsulating service: the encapsulation's length overflows).
-const UNREACHABLE: &[(Reason, &str)] = &[];
+/// Reasons this set-up cannot produce, with why.
+const UNREACHABLE: &[(Reason, &str)] = &[(
+    Reason::DropAdjustFailed,
+    "bpf_xdp_adjust_head/tail fail only without headroom (BPF_PROG_TEST_RUN always gives 256 bytes) \
+     or below an Ethernet header; an outer length can no longer overflow (a length field past the \
+     frame is drop_truncated_l4)",
+)];
 
 #[test]
 fn a_million_random_and_mutated_frames_keep_every_property() {
@@ -1611,7 +1664,7 @@ fn fuzz(bed: &mut Bed, seed: u64, frames: u64) -> Report {
         "\n{} encapsulated frames carried bytes after the inner packet (padding; not a finding)\n",
         findings.trailing_bytes
     );
-    text += "\nfindings (counted, tolerated unless XLB_FUZZ_STRICT=1; reproducers: the ignored tests):\n";
+    text += "\nfindings (failures unless XLB_FUZZ_STRICT=0; regression tests at the end of fuzz.rs):\n";
     if findings.seen.is_empty() {
         text += "  none\n";
     }
@@ -1632,8 +1685,607 @@ fn fuzz(bed: &mut Bed, seed: u64, frames: u64) -> Report {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reproducers: regression tests of fixed bugs, and the findings, ignored until the data path
-// is fixed (each asserts the correct behaviour and fails today).
+// The decapsulator (xlb_decap, lb_agent::decap::Decap): the backend side of L3 DSR, on its own
+// million frames. Properties: the verdict is always XDP_PASS; a frame that is not IPIP/IP6IP6 to
+// an accepted address comes out untouched; a decapsulated frame is the inner packet behind the
+// frame's own L2 header (MACs, VLAN tag), with at most a congestion mark carried over (RFC 6040);
+// exactly one header is stripped (nested encapsulation stays nested once); the balancer's own
+// encapsulated output decapsulates to the frame it was given; every frame is counted once, under
+// the reason an independent model predicts.
+// ---------------------------------------------------------------------------------------------
+
+/// What the decapsulator must do with a frame.
+struct DecapModel {
+    /// The addresses it accepts, sorted (drawn from by index: deterministic).
+    accepted: Vec<IpAddr>,
+}
+
+impl DecapModel {
+    /// The balancer's encapsulation backends, so that its output can be fed to the decapsulator.
+    fn new(model: &Model) -> Self {
+        let mut accepted: Vec<IpAddr> = model
+            .backends
+            .values()
+            .filter(|b| matches!(b.hop, Hop::Route { .. }))
+            .map(|b| b.addr)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        accepted.sort();
+        Self { accepted }
+    }
+
+    fn accepts(&self, a: IpAddr) -> bool {
+        self.accepted.binary_search(&a).is_ok()
+    }
+
+    /// The reason, and the output frame when it changes (None: the input, untouched).
+    fn predict(&self, f: &[u8]) -> (DecapReason, Option<Vec<u8>>) {
+        use DecapReason::*;
+        let Some((l3, et)) = l3_of(f) else { return (PassMalformed, None) };
+        let (v6, hdr) = match et {
+            0x0800 => (false, 20),
+            0x86dd => (true, 40),
+            _ => return (PassNotEncap, None),
+        };
+        if f.len() < l3 + hdr {
+            return (PassMalformed, None);
+        }
+        let o = &f[l3..];
+        // Only what the balancer writes is stripped: IPv4 protocol 4 without options and not a
+        // fragment, IPv6 next header 41 (outer extension headers are not walked), to us, in
+        // front of a whole header of the same family whose length agrees with the outer one.
+        let reason = if !v6 {
+            if o[9] != 4 {
+                PassNotEncap
+            } else if o[0] != 0x45 {
+                PassMalformed
+            } else if be16(o, 6) & 0x3fff != 0 {
+                PassNotEncap
+            } else if !self.accepts(ip4(&o[16..])) {
+                PassNotForUs
+            } else if o.len() < 40
+                || o[20] >> 4 != 4
+                || o[20] & 15 < 5
+                || usize::from(be16(o, 2)) != usize::from(be16(o, 22)) + 20
+            {
+                PassMalformed // no whole inner IPv4 header, or lengths that disagree
+            } else {
+                Decapsulated
+            }
+        } else if o[6] != 41 {
+            PassNotEncap
+        } else if o[0] >> 4 != 6 {
+            PassMalformed
+        } else if !self.accepts(ip6(&o[24..])) {
+            PassNotForUs
+        } else if o.len() < 80 || o[40] >> 4 != 6 || usize::from(be16(o, 4)) != usize::from(be16(o, 44)) + 40 {
+            PassMalformed // no whole inner IPv6 header, or lengths that disagree
+        } else {
+            Decapsulated
+        };
+        if reason != Decapsulated {
+            return (reason, None);
+        }
+        let mut out = f[..l3].to_vec();
+        out.extend_from_slice(&o[hdr..]);
+        // RFC 6040: a congestion mark on the outer header reaches an ECN-capable inner packet.
+        if !v6 && o[1] & 3 == 3 && out[l3 + 1] & 3 != 0 {
+            let old = be16(&out, l3);
+            out[l3 + 1] |= 3;
+            let new = be16(&out, l3);
+            let c = checksum_update(be16(&out, l3 + 10), old, new);
+            out[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+        } else if v6 && (o[1] >> 4) & 3 == 3 && (out[l3 + 1] >> 4) & 3 != 0 {
+            out[l3 + 1] |= 0x30;
+        }
+        (Decapsulated, Some(out))
+    }
+}
+
+/// The header checksum `hc` after one 16-bit word went from `old` to `new` (RFC 1624, eqn. 3:
+/// HC' = ~(~HC + ~m + m')).
+fn checksum_update(hc: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Properties of one decapsulator run, whatever the model says: XDP_PASS always; untouched
+/// unless IPIP/IP6IP6 to an accepted address; else exactly one header gone, the L2 header kept,
+/// the inner packet byte for byte but for a congestion mark the outer header carried.
+fn check_decap_properties(dm: &DecapModel, f: &[u8], verdict: u32, out: &[u8]) -> Result<(), String> {
+    if verdict != XDP_PASS {
+        return Err(format!("verdict {} is not PASS", verdict_name(verdict)));
+    }
+    if out == f {
+        return Ok(());
+    }
+    let (l3, et) = l3_of(f).ok_or("changed a frame cut inside its VLAN tag")?;
+    let (hdr, to_us) = match et {
+        0x0800 if f.len() >= l3 + 20 => (20, f[l3 + 9] == 4 && dm.accepts(ip4(&f[l3 + 16..]))),
+        0x86dd if f.len() >= l3 + 40 => (40, f[l3 + 6] == 41 && dm.accepts(ip6(&f[l3 + 24..]))),
+        _ => return Err("changed a frame that is not IP (or cut inside its IP header)".into()),
+    };
+    if !to_us {
+        return Err("changed a frame that is not IPIP/IP6IP6 to an accepted address".into());
+    }
+    if out.len() + hdr != f.len() {
+        return Err(format!(
+            "the frame shrank by {} bytes, not by one {hdr}-byte header",
+            f.len() as isize - out.len() as isize
+        ));
+    }
+    if out[..l3] != f[..l3] {
+        return Err("the L2 header (MACs, VLAN tag, EtherType) changed".into());
+    }
+    let (inner, got) = (&f[l3 + hdr..], &out[l3..]);
+    let outer_ce = if hdr == 20 { f[l3 + 1] & 3 == 3 } else { (f[l3 + 1] >> 4) & 3 == 3 };
+    // Bytes a congestion mark may change: IPv4 TOS and header checksum, IPv6 traffic class.
+    let marked: &[usize] = if inner.len() >= 12 && inner[0] >> 4 == 4 {
+        &[1, 10, 11]
+    } else if inner.len() >= 2 && inner[0] >> 4 == 6 {
+        &[1]
+    } else {
+        &[]
+    };
+    for (i, (a, b)) in inner.iter().zip(got).enumerate() {
+        if a != b && !(outer_ce && marked.contains(&i)) {
+            return Err(format!("inner packet byte {i} changed ({a:#04x} -> {b:#04x})"));
+        }
+    }
+    if got != inner {
+        let inner_v4 = inner[0] >> 4 == 4;
+        let ecn = |p: &[u8]| if inner_v4 { p[1] & 3 } else { (p[1] >> 4) & 3 };
+        let (before, after) = (ecn(inner), ecn(got));
+        if before == 0 || after != 3 {
+            return Err(format!("ECN {before:#04b} -> {after:#04b}: only ECT becomes CE (RFC 6040)"));
+        }
+        let mask: u8 = if inner_v4 { 0xfc } else { 0xcf };
+        if inner[1] & mask != got[1] & mask {
+            return Err("the congestion mark changed more than the ECN bits".into());
+        }
+        if inner_v4 {
+            let ihl = usize::from(inner[0] & 15) * 4;
+            if inner.len() >= ihl && checksum(&inner[..ihl]) == 0 && checksum(&got[..ihl]) != 0 {
+                return Err("the congestion mark broke the inner header checksum".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `packet` behind an outer IPv4 or IPv6 header with protocol/next header `proto`, from `src` to
+/// `dst` (of the outer family), TOS/traffic class `tos`, IPv4 flags and offset `frag`; lengths
+/// and checksum right.
+fn ip_wrap(packet: &[u8], proto: u8, src: IpAddr, dst: IpAddr, tos: u8, frag: u16) -> Vec<u8> {
+    let mut h = Vec::with_capacity(40 + packet.len());
+    if src.is_ipv6() {
+        h.extend_from_slice(&[0x60 | (tos >> 4), tos << 4, 0x12, 0x34]);
+        h.extend_from_slice(&(packet.len() as u16).to_be_bytes());
+        h.extend_from_slice(&[proto, 64]);
+    } else {
+        h.extend_from_slice(&[0x45, tos]);
+        h.extend_from_slice(&((packet.len() + 20) as u16).to_be_bytes());
+        h.extend_from_slice(&[0, 0]);
+        h.extend_from_slice(&frag.to_be_bytes());
+        h.extend_from_slice(&[64, proto, 0, 0]);
+    }
+    h.extend_from_slice(&octets(src));
+    h.extend_from_slice(&octets(dst));
+    if src.is_ipv4() {
+        let c = checksum(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    h.extend_from_slice(packet);
+    h
+}
+
+/// An outer destination: mostly an accepted address, else one of the other family with the
+/// same bytes, or any.
+fn decap_dst(rng: &mut Rng, dm: &DecapModel, v6: bool) -> IpAddr {
+    let ours: Vec<IpAddr> = dm.accepted.iter().copied().filter(|a| a.is_ipv6() == v6).collect();
+    match rng.below(10) {
+        0..=5 => ours[rng.below(ours.len())],
+        6 => {
+            let theirs: Vec<IpAddr> = dm.accepted.iter().copied().filter(|a| a.is_ipv6() != v6).collect();
+            match theirs[rng.below(theirs.len())] {
+                IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
+                IpAddr::V6(a) => {
+                    let o = a.octets();
+                    IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], o[3]))
+                }
+            }
+        }
+        _ => random_addr(rng, v6),
+    }
+}
+
+/// A random TOS / traffic class on the IP header of `f` (IPv4: checksum redone).
+fn set_random_tos(rng: &mut Rng, f: &mut [u8]) {
+    let Some((l3, et)) = l3_of(f) else { return };
+    let tos = if rng.percent(50) { rng.pick(&[1, 2, 3]) } else { rng.byte() };
+    if et == 0x0800 && f.len() >= l3 + 20 && f[l3] & 15 >= 5 && f.len() >= l3 + usize::from(f[l3] & 15) * 4 {
+        let ihl = usize::from(f[l3] & 15) * 4;
+        f[l3 + 1] = tos;
+        f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum(&f[l3..l3 + ihl]);
+        f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    } else if et == 0x86dd && f.len() >= l3 + 2 {
+        f[l3] = (f[l3] & 0xf0) | (tos >> 4);
+        f[l3 + 1] = (f[l3 + 1] & 0x0f) | (tos << 4);
+    }
+}
+
+/// A valid frame wrapped `depth` times: mostly IPIP/IP6IP6 (the outer family's tunnel protocol
+/// whatever the inner family), now and then another protocol; the L2 header is the inner
+/// frame's (VLAN tag included), the EtherType the outermost header's.
+fn decap_encapsulated(rng: &mut Rng, model: &Model, dm: &DecapModel, depth: usize) -> Vec<u8> {
+    let mut inner = valid_frame(rng, model, ANY);
+    if rng.percent(30) {
+        set_random_tos(rng, &mut inner);
+    }
+    let (l3, et) = l3_of(&inner).unwrap();
+    let mut packet = inner[l3..].to_vec();
+    let mut v6 = et == 0x86dd;
+    for _ in 0..depth {
+        let outer_v6 = if rng.percent(85) { v6 } else { !v6 };
+        let tunnel = if outer_v6 { 41 } else { 4 };
+        let proto = if rng.percent(90) { tunnel } else { rng.pick(&[4, 41, 47, TCP, UDP, 0]) };
+        let frag = if outer_v6 {
+            0
+        } else if rng.percent(5) {
+            rng.pick(&[0x2000, 0x0001, 0x00b9, 0x6000])
+        } else {
+            rng.pick(&[0x4000, 0x4000, 0])
+        };
+        let tos = match rng.below(4) {
+            0 => 0,
+            1 => rng.pick(&[1, 2, 3]),
+            2 => 0xb8 | rng.pick(&[0, 1, 2, 3]),
+            _ => rng.byte(),
+        };
+        let dst = decap_dst(rng, dm, outer_v6);
+        let src = random_addr(rng, outer_v6);
+        packet = ip_wrap(&packet, proto, src, dst, tos, frag);
+        v6 = outer_v6;
+    }
+    let mut f = inner[..l3 - 2].to_vec();
+    f.extend_from_slice(&if v6 { [0x86, 0xdd] } else { [0x08, 0x00] });
+    f.extend_from_slice(&packet);
+    f
+}
+
+/// Lengths that lie: the outer or the inner length field, or both, consistently (the outer =
+/// the inner + its header, modulo 2^16, as a sloppy encapsulator would write them).
+fn decap_bogus_length(rng: &mut Rng, f: &mut [u8]) {
+    let Some((l3, et)) = l3_of(f) else { return };
+    let (outer_at, inner_at, hdr) = match et {
+        0x0800 => (l3 + 2, l3 + 22, 20u16),
+        0x86dd => (l3 + 4, l3 + 44, 40u16),
+        _ => return,
+    };
+    let actual = f.len().saturating_sub(l3) as u16;
+    let value = match rng.below(4) {
+        0 => rng.pick(&INTERESTING16),
+        1 => actual.wrapping_add(rng.range(1, 8) as u16),
+        2 => actual.wrapping_sub(rng.range(1, 8) as u16),
+        _ => rng.u16(),
+    };
+    let mut set = |at: usize, v: u16| {
+        if f.len() >= at + 2 {
+            f[at..at + 2].copy_from_slice(&v.to_be_bytes());
+        }
+    };
+    match rng.below(3) {
+        0 => set(outer_at, value),
+        1 => set(inner_at, value),
+        _ => {
+            set(inner_at, value);
+            set(outer_at, value.wrapping_add(hdr));
+        }
+    }
+}
+
+/// Random bytes after an Ethernet header, sometimes dressed up as IPIP/IP6IP6 to us.
+fn decap_random_after_ethernet(rng: &mut Rng, dm: &DecapModel) -> Vec<u8> {
+    let mut f = random_after_ethernet(rng);
+    let Some((l3, et)) = l3_of(&f) else { return f };
+    if rng.percent(60) {
+        match et {
+            0x0800 if f.len() >= l3 + 20 => {
+                f[l3] = if rng.percent(80) { 0x45 } else { 0x40 | (rng.byte() & 15) };
+                f[l3 + 9] = 4;
+                f[l3 + 6] &= 0x40;
+                f[l3 + 16..l3 + 20].copy_from_slice(&octets(decap_dst(rng, dm, false)));
+                if f.len() > l3 + 20 && rng.percent(60) {
+                    f[l3 + 20] = 0x45;
+                }
+            }
+            0x86dd if f.len() >= l3 + 40 => {
+                f[l3] = 0x60 | (f[l3] & 15);
+                f[l3 + 6] = 41;
+                f[l3 + 24..l3 + 40].copy_from_slice(&octets(decap_dst(rng, dm, true)));
+                if f.len() > l3 + 40 && rng.percent(60) {
+                    f[l3 + 40] = 0x60 | (f[l3 + 40] & 15);
+                }
+            }
+            _ => {}
+        }
+    }
+    f
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum DecapKind {
+    SystematicCut,
+    Encapsulated,
+    Nested,
+    RoundTrip,
+    NotEncapsulated,
+    Cut,
+    BitFlips,
+    BogusLength,
+    Stacked,
+    RandomAfterEthernet,
+    PureRandom,
+}
+
+/// Runs frames through the decapsulator (no context: the ingress device does not matter).
+struct DecapRunner<'a> {
+    prog: &'a mut Xdp,
+    out: Vec<u8>,
+}
+
+impl DecapRunner<'_> {
+    fn run(&mut self, frame: &[u8]) -> Result<(u32, usize)> {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut self.out);
+        let result = self.prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        Ok((result.return_value, result.data_size_out as usize))
+    }
+}
+
+#[test]
+fn a_million_frames_through_the_decapsulator_keep_every_property() {
+    let seed = fuzz_seed();
+    let frames = env_u64("XLB_FUZZ_FRAMES").unwrap_or(DEFAULT_FRAMES);
+    eprintln!("fuzz decap: seed {seed:#x} (XLB_FUZZ_SEED), {frames} frames (XLB_FUZZ_FRAMES)");
+    let report = with_bed(move |bed| fuzz_decap(bed, seed, frames));
+    eprintln!("{}", report.text);
+    assert!(
+        report.failures == 0,
+        "{} frames broke a property of the decapsulator (seed {seed:#x}); see above",
+        report.failures
+    );
+}
+
+fn fuzz_decap(bed: &mut Bed, seed: u64, frames: u64) -> Report {
+    // Not the balancer's stream: the same seed reproduces both.
+    let mut rng = Rng::new(seed.rotate_left(17) ^ 0xdeca_95ed);
+    let model = &bed.model;
+    let dm = DecapModel::new(model);
+    let mut decap = Decap::load().expect("load the decap program (run the tests as root)");
+    for &a in &dm.accepted {
+        decap.add_address(a).expect("accept an address");
+    }
+    let before = decap.counters().expect("decap counters");
+    let mut balancer = Runner { prog: bed.dp.balancer(), out: vec![0; 8192], ingress: model.ingress };
+    let mut runner = DecapRunner { prog: decap.program(), out: vec![0; 8192] };
+    let started = Instant::now();
+    let mut failures = Failures::default();
+    let mut reasons: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+    let mut kinds: BTreeMap<DecapKind, BTreeMap<u32, u64>> = BTreeMap::new();
+    let (mut count, mut round_trips, mut nested_stripped) = (0u64, 0u64, 0u64);
+
+    let mut seeds = Vec::new();
+    for depth in [1, 1, 1, 1, 2, 2] {
+        let mut s = decap_encapsulated(&mut rng, model, &dm, depth);
+        s.truncate(160);
+        seeds.push(s);
+    }
+    let mut pending: Vec<Vec<u8>> = Vec::new();
+    while count < frames {
+        // The frame, and for a round trip the frame the balancer was given.
+        let (kind, input, original) = if let Some(f) = pending.pop() {
+            (DecapKind::SystematicCut, f, None)
+        } else if let Some(s) = seeds.pop() {
+            pending = (MIN_FRAME..=s.len()).map(|n| s[..n].to_vec()).collect();
+            continue;
+        } else {
+            let kind = match rng.below(100) {
+                0..=19 => DecapKind::Encapsulated,
+                20..=27 => DecapKind::Nested,
+                28..=37 => DecapKind::RoundTrip,
+                38..=44 => DecapKind::NotEncapsulated,
+                45..=54 => DecapKind::Cut,
+                55..=66 => DecapKind::BitFlips,
+                67..=76 => DecapKind::BogusLength,
+                77..=86 => DecapKind::Stacked,
+                87..=94 => DecapKind::RandomAfterEthernet,
+                _ => DecapKind::PureRandom,
+            };
+            let mut original = None;
+            let f = match kind {
+                DecapKind::Encapsulated => decap_encapsulated(&mut rng, model, &dm, 1),
+                DecapKind::Nested => {
+                    let depth = rng.range(2, 3);
+                    decap_encapsulated(&mut rng, model, &dm, depth)
+                }
+                DecapKind::RoundTrip => {
+                    let shape = Shape {
+                        vip: Some(Some(VIP_IPIP)),
+                        proto: Some(rng.pick(&[TCP, UDP])),
+                        options: Some(false),
+                        frag: Some(false),
+                        ..ANY
+                    };
+                    let mut f = valid_frame(&mut rng, model, shape);
+                    set_random_tos(&mut rng, &mut f);
+                    if rng.percent(10) {
+                        f.extend_from_slice(&[0; 6]); // Ethernet padding
+                    }
+                    match balancer.run(&f) {
+                        Ok((_, n)) => {
+                            let out = balancer.out[..n].to_vec();
+                            let grow = if l3_of(&f).is_some_and(|(_, et)| et == 0x86dd) { 40 } else { 20 };
+                            if n == f.len() + grow {
+                                original = Some(f);
+                            }
+                            out
+                        }
+                        Err(e) => {
+                            failures.add(format!("balancer BPF_PROG_TEST_RUN failed: {e:#}"), String::new());
+                            f
+                        }
+                    }
+                }
+                DecapKind::NotEncapsulated => valid_frame(&mut rng, model, ANY),
+                DecapKind::Cut => {
+                    let depth = rng.range(1, 2);
+                    let mut f = decap_encapsulated(&mut rng, model, &dm, depth);
+                    cut(&mut rng, &mut f);
+                    f
+                }
+                DecapKind::BitFlips => {
+                    let depth = rng.range(1, 2);
+                    let mut f = decap_encapsulated(&mut rng, model, &dm, depth);
+                    flip_bits(&mut rng, &mut f);
+                    f
+                }
+                DecapKind::BogusLength => {
+                    let mut f = decap_encapsulated(&mut rng, model, &dm, 1);
+                    decap_bogus_length(&mut rng, &mut f);
+                    f
+                }
+                DecapKind::Stacked => {
+                    let depth = rng.range(1, 2);
+                    let mut f = decap_encapsulated(&mut rng, model, &dm, depth);
+                    for _ in 0..rng.range(2, 4) {
+                        match rng.below(5) {
+                            0 => cut(&mut rng, &mut f),
+                            1 => flip_bits(&mut rng, &mut f),
+                            2 => decap_bogus_length(&mut rng, &mut f),
+                            _ => {
+                                let extra = rng.range(1, 64);
+                                f.extend_from_slice(&rng.bytes(extra));
+                            }
+                        }
+                    }
+                    f
+                }
+                DecapKind::RandomAfterEthernet => decap_random_after_ethernet(&mut rng, &dm),
+                DecapKind::PureRandom | DecapKind::SystematicCut => pure_random(&mut rng),
+            };
+            (kind, f, original)
+        };
+        let index = count;
+        count += 1;
+        let (verdict, out_len) = match runner.run(&input) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.add(format!("BPF_PROG_TEST_RUN failed: {e:#}"), format!("  in  {}", hex_short(&input)));
+                continue;
+            }
+        };
+        let out = &runner.out[..out_len];
+        let (reason, expected) = dm.predict(&input);
+        let detail = || {
+            format!(
+                "  frame #{index} ({kind:?}, {} bytes), verdict {}, expected {}\n  in  {}\n  out {}\n  exp {}",
+                input.len(),
+                verdict_name(verdict),
+                reason.name(),
+                hex_short(&input),
+                hex_short(out),
+                hex_short(expected.as_deref().unwrap_or(&input)),
+            )
+        };
+        if let Err(what) = check_decap_properties(&dm, &input, verdict, out) {
+            failures.add(format!("decap property: {what}"), detail());
+        }
+        if out != expected.as_deref().unwrap_or(&input) {
+            failures.add(format!("decap model: output differs ({})", reason.name()), detail());
+        }
+        if let Some(original) = &original {
+            // The balancer's frame, decapsulated: what it was given, behind the next hop's MACs.
+            round_trips += 1;
+            if reason != DecapReason::Decapsulated || out[..12] != input[..12] || out[12..] != original[12..] {
+                failures.add(
+                    "round trip: the balancer's encapsulation does not decapsulate to its input".into(),
+                    format!("{}\n  original {}", detail(), hex_short(original)),
+                );
+            }
+        }
+        if kind == DecapKind::Nested && reason == DecapReason::Decapsulated {
+            // The properties hold it to one header: the next one stays, untouched.
+            nested_stripped += 1;
+        }
+        let r = reasons.entry(reason as u32).or_default();
+        r.0 += 1;
+        r.1 += input.len() as u64;
+        *kinds.entry(kind).or_default().entry(reason as u32).or_default() += 1;
+    }
+    let elapsed = started.elapsed();
+
+    let after = decap.counters().expect("decap counters");
+    let mut text = format!(
+        "fuzz decap: {count} frames in {:.1} s ({:.0} frames/s), seed {seed:#x}\n\nreason                 frames(counter)  frames(model)   bytes(counter)\n",
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64()
+    );
+    let mut counted = 0;
+    for ((reason, b), (_, a)) in before.iter().zip(&after) {
+        let (packets, bytes) = (a.packets - b.packets, a.bytes - b.bytes);
+        counted += packets;
+        let (want_packets, want_bytes) = reasons.get(&(*reason as u32)).copied().unwrap_or_default();
+        text += &format!("{:<22} {packets:>15}  {want_packets:>13}  {bytes:>15}\n", reason.name());
+        if (packets, bytes) != (want_packets, want_bytes) {
+            failures.add(
+                format!("decap counter {} moved by {packets} frames / {bytes} bytes", reason.name()),
+                format!("  the model expected {want_packets} frames / {want_bytes} bytes"),
+            );
+        }
+        if packets == 0 && frames >= COVERAGE_MIN_FRAMES {
+            failures.add(format!("decap reason {} never hit", reason.name()), String::new());
+        }
+    }
+    if counted != count {
+        failures.add(format!("decap counters sum to {counted}, {count} frames were run"), String::new());
+    }
+    if frames >= COVERAGE_MIN_FRAMES && (round_trips == 0 || nested_stripped == 0) {
+        failures.add(format!("{round_trips} round trips, {nested_stripped} nested frames decapsulated"), String::new());
+    }
+    text += &format!(
+        "\n{round_trips} balancer frames decapsulated back to their input; {nested_stripped} nested frames stripped once\n"
+    );
+    text += "reasons per input kind:\n";
+    for (kind, by_reason) in &kinds {
+        let total: u64 = by_reason.values().sum();
+        text += &format!("  {:<20} {total:>8}:", format!("{kind:?}"));
+        for (r, n) in by_reason {
+            text += &format!(" {}={n}", DecapReason::ALL[*r as usize].name());
+        }
+        text += "\n";
+    }
+    if failures.count > 0 {
+        text += &format!("\n{} FAILURES by kind:\n", failures.count);
+        for (what, n) in &failures.by_kind {
+            text += &format!("  {n:>8}  {what}\n");
+        }
+        text += "\nexamples:\n";
+        for e in &failures.examples {
+            text += &format!("{e}\n");
+        }
+    }
+    Report { text, failures: failures.count }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regression tests of the bugs this fuzz test found, each fixed in the data path.
 // ---------------------------------------------------------------------------------------------
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -1814,103 +2466,147 @@ fn pass_no_neighbour_frames_are_forwarded_by_the_stack_end_to_end() {
     );
 }
 
-/// Findings `OuterLengthBeyondFrame` and `LargerThanEgressMtu`. lb-ebpf/src/balancer.rs takes
-/// `ip_len` from the header (ipv4_packet, line ~100: `tot_len`; ipv6_packet, ~124-129:
-/// `payload_len + 40`) and never compares it with the bytes the frame holds; forward_encap
-/// gives it to bpf_fib_lookup as the packet's length (~174-181: the MTU check) and encap.rs
-/// writes it as the outer length (~92, ~111). A header claiming more than the frame holds is
-/// sent on with an outer header that claims bytes it does not carry (the backend drops it as
-/// truncated); one claiming less passes the MTU check with a frame that does not fit and is
-/// sent out anyway (the next link drops it) instead of being answered with ICMP. By the data
-/// path's own rule (pass_malformed: "IP header cut short or inconsistent: the stack judges it")
-/// a length beyond the frame should pass to the stack; trailing bytes (Ethernet padding) are
-/// harmless, but must count in the MTU check, or be trimmed.
+/// The IPv4 header at `l3` with its total length set to `n` and its checksum redone.
+fn set_total_length(f: &mut [u8], l3: usize, n: u16) {
+    f[l3 + 2..l3 + 4].copy_from_slice(&n.to_be_bytes());
+    f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let c = checksum(&f[l3..l3 + 20]);
+    f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Runs `frame` and returns the verdict, the output and the reason whose counter moved (exactly
+/// one must move, by one frame).
+fn run_reason(bed: &mut Bed, frame: &[u8]) -> (u32, Vec<u8>, Reason) {
+    let before = bed.dp.reason_counters().expect("reason counters");
+    let (verdict, out) = run_one(bed, frame);
+    let after = bed.dp.reason_counters().expect("reason counters");
+    let moved: Vec<Reason> =
+        before.iter().zip(&after).filter(|((_, b), (_, a))| a.packets != b.packets).map(|((r, _), _)| *r).collect();
+    assert_eq!(moved.len(), 1, "exactly one counter moves per frame: {moved:?}");
+    (verdict, out, moved[0])
+}
+
+/// Regression test of findings `OuterLengthBeyondFrame` and `LargerThanEgressMtu`: the
+/// balancer took the IP length field (IPv4 total length, IPv6 payload length + 40) on trust.
+/// It fed the FIB's MTU check and became the outer header's length, so a header claiming more
+/// than the frame holds was encapsulated with an outer length claiming bytes it did not carry
+/// (the backend drops it as truncated), and one claiming less passed the MTU check with a frame
+/// that did not fit and was sent out anyway (the next link drops it) instead of being answered.
+/// Fixed in lb-ebpf/src/balancer.rs: a TCP/UDP packet to a VIP whose length field runs past the
+/// frame, or does not cover its IP and TCP/UDP headers, is cut short: drop_truncated_l4. The
+/// outer header carries the length field (bytes after it, Ethernet padding, follow the outer
+/// packet's declared end, and receivers trim them); the MTU check counts the whole frame, and a
+/// frame too big only by such bytes goes to the stack, which trims them and forwards the rest.
 #[test]
-#[ignore = "data-path bug: the encapsulation trusts the inner IP length field (balancer.rs ipv4_packet/ipv6_packet)"]
 fn encapsulation_follows_the_frame_length_not_the_length_field() {
     with_bed(|bed| {
         let m = &bed.model;
         let (c4, c6) = (IpAddr::V4(CLIENT4), IpAddr::V6(CLIENT6));
-        let mut claims_more = minimal_frame(m, c4, vip(false, VIP_IPIP), TCP, 80, None).build();
         let l3 = 14;
-        let n = be16(&claims_more, l3 + 2) + 100;
-        claims_more[l3 + 2..l3 + 4].copy_from_slice(&n.to_be_bytes());
-        let c = checksum(&{
-            let mut h = claims_more[l3..l3 + 20].to_vec();
-            h[10..12].copy_from_slice(&[0, 0]);
-            h
-        });
-        claims_more[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
-        let mut claims_more6 = minimal_frame(m, c6, vip(true, VIP_IPIP), TCP, 80, None).build();
-        let n = be16(&claims_more6, l3 + 4) + 100;
-        claims_more6[l3 + 4..l3 + 6].copy_from_slice(&n.to_be_bytes());
-        // 1400 bytes of UDP payload to net 1 (route MTU 1400) with DF: too big once encapsulated,
-        // unless the header claims 100 bytes in all.
-        let mut claims_less = minimal_frame(m, c4, vip(false, VIP_IPIP), UDP, 53, None).payload(vec![0; 1400]).build();
-        claims_less[l3 + 2..l3 + 4].copy_from_slice(&100u16.to_be_bytes());
-        let c = checksum(&{
-            let mut h = claims_less[l3..l3 + 20].to_vec();
-            h[10..12].copy_from_slice(&[0, 0]);
-            h
-        });
-        claims_less[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
-        let mut wrong = Vec::new();
+        let tcp4 = minimal_frame(m, c4, vip(false, VIP_IPIP), TCP, 80, None).build();
+        let tcp6 = minimal_frame(m, c6, vip(true, VIP_IPIP), TCP, 80, None).build();
+        let l2_tcp4 = minimal_frame(m, c4, vip(false, VIP_L2), TCP, 80, None).build();
+        let mut claims_more = tcp4.clone();
+        set_total_length(&mut claims_more, l3, be16(&tcp4, l3 + 2) + 100);
+        let mut claims_more6 = tcp6.clone();
+        claims_more6[l3 + 4..l3 + 6].copy_from_slice(&(be16(&tcp6, l3 + 4) + 100).to_be_bytes());
+        let mut one_more = tcp4.clone();
+        set_total_length(&mut one_more, l3, be16(&tcp4, l3 + 2) + 1);
+        let mut l2_claims_more = l2_tcp4.clone();
+        set_total_length(&mut l2_claims_more, l3, be16(&l2_tcp4, l3 + 2) + 1);
+        // Shorter than the IP header, or than IP + TCP (the ports would come from padding).
+        let mut below_ip = tcp4.clone();
+        set_total_length(&mut below_ip, l3, 19);
+        let mut below_tcp = tcp4.clone();
+        set_total_length(&mut below_tcp, l3, 20 + 19);
+        let mut below_tcp6 = tcp6.clone();
+        below_tcp6[l3 + 4..l3 + 6].copy_from_slice(&19u16.to_be_bytes());
         for (name, frame) in [
-            ("IPv4 total length 100 beyond the frame", claims_more),
-            ("IPv6 payload length 100 beyond the frame", claims_more6),
-            ("IPv4 total length 100, 1428 bytes carried, route MTU 1400", claims_less),
+            ("IPv4 total length 100 beyond the frame", &claims_more),
+            ("IPv6 payload length 100 beyond the frame", &claims_more6),
+            ("IPv4 total length 1 beyond the frame", &one_more),
+            ("IPv4 total length 1 beyond the frame, L2 service", &l2_claims_more),
+            ("IPv4 total length 19", &below_ip),
+            ("IPv4 total length 39: TCP header cut by the length", &below_tcp),
+            ("IPv6 payload length 19: TCP header cut by the length", &below_tcp6),
         ] {
-            let (verdict, out) = run_one(bed, &frame);
-            if !matches!(verdict, XDP_TX | XDP_REDIRECT) || out.len() == frame.len() {
-                continue;
-            }
-            let (carried, outer) = if frame[12..14] == [0x08, 0] {
-                (out.len() - 14, usize::from(be16(&out, 14 + 2)))
-            } else {
-                (out.len() - 14, usize::from(be16(&out, 14 + 4)) + 40)
-            };
-            let mtu = bed.model.route_mtu(if frame[12..14] == [0x08, 0] { ip4(&out[30..]) } else { ip6(&out[38..]) });
-            if outer > carried || mtu.is_some_and(|mtu| carried > usize::from(mtu)) {
-                wrong.push(format!(
-                    "{name}: verdict {}, outer length {outer}, {carried} bytes carried, route MTU {mtu:?}\n  in  {}",
-                    verdict_name(verdict),
-                    hex(&frame[..frame.len().min(80)])
-                ));
-            }
+            assert_eq!(bed.model.predict(frame).reason, Reason::DropTruncatedL4, "{name}: the model");
+            let (verdict, out, reason) = run_reason(bed, frame);
+            assert_eq!((verdict, reason), (XDP_DROP, Reason::DropTruncatedL4), "{name}");
+            assert_eq!(&out, frame, "{name}: dropped untouched");
         }
-        assert!(wrong.is_empty(), "encapsulated by the length field:\n{}", wrong.join("\n"));
+
+        // Ethernet padding (a 54-byte frame padded to 60): encapsulated by the length field,
+        // the padding after the outer packet's declared end.
+        let mut padded = tcp4.clone();
+        padded.extend_from_slice(&[0; 6]);
+        let (verdict, out, reason) = run_reason(bed, &padded);
+        assert_eq!((verdict, reason), (XDP_TX, Reason::TxEncap), "padded frame");
+        assert_eq!(out.len(), padded.len() + 20);
+        assert_eq!(usize::from(be16(&out, l3 + 2)), tcp4.len() - l3 + 20, "outer length: inner length field + 20");
+        assert_eq!(out[l3 + 20..], padded[l3..], "inner packet, then the padding");
+        let mut padded6 = tcp6.clone();
+        padded6.extend_from_slice(&[0; 6]);
+        let (verdict, out, reason) = run_reason(bed, &padded6);
+        assert_eq!((verdict, reason), (XDP_TX, Reason::TxEncap), "padded IPv6 frame");
+        assert_eq!(usize::from(be16(&out, l3 + 4)), tcp6.len() - l3, "outer payload length: the inner packet");
+        assert_eq!(out[l3 + 40..], padded6[l3..]);
+
+        // 1400 bytes of UDP payload to net 1 (route MTU 1400) with DF, the header claiming 100
+        // bytes: the frame does not fit, the packet does. Handed to the stack, encapsulated.
+        let m = &bed.model;
+        let mut claims_less = minimal_frame(m, c4, vip(false, VIP_IPIP), UDP, 53, None).payload(vec![0; 1400]).build();
+        set_total_length(&mut claims_less, l3, 100);
+        assert_eq!(landing_net(m, &claims_less), Some(1));
+        let (verdict, out, reason) = run_reason(bed, &claims_less);
+        assert_eq!((verdict, reason), (XDP_PASS, Reason::PassNoNeighbour), "too big only by its trailing bytes");
+        assert_eq!(out[..12], claims_less[..12], "still addressed to us");
+        assert_eq!(be16(&out, l3 + 2), 120, "outer length: the 100 claimed + 20");
+        assert_eq!(out[l3 + 20..], claims_less[l3..]);
+        // Claiming 1381 (+ 20 > 1400): too big by the packet itself, answered.
+        set_total_length(&mut claims_less, l3, 1381);
+        let (verdict, out, reason) = run_reason(bed, &claims_less);
+        assert_eq!((verdict, reason), (XDP_TX, Reason::TxTooBig));
+        assert_eq!(be16(&out, l3 + 20 + 6), 1380, "MTU 1400 - 20");
     });
 }
 
-/// Finding `IcmpErrorToNonUnicastSource`. lb-ebpf/src/balancer.rs too_big (~224) and
-/// icmp.rs too_big_v4 (~43) / too_big_v6 (~61) answer whatever source the packet carries:
-/// RFC 1122 3.2.2 (IPv4) and RFC 4443 2.4 (e.5) (IPv6) forbid ICMP errors to a source that is
-/// no single host (0.0.0.0/8, 127/8, multicast, class E and broadcast; ::, ff00::/8). A
-/// spoofed source makes the balancer emit such packets (back to the sender's MAC); the answer
-/// should be a drop.
+/// Regression test of finding `IcmpErrorToNonUnicastSource`: lb-ebpf/src/balancer.rs too_big
+/// answered whatever source the packet carried, though RFC 1122 3.2.2 (IPv4) and RFC 4443
+/// 2.4 (e) (IPv6) forbid ICMP errors to a source that is no single host (0.0.0.0/8, 127/8,
+/// multicast, class E and broadcast; ::, ::1, ff00::/8): a spoofed source made the balancer
+/// send them. Fixed (icmp.rs may_answer): such a packet is dropped untouched, counted as
+/// DROP_TOO_BIG_BAD_SOURCE; a unicast source is still answered.
 #[test]
-#[ignore = "data-path bug: ICMP too-big answers to multicast/broadcast/unspecified sources (icmp.rs)"]
 fn no_icmp_error_to_a_source_that_is_not_one_host() {
     with_bed(|bed| {
-        let mut wrong = Vec::new();
-        let sources: [IpAddr; 7] = [
-            Ipv4Addr::new(0, 0, 0, 0).into(),
-            Ipv4Addr::new(127, 0, 0, 1).into(),
-            Ipv4Addr::new(224, 0, 0, 1).into(),
-            Ipv4Addr::new(240, 0, 0, 1).into(),
-            Ipv4Addr::new(255, 255, 255, 255).into(),
-            Ipv6Addr::UNSPECIFIED.into(),
-            Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).into(),
-        ];
+        let mut sources: Vec<IpAddr> = NOT_ONE_HOST.to_vec();
+        sources.extend([IpAddr::V4(Ipv4Addr::new(127, 255, 255, 254)), IpAddr::V4(Ipv4Addr::new(239, 1, 2, 3))]);
         for src in sources {
+            assert!(!single_host(src), "{src}");
             // UDP 53 on the encapsulating VIP: net 1, route MTU 1400; DF (IPv6: always).
             let f = minimal_frame(&bed.model, src, vip(src.is_ipv6(), VIP_IPIP), UDP, 53, None).payload(vec![0; 1400]);
             let frame = f.build();
-            let (verdict, out) = run_one(bed, &frame);
-            if verdict == XDP_TX {
-                wrong.push(format!("from {src}: {}", hex(&out[..out.len().min(60)])));
-            }
+            assert_eq!(bed.model.predict(&frame).reason, DROP_TOO_BIG_BAD_SOURCE, "from {src}: the model");
+            let (verdict, out, reason) = run_reason(bed, &frame);
+            assert_eq!((verdict, reason), (XDP_DROP, DROP_TOO_BIG_BAD_SOURCE), "from {src}");
+            assert_eq!(out, frame, "from {src}: dropped untouched");
         }
-        assert!(wrong.is_empty(), "ICMP errors sent to sources that are no single host:\n{}", wrong.join("\n"));
+        // The edges of the ranges, and a unicast source: answered.
+        for src in [
+            IpAddr::V4(Ipv4Addr::new(1, 0, 0, 0)),
+            IpAddr::V4(Ipv4Addr::new(126, 255, 255, 255)),
+            IpAddr::V4(Ipv4Addr::new(128, 0, 0, 0)),
+            IpAddr::V4(Ipv4Addr::new(223, 255, 255, 255)),
+            IpAddr::V4(CLIENT4),
+            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 2)),
+            IpAddr::V6(Ipv6Addr::new(0xfeff, 0, 0, 0, 0, 0, 0, 1)),
+            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 1, 0)),
+            IpAddr::V6(CLIENT6),
+        ] {
+            let f = minimal_frame(&bed.model, src, vip(src.is_ipv6(), VIP_IPIP), UDP, 53, None).payload(vec![0; 1400]);
+            let (verdict, _, reason) = run_reason(bed, &f.build());
+            assert_eq!((verdict, reason), (XDP_TX, Reason::TxTooBig), "from {src}");
+        }
     });
 }
