@@ -28,8 +28,17 @@ struct Cli {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// Log lines as text, or as one JSON object each (for log shippers).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -49,6 +58,15 @@ enum Command {
         /// Unix socket of the control API (`lb-agent ctl`); created with mode 0600.
         #[arg(long, default_value = api::DEFAULT_SOCKET)]
         api_socket: PathBuf,
+        /// bpffs directory the program's link and maps are pinned under, in a directory per
+        /// interface: a new agent adopts what a crashed one (or one stopped with
+        /// --keep-on-exit) left there, without a packet going unbalanced.
+        #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// On SIGINT/SIGTERM leave the program attached and its maps pinned, for the next agent
+        /// to take over (an upgrade); by default the agent detaches and removes its pins.
+        #[arg(long)]
+        keep_on_exit: bool,
     },
     /// Talk to a running agent through its control socket.
     Ctl {
@@ -84,9 +102,20 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level))
-        .format_target(false)
-        .init();
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&cli.log_level));
+    logger.format_target(false);
+    if let LogFormat::Json = cli.log_format {
+        logger.format(|buf, record| {
+            use std::io::Write as _;
+            let line = serde_json::json!({
+                "ts": buf.timestamp_millis().to_string(),
+                "level": record.level().as_str(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    logger.init();
     let result = match cli.command {
         Command::Check { config } => {
             // Plain text for a human or a deploy script: no log prefixes.
@@ -98,12 +127,14 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Run { config, xdp_mode, stats_interval, api_socket } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run(&config, xdp_mode, stats_interval, api_socket))),
+        Command::Run { config, xdp_mode, stats_interval, api_socket, pin_dir, keep_on_exit } => {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")
+                .and_then(|rt| rt.block_on(run(&config, xdp_mode, stats_interval, api_socket, &pin_dir, keep_on_exit)))
+        }
         Command::Ctl { socket, json, command } => {
             // Plain text for a human or a script: no log prefixes.
             return match ctl::run(&socket, json, command) {
@@ -155,20 +186,43 @@ async fn run(
     xdp_mode: Option<XdpMode>,
     stats_interval: u64,
     api_socket: PathBuf,
+    pin_dir: &std::path::Path,
+    keep_on_exit: bool,
 ) -> Result<()> {
+    let started = std::time::Instant::now();
+    // Before anything else: a signal that arrives during start-up (e.g. right after the
+    // "balancing" line) waits for the main loop instead of killing the process unhandled.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut hup = signal(SignalKind::hangup())?;
     // Nothing touches the kernel before the config is known to be good.
     let config = Config::load(path)?;
     let iface_mac = dataplane::iface_mac(&config.interface)?;
-    let dataplane = Dataplane::load(&LoadOptions {
-        hash_seed: config.hash_seed,
-        iface_mac,
-        maglev_capacity: config.maglev_capacity,
-        flow_table_size: config.flows.size,
-    })?;
+    // Locks <pin_dir>/<interface> (a second agent is refused) and adopts what a previous agent
+    // left there: the flow table and the counters; its program stays attached meanwhile.
+    let dataplane = Dataplane::load_pinned(
+        &LoadOptions {
+            hash_seed: config.hash_seed,
+            iface_mac,
+            maglev_capacity: config.maglev_capacity,
+            flow_table_size: config.flows.size,
+        },
+        pin_dir,
+        &config.interface,
+    )?;
     let (tx, mut rx) = mpsc::channel(256);
     let mut agent = Agent::new(dataplane, &config, Some(tx))?;
-    // Attach last: the first packet already finds every table in place.
+    // Attach last: the first packet already finds every table in place. A program left by a
+    // previous agent is replaced atomically, with its tables: no packet goes unbalanced.
     let mode = agent.dataplane.attach(&config.interface, xdp_mode.or(config.xdp_mode))?;
+    if agent.dataplane.adopted_link() {
+        info!(
+            "took over the pinned program on {} {:.1} ms after start (bpf_link_update: program and tables swapped at once)",
+            config.interface,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
     info!("balancing {} services on {} (XDP {mode:?} mode)", config.services.len(), config.interface);
 
     let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::Scrape>(16);
@@ -188,10 +242,6 @@ async fn run(
         }
     });
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let mut passive_tick = tokio::time::interval(config.passive.window);
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let period = Duration::from_secs(stats_interval.max(1));
@@ -220,9 +270,20 @@ async fn run(
         }
     }
     info!("counters:\n{}", agent.stats_table()?);
+    let pins = agent.dataplane.pin_dir().map(|d| d.display().to_string()).unwrap_or_default();
+    if !keep_on_exit {
+        // Even when this fails, the drop below detaches: the pins left would only hold maps.
+        if let Err(e) = agent.dataplane.unpin() {
+            error!("cannot remove the pins under {pins}: {e:#}");
+        }
+    }
     drop(agent);
     let _ = std::fs::remove_file(&api_socket);
-    info!("detached from {}; exiting", config.interface);
+    if keep_on_exit {
+        info!("left attached to {} (pinned under {pins}) for the next agent; exiting", config.interface);
+    } else {
+        info!("detached from {}; exiting", config.interface);
+    }
     Ok(())
 }
 

@@ -175,3 +175,20 @@ impl Drop for AgentProcess {
         }
     }
 }
+
+impl AgentProcess {
+    /// The agent's pid (`ip netns exec` execs it: the child is the agent itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash: the agent cleans nothing up. Waits until it is gone.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.signal(libc::SIGKILL);
+        let status = self.child.wait()?;
+        if status.code().is_some() {
+            bail!("lb-agent exited ({status}) before SIGKILL:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+}

@@ -77,8 +77,28 @@ fn run_refuses_a_bad_config_and_an_unknown_interface() {
 }
 
 #[test]
+fn logs_can_be_json_lines() {
+    let dir = TempDir::new("cli").unwrap();
+    let bad = write_config(&dir, "interface = 3\n");
+    let out = agent(&["--log-format", "json", "run", "--config", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line: serde_json::Value = serde_json::from_str(stderr.lines().next().unwrap()).expect("a JSON log line");
+    assert_eq!(line["level"], "ERROR");
+    assert!(line["msg"].as_str().unwrap().contains("invalid config"), "{line}");
+    assert!(line["ts"].as_str().unwrap().starts_with("20"), "{line}");
+}
+
+#[test]
 fn every_subcommand_has_help() {
-    for args in [&["--help"][..], &["run", "--help"], &["check", "--help"]] {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["check", "--help"],
+        &["decap", "--help"],
+        &["ctl", "--help"],
+        &["ctl", "drain", "--help"],
+    ] {
         let out = agent(args);
         assert!(out.status.success(), "{args:?}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
