@@ -70,6 +70,61 @@ pub fn run(socket: &Path, json: bool, command: CtlCommand) -> Result<bool> {
     Ok(response.ok)
 }
 
+/// `lb-agent status`: the services table, redrawn every `interval` until interrupted, with
+/// packet rates since the previous drawing; `once` prints it a single time.
+pub fn status(socket: &Path, interval: Duration, once: bool) -> Result<()> {
+    let mut previous: Option<(std::time::Instant, Response)> = None;
+    loop {
+        let now = std::time::Instant::now();
+        let response = call(socket, &Request::List)?;
+        let mut out = String::new();
+        if !once {
+            // Clear the screen and go home, like watch(1).
+            out += "\x1b[2J\x1b[H";
+        }
+        out += &format!(
+            "{:<28} {:<40} {:>8} {:>6} {:>12} {:>10}\n",
+            "SERVICE", "BACKEND", "STATE", "WEIGHT", "PACKETS", "PKT/S"
+        );
+        let rate = |key: &dyn Fn(&Response) -> Option<u64>, packets: u64| match &previous {
+            Some((then, old)) => key(old).map_or("-".to_string(), |p| {
+                format!("{:.0}", packets.saturating_sub(p) as f64 / now.duration_since(*then).as_secs_f64())
+            }),
+            None => "-".to_string(),
+        };
+        for svc in &response.services {
+            let name = svc.name.clone();
+            let find_service = move |r: &Response| r.services.iter().find(|x| x.name == name).map(|x| x.packets);
+            let label = format!("{} ({} {})", svc.name, svc.forward, svc.protocol);
+            let vip = format!("{}:{}", svc.vip, svc.port);
+            let r = rate(&find_service, svc.packets);
+            out += &format!("{label:<28} {vip:<40} {:>8} {:>6} {:>12} {r:>10}\n", "", "", svc.packets);
+            for b in &svc.backends {
+                let (name, addr) = (svc.name.clone(), b.address);
+                let find_backend = move |r: &Response| {
+                    r.services
+                        .iter()
+                        .find(|x| x.name == name)?
+                        .backends
+                        .iter()
+                        .find(|x| x.address == addr)
+                        .map(|x| x.packets)
+                };
+                let r = rate(&find_backend, b.packets);
+                out +=
+                    &format!("{:<28} {:<40} {:>8} {:>6} {:>12} {r:>10}\n", "", b.address, b.state, b.weight, b.packets);
+            }
+        }
+        print!("{out}");
+        std::io::stdout().flush()?;
+        if once {
+            return Ok(());
+        }
+        previous = Some((now, response));
+        std::thread::sleep(interval);
+    }
+}
+
 /// One request/answer exchange with the agent.
 pub fn call(socket: &Path, request: &Request) -> Result<Response> {
     let mut conn = UnixStream::connect(socket)

@@ -442,6 +442,15 @@ impl Dataplane {
         Ok(sum(&self.backend_stats.get(&id, 0)?))
     }
 
+    /// The flow table's map id and capacity, for a counter that walks it off the main loop.
+    pub fn flow_table(&self) -> Result<(u32, u32)> {
+        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(map_names::FLOWS) else {
+            bail!("map {} missing from the eBPF object", map_names::FLOWS);
+        };
+        let info = data.info()?;
+        Ok((info.id(), info.max_entries()))
+    }
+
     /// New flows and SYN retransmissions of a backend, summed over CPUs (since load).
     pub fn backend_flows(&self, id: u32) -> Result<lb_common::BackendFlows> {
         let values = self.backend_flows.get(&id, 0)?;

@@ -68,6 +68,18 @@ enum Command {
         #[arg(long)]
         keep_on_exit: bool,
     },
+    /// A live, refreshing table of services and backends: state, weight, packets, rates.
+    Status {
+        /// The agent's control socket.
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print the table once and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Talk to a running agent through its control socket.
     Ctl {
         /// The agent's control socket.
@@ -134,6 +146,16 @@ fn main() -> ExitCode {
                 .build()
                 .context("cannot start the async runtime")
                 .and_then(|rt| rt.block_on(run(&config, xdp_mode, stats_interval, api_socket, &pin_dir, keep_on_exit)))
+        }
+        Command::Status { socket, interval, once } => {
+            let interval = Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
+            return match ctl::status(&socket, interval, once) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Ctl { socket, json, command } => {
             // Plain text for a human or a script: no log prefixes.
@@ -227,6 +249,8 @@ async fn run(
 
     let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::Scrape>(16);
     if let Some(addr) = config.metrics_listen {
+        let (id, size) = agent.dataplane.flow_table()?;
+        metrics::count_flows(id, size, Duration::from_secs(5));
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(addr, scrape_tx).await {
                 error!("{e:#}");

@@ -1,6 +1,11 @@
 //! The Prometheus text endpoint: counters of the data path and the state of every backend.
 //! The HTTP task asks the main loop for a rendering, so the agent's state has one owner.
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use log::{info, warn};
@@ -14,6 +19,29 @@ use crate::agent::Agent;
 
 /// A scrape waiting for the main loop's rendering.
 pub struct Scrape(pub oneshot::Sender<String>);
+
+/// Entries in the flow table, as last counted; u64::MAX before the first count.
+pub static FLOW_TABLE_ENTRIES: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The flow table's capacity.
+pub static FLOW_TABLE_SIZE: AtomicU64 = AtomicU64::new(0);
+
+/// Counts the flow table's entries every `period` on a thread of its own: walking a large
+/// LRU map takes one syscall per entry, which must not stall the agent's main loop.
+pub fn count_flows(map_id: u32, size: u32, period: Duration) {
+    FLOW_TABLE_SIZE.store(u64::from(size), Ordering::Relaxed);
+    std::thread::spawn(move || loop {
+        let counted = aya::maps::MapData::from_id(map_id).map_err(anyhow::Error::from).and_then(|data| {
+            let map = aya::maps::Map::LruHashMap(data);
+            let flows: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::Flow> = aya::maps::HashMap::try_from(map)?;
+            Ok(flows.keys().filter(Result::is_ok).count() as u64)
+        });
+        match counted {
+            Ok(n) => FLOW_TABLE_ENTRIES.store(n, Ordering::Relaxed),
+            Err(e) => warn!("cannot count the flow table: {e:#}"),
+        }
+        std::thread::sleep(period);
+    });
+}
 
 /// Renders every metric in the Prometheus text format (version 0.0.4).
 pub fn render(agent: &Agent) -> Result<String> {
@@ -31,6 +59,13 @@ pub fn render(agent: &Agent) -> Result<String> {
     family(&mut out, "xlb_flow_events_total", "counter", "Flow-table events (hit, new, rate_limited, stale, closed).");
     for (event, n) in dp.flow_counters()? {
         writeln!(out, "xlb_flow_events_total{{event=\"{}\"}} {n}", event.name())?;
+    }
+    let entries = FLOW_TABLE_ENTRIES.load(Ordering::Relaxed);
+    if entries != u64::MAX {
+        family(&mut out, "xlb_flow_table_entries", "gauge", "Flows in the flow table (counted every few seconds).");
+        writeln!(out, "xlb_flow_table_entries {entries}")?;
+        family(&mut out, "xlb_flow_table_size", "gauge", "Capacity of the flow table.");
+        writeln!(out, "xlb_flow_table_size {}", FLOW_TABLE_SIZE.load(Ordering::Relaxed))?;
     }
     family(&mut out, "xlb_service_packets_total", "counter", "Packets forwarded per service.");
     let mut bytes = String::new();

@@ -74,6 +74,11 @@ impl AgentProcess {
         Ok(agent)
     }
 
+    /// The agent's control socket.
+    pub fn socket(&self) -> PathBuf {
+        self._dir.0.join("agent.sock")
+    }
+
     /// `lb-agent ctl --socket <this agent's socket> args...`: (success, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> Result<(bool, String, String)> {
         let out = std::process::Command::new(agent_binary()?)

@@ -19,6 +19,16 @@ fn ctl_changes_the_running_balancer() {
     let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(parsed["services"].as_array().unwrap().len(), 2, "{json}");
 
+    let status = std::process::Command::new(xlb_tests::agent::agent_binary().unwrap())
+        .arg("status")
+        .arg("--once")
+        .arg("--socket")
+        .arg(s.agent.socket())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && text.contains("PKT/S") && text.contains("demo-udp (l2 udp)"), "{text}");
+
     // Add a fourth backend: new connections reach it.
     let b3 = backend_addr(3).to_string();
     let (ok, out, err) = ctl(&s, &["add-backend", "demo-tcp", &b3]);

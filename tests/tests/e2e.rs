@@ -73,6 +73,7 @@ fn l2_dsr_balances_tcp_and_udp_and_evicts_a_dead_backend() {
         )
     );
     assert!(metrics.contains(&format!("backend=\"{}\"}} 1\n", backend_addr(1))), "{metrics}");
+    assert!(metric(&metrics, "xlb_flow_table_entries") <= metric(&metrics, "xlb_flow_table_size"), "{metrics}");
 
     // Kill backend 1: evicted within fall × interval + timeout (plus scheduling slack).
     let dead = backend_addr(1);
