@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     agent::Agent,
-    config::{parse_mac, BackendConfig, Config, MAX_WEIGHT},
+    config::{parse_mac, BackendConfig, Config, Forward, Protocol, ServiceConfig, MAX_WEIGHT},
 };
 
 /// Default path of the control socket.
@@ -37,10 +37,30 @@ pub enum Request {
     RemoveBackend { service: String, address: IpAddr },
     /// Sets a backend's weight; 0 drains it (no new flows, pinned ones stay).
     SetWeight { service: String, address: IpAddr, weight: u32 },
+    /// Adds a service with its backends; health checks follow the config's `[health]`.
+    AddService {
+        name: Option<String>,
+        vip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+        #[serde(default)]
+        forward: Forward,
+        maglev_size: Option<u32>,
+        #[serde(default)]
+        backends: Vec<NewBackend>,
+    },
     /// Removes a whole service.
     RemoveService { service: String },
     /// Re-reads the config file, as SIGHUP does.
     Reload,
+}
+
+/// A backend in an `add_service` request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NewBackend {
+    pub address: IpAddr,
+    pub weight: Option<u32>,
+    pub mac: Option<String>,
 }
 
 /// The answer: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
@@ -167,6 +187,12 @@ fn edit(config: &mut Config, change: Request) -> Result<String> {
             let what = if weight == 0 { "draining".to_string() } else { format!("weight {weight}") };
             Ok(format!("{service}: backend {address} {what}"))
         }
+        Request::AddService { name, vip, port, protocol, forward, maglev_size, backends } => {
+            let service = new_service(config, name, vip, port, protocol, forward, maglev_size, backends)?;
+            let summary = format!("service {} added with {} backends", service.name, service.backends.len());
+            config.services.push(service);
+            Ok(summary)
+        }
         Request::RemoveService { service } => {
             let s = find(config, &service)?;
             if config.services.len() == 1 {
@@ -177,6 +203,57 @@ fn edit(config: &mut Config, change: Request) -> Result<String> {
         }
         Request::List | Request::Reload => unreachable!("not a change"),
     }
+}
+
+/// A new service, checked against the running config as the config validator would.
+#[allow(clippy::too_many_arguments, reason = "the fields of one request")]
+fn new_service(
+    config: &Config,
+    name: Option<String>,
+    vip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    forward: Forward,
+    maglev_size: Option<u32>,
+    backends: Vec<NewBackend>,
+) -> Result<ServiceConfig> {
+    use lb_common::limits::{DEFAULT_MAGLEV_SIZE, MAX_MAGLEV_SIZE, MAX_SERVICES};
+    if vip.is_unspecified() || vip.is_multicast() || port == 0 {
+        bail!("expected a unicast VIP and a port from 1 to 65535");
+    }
+    if config.services.iter().any(|s| (s.vip, s.port, s.protocol) == (vip, port, protocol)) {
+        bail!("{vip}:{port}/{protocol} is already a service");
+    }
+    if config.services.len() >= MAX_SERVICES as usize {
+        bail!("at most {MAX_SERVICES} services");
+    }
+    let has_source = if vip.is_ipv4() { config.ipip.source_v4.is_some() } else { config.ipip.source_v6.is_some() };
+    if forward == Forward::Ipip && !has_source {
+        bail!("forward = \"ipip\" needs an [ipip] source prefix for the VIP's family in the config file");
+    }
+    let maglev_size = maglev_size.unwrap_or(DEFAULT_MAGLEV_SIZE);
+    if !(maglev_size <= MAX_MAGLEV_SIZE && crate::maglev::is_prime(maglev_size))
+        || (maglev_size as usize) < backends.len()
+    {
+        bail!("expected a prime maglev_size up to {MAX_MAGLEV_SIZE}, above the number of backends, got {maglev_size}");
+    }
+    let name = name.unwrap_or_else(|| format!("{vip}:{port}/{protocol}"));
+    if config.services.iter().any(|s| s.name == name) {
+        bail!("a service is already named {name:?}");
+    }
+    let mut health = config.health_defaults.clone();
+    if health.port == 0 {
+        health.port = port;
+    }
+    let mut service = ServiceConfig { name, vip, port, protocol, forward, maglev_size, health, backends: Vec::new() };
+    for b in backends {
+        let mut scratch = Config { services: vec![service.clone()], ..config.clone() };
+        let request =
+            Request::AddBackend { service: service.name.clone(), address: b.address, weight: b.weight, mac: b.mac };
+        edit(&mut scratch, request)?;
+        service = scratch.services.remove(0);
+    }
+    Ok(service)
 }
 
 fn checked_weight(weight: u32) -> Result<u32> {
@@ -324,7 +401,30 @@ address = "fd00::11"
         assert!(edit(&mut c, w).unwrap().contains("draining"));
         let rm = Request::RemoveBackend { service: "web".into(), address: addr("10.0.0.99") };
         assert!(edit(&mut c, rm).is_err());
+        let add_service = Request::AddService {
+            name: Some("dns".into()),
+            vip: addr("10.0.0.53"),
+            port: 53,
+            protocol: Protocol::Udp,
+            forward: Forward::L2,
+            maglev_size: Some(251),
+            backends: vec![NewBackend { address: addr("10.0.0.21"), weight: Some(2), mac: None }],
+        };
+        assert!(edit(&mut c, add_service.clone()).unwrap().contains("service dns added with 1 backends"));
+        assert_eq!(c.services.last().unwrap().health.port, 53);
+        assert!(edit(&mut c, add_service).unwrap_err().to_string().contains("already a service"));
+        let bad = Request::AddService {
+            name: None,
+            vip: addr("10.0.0.54"),
+            port: 53,
+            protocol: Protocol::Udp,
+            forward: Forward::Ipip,
+            maglev_size: None,
+            backends: vec![],
+        };
+        assert!(edit(&mut c, bad).unwrap_err().to_string().contains("[ipip]"));
         assert!(edit(&mut c, Request::RemoveService { service: "web".into() }).is_ok());
+        assert!(edit(&mut c, Request::RemoveService { service: "dns".into() }).is_ok());
         let last = edit(&mut c, Request::RemoveService { service: "fd00::100:53/udp".into() });
         assert!(last.unwrap_err().to_string().contains("last service"));
     }

@@ -21,7 +21,7 @@ use crate::maglev::is_prime;
 /// Largest backend weight; keeps the Maglev quota arithmetic far from overflow.
 pub const MAX_WEIGHT: u32 = 65_535;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -47,7 +47,7 @@ impl fmt::Display for Protocol {
 }
 
 /// How a service's packets reach the backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Forward {
     /// L2 DSR: the frame's destination MAC becomes the backend's; same L2 segment.
@@ -82,6 +82,9 @@ pub struct Config {
     /// Where the Prometheus endpoint listens; None: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub passive: PassiveConfig,
+    /// The file-wide `[health]` settings, for services added at run time (the port is the
+    /// service's own unless `[health] port` is set).
+    pub health_defaults: HealthConfig,
     /// Interfaces other than `interface` that encapsulated packets may leave by (XDP_REDIRECT).
     pub egress_interfaces: Vec<String>,
     pub services: Vec<ServiceConfig>,
@@ -470,6 +473,7 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
     let mut keys = HashSet::new();
     let mut vips = HashSet::new();
     let mut backend_count = 0usize;
+    let health_defaults = merge_health("health", &raw.health, &RawHealth::default(), 0, errors);
     for (i, raw_service) in raw.service.iter().enumerate() {
         let service = validate_service(i, raw_service, &raw.health, errors);
         if service.forward == Forward::Ipip {
@@ -529,6 +533,7 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         ipip,
         metrics_listen,
         passive,
+        health_defaults,
         egress_interfaces,
         services,
     }

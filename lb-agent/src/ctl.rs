@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
 
-use crate::api::{Request, Response};
+use crate::{
+    api::{NewBackend, Request, Response},
+    config::{Forward, Protocol},
+};
 
 #[derive(Subcommand, Debug)]
 pub enum CtlCommand {
@@ -33,6 +36,21 @@ pub enum CtlCommand {
     Drain { service: String, address: IpAddr },
     /// Set a backend's weight.
     SetWeight { service: String, address: IpAddr, weight: u32 },
+    /// Add a service; `--backend ADDR[=WEIGHT]` (repeatable) gives its backends.
+    AddService {
+        vip: IpAddr,
+        port: u16,
+        #[arg(value_enum)]
+        protocol: Protocol,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_enum, default_value = "l2")]
+        forward: Forward,
+        #[arg(long)]
+        maglev_size: Option<u32>,
+        #[arg(long = "backend", value_name = "ADDR[=WEIGHT]", value_parser = parse_backend)]
+        backends: Vec<NewBackend>,
+    },
     /// Remove a service.
     RemoveService { service: String },
     /// Re-read the config file (as SIGHUP does).
@@ -49,10 +67,22 @@ impl From<CtlCommand> for Request {
             CtlCommand::RemoveBackend { service, address } => Request::RemoveBackend { service, address },
             CtlCommand::Drain { service, address } => Request::SetWeight { service, address, weight: 0 },
             CtlCommand::SetWeight { service, address, weight } => Request::SetWeight { service, address, weight },
+            CtlCommand::AddService { vip, port, protocol, name, forward, maglev_size, backends } => {
+                Request::AddService { name, vip, port, protocol, forward, maglev_size, backends }
+            }
             CtlCommand::RemoveService { service } => Request::RemoveService { service },
             CtlCommand::Reload => Request::Reload,
         }
     }
+}
+
+fn parse_backend(text: &str) -> Result<NewBackend, String> {
+    let (address, weight) = match text.split_once('=') {
+        Some((a, w)) => (a, Some(w.parse::<u32>().map_err(|e| format!("weight {w:?}: {e}"))?)),
+        None => (text, None),
+    };
+    let address = address.parse().map_err(|e| format!("address {address:?}: {e}"))?;
+    Ok(NewBackend { address, weight, mac: None })
 }
 
 /// Sends one request and prints the answer; Ok(false) when the agent refused it.

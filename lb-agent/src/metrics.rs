@@ -87,6 +87,14 @@ pub fn render(agent: &Agent) -> Result<String> {
         writeln!(out, "xlb_service_fail_open{{{}}} {}", service_labels(s), u8::from(s.fail_open))?;
     }
     let (mut packets, mut bytes, mut up, mut weight) = (String::new(), String::new(), String::new(), String::new());
+    let (mut new_flows, mut retransmits) = (String::new(), String::new());
+    family(&mut new_flows, "xlb_backend_new_flows_total", "counter", "Flows given to the backend.");
+    family(
+        &mut retransmits,
+        "xlb_backend_syn_retransmits_total",
+        "counter",
+        "SYNs sent again on flows pinned to the backend (the passive health signal).",
+    );
     family(&mut packets, "xlb_backend_packets_total", "counter", "Packets forwarded per backend.");
     family(&mut bytes, "xlb_backend_bytes_total", "counter", "Bytes forwarded per backend.");
     family(&mut up, "xlb_backend_up", "gauge", "1 when the backend passes its health checks.");
@@ -99,9 +107,12 @@ pub fn render(agent: &Agent) -> Result<String> {
             writeln!(bytes, "xlb_backend_bytes_total{{{labels}}} {}", c.bytes)?;
             writeln!(up, "xlb_backend_up{{{labels}}} {}", u8::from(b.up))?;
             writeln!(weight, "xlb_backend_weight{{{labels}}} {}", b.config.weight)?;
+            let flows = dp.backend_flows(b.id)?;
+            writeln!(new_flows, "xlb_backend_new_flows_total{{{labels}}} {}", flows.new_flows)?;
+            writeln!(retransmits, "xlb_backend_syn_retransmits_total{{{labels}}} {}", flows.syn_retransmits)?;
         }
     }
-    Ok(out + &packets + &bytes + &up + &weight)
+    Ok(out + &packets + &bytes + &up + &weight + &new_flows + &retransmits)
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

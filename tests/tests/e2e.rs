@@ -74,6 +74,10 @@ fn l2_dsr_balances_tcp_and_udp_and_evicts_a_dead_backend() {
     );
     assert!(metrics.contains(&format!("backend=\"{}\"}} 1\n", backend_addr(1))), "{metrics}");
     assert!(metric(&metrics, "xlb_flow_table_entries") <= metric(&metrics, "xlb_flow_table_size"), "{metrics}");
+    let new_flows: u64 = (0..BACKENDS)
+        .map(|i| metric(&metrics, &format!("xlb_backend_new_flows_total{{service=\"demo-tcp\",vip=\"{VIP}\",port=\"80\",protocol=\"tcp\",backend=\"{}\"}}", backend_addr(i))))
+        .sum();
+    assert_eq!(new_flows, FLOWS as u64, "one new flow per TCP connection");
 
     // Kill backend 1: evicted within fall × interval + timeout (plus scheduling slack).
     let dead = backend_addr(1);
