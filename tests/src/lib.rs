@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod capture;
 pub mod dpbed;
+pub mod loadgen;
 pub mod netns;
 pub mod packet;
 pub mod scenario;
