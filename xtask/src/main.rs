@@ -5,6 +5,7 @@ mod setup;
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -47,9 +48,13 @@ enum Command {
     /// Runs the xlb-bench binary of the tests crate in release mode (needs root); `--quick` for a
     /// short run. Prints a markdown table and writes target/bench/pkt-cost-*.json.
     Bench {
-        /// Arguments for xlb-bench (`--quick`, `--repeat N`, `--rounds N`).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// Short runs of every part (under five minutes in all).
+        #[arg(long)]
+        quick: bool,
+        /// Only these parts: pkt (per-packet cost), maglev (table quality, agent), e2e
+        /// (throughput against HAProxy and nginx). Comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "pkt,maglev,e2e")]
+        only: Vec<String>,
     },
     /// Delete leftover `xlb-*` network namespaces, e.g. after a crashed test run.
     CleanNetns,
@@ -92,12 +97,10 @@ fn dispatch(command: Command) -> Result<()> {
             cmd.args(["run", "-p", "xlb-tests", "--bin", "xlb-demo", "--"]).args(args);
             run::run(&mut cmd)
         }
-        Command::Bench { args } => {
-            run::require_root("the benchmark loads XDP programs and runs them with BPF_PROG_TEST_RUN")?;
+        Command::Bench { quick, only } => {
+            run::require_root("the benchmark loads XDP programs and builds network namespaces")?;
             setup::setup()?;
-            let mut cmd = run::cargo();
-            cmd.args(["run", "--release", "-p", "xlb-tests", "--bin", "xlb-bench", "--"]).args(args);
-            run::run(&mut cmd)
+            bench(quick, &only)
         }
         Command::CleanNetns => clean_netns(),
     }
@@ -119,6 +122,40 @@ fn test_command(args: Vec<String>) -> std::process::Command {
     }
     cmd.arg("--no-fail-fast").args(cargo_args).args(["--", "--test-threads=1"]).args(harness_args);
     cmd
+}
+
+/// The benchmark binaries, in the order they run, with the part name that selects them.
+const BENCHES: [(&str, &str); 3] = [("pkt", "xlb-bench"), ("maglev", "xlb-bench-maglev"), ("e2e", "xlb-bench-e2e")];
+
+/// Builds the release binaries (the end-to-end part runs the release lb-agent), runs each
+/// selected part, and writes their tables together to target/bench/summary-latest.md.
+fn bench(quick: bool, only: &[String]) -> Result<()> {
+    if let Some(unknown) = only.iter().find(|o| !BENCHES.iter().any(|(part, _)| part == o)) {
+        anyhow::bail!("unknown bench part {unknown:?}: expected pkt, maglev or e2e");
+    }
+    run::run(run::cargo().args(["build", "--release", "-p", "lb-agent", "-p", "xlb-tests", "--bins"]))?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let mut summary = String::new();
+    for (part, bin) in BENCHES.iter().filter(|(part, _)| only.iter().any(|o| o == part)) {
+        let mut cmd = std::process::Command::new(root.join("target/release").join(bin));
+        if quick {
+            cmd.arg("--quick");
+        }
+        eprintln!("$ {bin}{}", if quick { " --quick" } else { "" });
+        // Tables on stdout (kept), progress on stderr (shown as it comes).
+        let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot run {bin}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        print!("{text}");
+        if !out.status.success() {
+            anyhow::bail!("bench part {part} ({bin}) failed with {}", out.status);
+        }
+        summary += &format!("## {part}\n\n{text}\n");
+    }
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("summary-latest.md"), &summary)?;
+    eprintln!("bench: tables in {}", dir.join("summary-latest.md").display());
+    Ok(())
 }
 
 fn clean_netns() -> Result<()> {
