@@ -18,11 +18,11 @@ use tokio::{
 };
 
 use crate::{
-    config::{format_mac, BackendConfig, Config, Forward, IpipConfig, ServiceConfig},
+    config::{format_mac, BackendConfig, Config, Forward, IpipConfig, Scheduler, ServiceConfig},
     dataplane::{self, Dataplane, ServiceSlot},
     health::{self, Event},
     maglev::{self, Member},
-    neigh,
+    neigh, wrr,
 };
 
 /// How long start-up waits for the kernel to resolve backends' MACs.
@@ -184,10 +184,11 @@ impl Agent {
             self.next_service_id += 1;
             self.next_service_id - 1
         });
-        let slot = self
+        let mut slot = self
             .dataplane
             .add_service(sc.vip, sc.port, sc.protocol.number(), id, sc.maglev_size, sc.forward)
             .with_context(|| format!("cannot add service {}", sc.name))?;
+        slot.set_scheduler(sc.scheduler.id());
         self.services.push(ServiceState { config: sc.clone(), slot, backends: Vec::new(), fail_open: false });
         let s = self.services.len() - 1;
         for b in &sc.backends {
@@ -262,7 +263,8 @@ impl Agent {
         self.publish(s)
     }
 
-    /// Rebuilds the service's Maglev table from its usable backends and publishes it.
+    /// Rebuilds the service's table from its usable backends and publishes it: a Maglev table
+    /// (maglev, source-hash) or a round-robin sequence (rr, wrr).
     fn publish(&mut self, s: usize) -> Result<()> {
         let service = &mut self.services[s];
         let members: Vec<Member> = service
@@ -271,7 +273,12 @@ impl Agent {
             .filter(|b| service.usable(b))
             .map(|b| Member { id: b.id, key: address_key(b.config.address), weight: b.config.weight })
             .collect();
-        let table = maglev::build(&members, service.slot.table_size);
+        let size = service.slot.table_size;
+        let table = match service.config.scheduler {
+            Scheduler::Maglev | Scheduler::SourceHash => maglev::build(&members, size),
+            Scheduler::Rr => wrr::table(&members, size, false),
+            Scheduler::Wrr => wrr::table(&members, size, true),
+        };
         self.dataplane
             .publish_table(&mut service.slot, &table)
             .with_context(|| format!("cannot publish the table of service {}", service.config.name))?;
@@ -462,6 +469,10 @@ impl Agent {
         let mut config = sc.clone();
         config.maglev_size = old.maglev_size;
         self.services[s].slot.set_forward(sc.forward);
+        if old.scheduler != sc.scheduler {
+            info!("service {}: scheduler {} -> {}", sc.name, old.scheduler, sc.scheduler);
+        }
+        self.services[s].slot.set_scheduler(sc.scheduler.id());
         self.services[s].config = config;
 
         let wanted: HashSet<IpAddr> = sc.backends.iter().map(|b| b.address).collect();

@@ -245,7 +245,17 @@ fn new_service(
     if health.port == 0 {
         health.port = port;
     }
-    let mut service = ServiceConfig { name, vip, port, protocol, forward, maglev_size, health, backends: Vec::new() };
+    let mut service = ServiceConfig {
+        name,
+        vip,
+        port,
+        protocol,
+        forward,
+        scheduler: Default::default(),
+        maglev_size,
+        health,
+        backends: Vec::new(),
+    };
     for b in backends {
         let mut scratch = Config { services: vec![service.clone()], ..config.clone() };
         let request =

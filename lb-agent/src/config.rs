@@ -57,6 +57,50 @@ pub enum Forward {
     Ipip,
 }
 
+/// How a service picks the backend of a new flow (the flow table pins it afterwards).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// Consistent hashing of the 5-tuple over the Maglev table: the same on every host.
+    #[default]
+    Maglev,
+    /// Backends in turn (a per-CPU cursor over a table of them).
+    Rr,
+    /// Backends in turn in proportion to their weights (smooth weighted round robin).
+    Wrr,
+    /// Hash of the client address alone over the Maglev table: one backend per client, the
+    /// same on every host.
+    SourceHash,
+}
+
+impl Scheduler {
+    /// The id the data path reads in the service's flags.
+    pub const fn id(self) -> u32 {
+        match self {
+            Scheduler::Maglev => lb_common::SCHED_MAGLEV,
+            Scheduler::Rr => lb_common::SCHED_RR,
+            Scheduler::Wrr => lb_common::SCHED_WRR,
+            Scheduler::SourceHash => lb_common::SCHED_SOURCE_HASH,
+        }
+    }
+
+    /// Whether every balancer host gives a new flow the same backend (a hash, not a cursor).
+    pub const fn same_on_every_host(self) -> bool {
+        matches!(self, Scheduler::Maglev | Scheduler::SourceHash)
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::Rr => "rr",
+            Scheduler::Wrr => "wrr",
+            Scheduler::SourceHash => "source-hash",
+        })
+    }
+}
+
 /// How the XDP program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +131,9 @@ pub struct Config {
     pub health_defaults: HealthConfig,
     /// Interfaces other than `interface` that encapsulated packets may leave by (XDP_REDIRECT).
     pub egress_interfaces: Vec<String>,
+    /// Several balancer hosts share the VIPs behind ECMP: schedulers that may answer
+    /// differently on each host (rr, wrr) draw a warning.
+    pub multi_host: bool,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -128,6 +175,7 @@ pub struct ServiceConfig {
     pub port: u16,
     pub protocol: Protocol,
     pub forward: Forward,
+    pub scheduler: Scheduler,
     pub maglev_size: u32,
     pub health: HealthConfig,
     pub backends: Vec<BackendConfig>,
@@ -233,6 +281,8 @@ struct RawConfig {
     hash_seed: Option<u32>,
     maglev_capacity: Option<Spanned<u32>>,
     #[serde(default)]
+    multi_host: bool,
+    #[serde(default)]
     egress_interfaces: Vec<Spanned<String>>,
     #[serde(default)]
     metrics: RawMetrics,
@@ -306,6 +356,8 @@ struct RawService {
     protocol: Protocol,
     #[serde(default)]
     forward: Forward,
+    #[serde(default)]
+    scheduler: Scheduler,
     maglev_size: Option<Spanned<u32>>,
     #[serde(default)]
     health: RawHealth,
@@ -355,6 +407,28 @@ impl Config {
         use anyhow::Context as _;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
         Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: invalid config:\n{e}", path.display()))
+    }
+
+    /// What is valid but probably not meant: services whose scheduler answers differently on
+    /// each balancer host while `multi_host` says several hosts share the VIPs.
+    pub fn warnings(&self) -> Vec<String> {
+        if !self.multi_host {
+            return Vec::new();
+        }
+        self.services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.scheduler.same_on_every_host())
+            .map(|(i, s)| {
+                format!(
+                    "service[{i}].scheduler: service {}: scheduler \"{}\" with multi_host = true: each balancer host \
+                     keeps its own round-robin cursor, so a connection whose packets ECMP moves to another host \
+                     (a host added or lost) lands on another backend; only \"maglev\" and \"source-hash\" give \
+                     the same answer on every host",
+                    s.name, s.scheduler
+                )
+            })
+            .collect()
     }
 
     /// Parses and validates a config; on failure, every error found.
@@ -535,6 +609,7 @@ fn validate(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         passive,
         health_defaults,
         egress_interfaces,
+        multi_host: raw.multi_host,
         services,
     }
 }
@@ -656,6 +731,7 @@ fn validate_service(
         port,
         protocol: s.protocol,
         forward: s.forward,
+        scheduler: s.scheduler,
         maglev_size,
         health,
         backends,
@@ -932,6 +1008,38 @@ address = "10.0.0.13"
 
         let small_cap = GOOD.replace("hash_seed = 42", "hash_seed = 42\nmaglev_capacity = 1000");
         assert_eq!(errors(&small_cap)[0].field, "maglev_capacity");
+    }
+
+    #[test]
+    fn schedulers_parse_and_rr_on_several_hosts_warns() {
+        let c = Config::parse(GOOD).unwrap();
+        assert!(c.services.iter().all(|s| s.scheduler == Scheduler::Maglev));
+        assert!(!c.multi_host && c.warnings().is_empty());
+        for (text, want) in [
+            ("maglev", Scheduler::Maglev),
+            ("rr", Scheduler::Rr),
+            ("wrr", Scheduler::Wrr),
+            ("source-hash", Scheduler::SourceHash),
+        ] {
+            let c =
+                Config::parse(&GOOD.replace("port = 80\n", &format!("port = 80\nscheduler = \"{text}\"\n"))).unwrap();
+            assert_eq!(c.services[0].scheduler, want);
+            assert_eq!(want.to_string(), text);
+            // One host: no warning, whatever the scheduler.
+            assert!(c.warnings().is_empty());
+        }
+        let e = errors(&GOOD.replace("port = 80\n", "port = 80\nscheduler = \"lc\"\n"));
+        assert_eq!(e[0].line, 13, "{e:?}");
+        assert!(e[0].message.contains("source-hash"), "{e:?}");
+
+        let multi = GOOD.replace("hash_seed = 42", "hash_seed = 42\nmulti_host = true");
+        assert!(Config::parse(&multi).unwrap().warnings().is_empty(), "maglev gives one answer everywhere");
+        let sh = Config::parse(&multi.replace("port = 53\n", "port = 53\nscheduler = \"source-hash\"\n")).unwrap();
+        assert!(sh.warnings().is_empty());
+        let rr = Config::parse(&multi.replace("port = 53\n", "port = 53\nscheduler = \"wrr\"\n")).unwrap();
+        let w = rr.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("service[1].scheduler: service 10.0.0.100:53/udp: scheduler \"wrr\""), "{w:?}");
     }
 
     #[test]

@@ -20,7 +20,8 @@ use aya::{
 };
 use lb_common::{
     addr_v4, addr_v6, global_names, limits, map_names, program_names, Addr, Backend, Counters, FlowEvent, Reason,
-    Service, ServiceKey, Settings, Vip, VipKey, BACKEND_F_VALID, FAMILY_V4, FAMILY_V6, NO_BACKEND, SERVICE_F_IPIP,
+    Service, ServiceKey, Settings, Vip, VipKey, BACKEND_F_VALID, FAMILY_V4, FAMILY_V6, NO_BACKEND, SCHED_MASK,
+    SCHED_SHIFT, SERVICE_F_IPIP,
 };
 use log::{info, warn};
 
@@ -61,16 +62,24 @@ pub struct LoadOptions {
 pub struct ServiceSlot {
     pub key: ServiceKey,
     pub id: u32,
+    /// Entries allocated to each copy of the table.
     pub table_size: u32,
     pub flags: u32,
     bases: [u32; 2],
     active: usize,
+    /// Entries of the active table (rr/wrr tables may use fewer than `table_size`).
+    active_size: u32,
 }
 
 impl ServiceSlot {
     /// Changes how the service forwards; written with its next table.
     pub fn set_forward(&mut self, forward: Forward) {
-        self.flags = forward_flags(forward);
+        self.flags = (self.flags & SCHED_MASK) | forward_flags(forward);
+    }
+
+    /// Changes the service's scheduler (`lb_common::SCHED_*`); written with its next table.
+    pub fn set_scheduler(&mut self, scheduler: u32) {
+        self.flags = (self.flags & !SCHED_MASK) | ((scheduler << SCHED_SHIFT) & SCHED_MASK);
     }
 }
 
@@ -335,7 +344,15 @@ impl Dataplane {
         self.maglev_next += 2 * table_size;
         let (addr, family) = map_addr(vip);
         let key = ServiceKey { addr, port: port.to_be(), proto, family };
-        let mut slot = ServiceSlot { key, id, table_size, flags: forward_flags(forward), bases, active: 0 };
+        let mut slot = ServiceSlot {
+            key,
+            id,
+            table_size,
+            flags: forward_flags(forward),
+            bases,
+            active: 0,
+            active_size: table_size,
+        };
         self.write_table(slot.bases[0], &vec![NO_BACKEND; table_size as usize])?;
         self.flip(&mut slot, 0)?;
         let vip_key = VipKey { addr, family, _pad: [0; 3] };
@@ -393,13 +410,15 @@ impl Dataplane {
     }
 
     /// Makes `entries` the service's table: writes the inactive copy, then flips the service
-    /// to it, so the data path sees the old table or the new one, never a mix.
+    /// to it, so the data path sees the old table or the new one, never a mix. A table may be
+    /// shorter than the allocated size (rr/wrr: whole cycles only), not empty.
     pub fn publish_table(&mut self, slot: &mut ServiceSlot, entries: &[u32]) -> Result<()> {
-        if entries.len() != slot.table_size as usize {
-            bail!("table has {} entries, the service expects {}", entries.len(), slot.table_size);
+        if entries.is_empty() || entries.len() > slot.table_size as usize {
+            bail!("table has {} entries, the service expects 1 to {}", entries.len(), slot.table_size);
         }
         let next = 1 - slot.active;
         self.write_table(slot.bases[next], entries)?;
+        slot.active_size = entries.len() as u32;
         self.flip(slot, next)
     }
 
@@ -418,7 +437,7 @@ impl Dataplane {
 
     fn flip(&mut self, slot: &mut ServiceSlot, to: usize) -> Result<()> {
         let service =
-            Service { id: slot.id, flags: slot.flags, table_base: slot.bases[to], table_size: slot.table_size };
+            Service { id: slot.id, flags: slot.flags, table_base: slot.bases[to], table_size: slot.active_size };
         self.services.insert(slot.key, service, 0).context("cannot write the service")?;
         slot.active = to;
         Ok(())

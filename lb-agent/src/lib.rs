@@ -10,3 +10,4 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;
+pub mod wrr;

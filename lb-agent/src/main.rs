@@ -192,6 +192,9 @@ fn check(path: &std::path::Path) -> Result<()> {
         config.services.len(),
         config.interface
     );
+    for w in config.warnings() {
+        println!("warning: {w}");
+    }
     Ok(())
 }
 
@@ -220,6 +223,9 @@ async fn run(
     let mut hup = signal(SignalKind::hangup())?;
     // Nothing touches the kernel before the config is known to be good.
     let config = Config::load(path)?;
+    for w in config.warnings() {
+        log::warn!("{w}");
+    }
     let iface_mac = dataplane::iface_mac(&config.interface)?;
     // Locks <pin_dir>/<interface> (a second agent is refused) and adopts what a previous agent
     // left there: the flow table and the counters; its program stays attached meanwhile.

@@ -33,6 +33,14 @@ pub const fn flow_hash(src: &crate::Addr, dst: &crate::Addr, ports: u32, proto: 
     finish(h ^ 37)
 }
 
+/// Hash of a client address alone (the source-hash scheduler): the flow hash with the
+/// destination, ports and protocol zero, so every connection of a client gets one answer, the
+/// same on every host with the same seed.
+#[inline(always)]
+pub const fn source_hash(src: &crate::Addr, seed: u32) -> u32 {
+    flow_hash(src, &[0; 4], 0, 0, seed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,9 @@ pub mod map_names {
     pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
     /// Per-CPU [`crate::Counters`] per [`crate::reason::DecapReason`] (bytes as received).
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// Per-CPU `u32` per service id: the round-robin cursor of rr/wrr services (the next entry
+    /// of the service's table a new flow takes on this CPU).
+    pub const RR_CURSOR: &str = "RR_CURSOR";
 }
 
 /// Global variables of the eBPF object, set by the agent at load time.
@@ -134,18 +137,37 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 pub struct Service {
     /// Index into the per-service statistics.
     pub id: u32,
-    /// [`SERVICE_F_IPIP`] or 0 (L2 DSR).
+    /// [`SERVICE_F_IPIP`] or 0 (L2 DSR), and the scheduler in bits 8..15
+    /// ([`SCHED_SHIFT`], [`SCHED_MASK`]).
     pub flags: u32,
     /// Where the active Maglev table starts in [`map_names::MAGLEV`]. The agent writes the
     /// inactive copy and then flips this one aligned word, so a packet never sees half a table.
     pub table_base: u32,
-    /// Number of entries of the table (a prime, fixed for the service's lifetime).
+    /// Number of entries of the active table: the allocated size (a prime, fixed for the
+    /// service's lifetime), or for rr/wrr the whole number of weighted cycles that fit in it.
     pub table_size: u32,
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 
 /// The service forwards by encapsulation (IPv4 in IPv4, IPv6 in IPv6) instead of L2 DSR.
 pub const SERVICE_F_IPIP: u32 = 1;
+
+/// Where the scheduler id sits in [`Service::flags`].
+pub const SCHED_SHIFT: u32 = 8;
+pub const SCHED_MASK: u32 = 0xff << SCHED_SHIFT;
+/// New flows by the flow hash over the Maglev table (the default).
+pub const SCHED_MAGLEV: u32 = 0;
+/// New flows by a per-CPU cursor over a table of backends in turn.
+pub const SCHED_RR: u32 = 1;
+/// As [`SCHED_RR`] over a smooth weighted round-robin sequence.
+pub const SCHED_WRR: u32 = 2;
+/// New flows by a hash of the client address alone over the Maglev table.
+pub const SCHED_SOURCE_HASH: u32 = 3;
+
+/// The scheduler id of a service's flags.
+pub const fn scheduler_of(flags: u32) -> u32 {
+    (flags & SCHED_MASK) >> SCHED_SHIFT
+}
 
 /// Value of [`map_names::BACKENDS`].
 #[repr(C)]

@@ -54,6 +54,7 @@ use lb_agent::{
 };
 use lb_common::{
     limits::DEFAULT_MAGLEV_SIZE, map_names, program_names, Flow, FlowEvent, FlowKey, Reason, IPPROTO_TCP, IPPROTO_UDP,
+    SCHED_MAGLEV, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WRR,
 };
 use xlb_tests::{
     dpbed::{
@@ -66,6 +67,10 @@ use xlb_tests::{
 const NON_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 3);
 const SPORT: u16 = 40_000;
 const UNKNOWN_PORT: u16 = 81;
+/// Services with the other schedulers (L2 DSR, TCP, IPv4).
+const PORT_RR: u16 = 8001;
+const PORT_WRR: u16 = 8002;
+const PORT_SH: u16 = 8003;
 /// Maglev table size of every service: the default.
 const TABLE: u32 = DEFAULT_MAGLEV_SIZE;
 /// Flow-table entries whose kernel memory is reported.
@@ -614,12 +619,21 @@ fn run_bench(args: &Args) -> Result<Measured> {
     let ifindex = if_index(dpbed::VETH).context("veth0 missing: not inside the bed's namespace?")?;
     let possible = possible_cpus();
 
-    let services: Vec<(IpAddr, u16, u8, Forward, &[u32])> = vec![
-        (VIP4.into(), PORT_L2_TCP, IPPROTO_TCP, Forward::L2, &dpbed::L2_V4),
-        (VIP4.into(), PORT_L2_UDP, IPPROTO_UDP, Forward::L2, &dpbed::L2_V4),
-        (VIP4.into(), PORT_IPIP, IPPROTO_TCP, Forward::Ipip, &dpbed::IPIP_V4),
-        (VIP6.into(), PORT_L2_TCP, IPPROTO_TCP, Forward::L2, &dpbed::L2_V6),
-        (VIP6.into(), PORT_IPIP, IPPROTO_TCP, Forward::Ipip, &dpbed::IPIP_V6),
+    // The rr, wrr and source-hash services have one backend, so that the bench can predict
+    // every output frame whatever the per-CPU cursor says; their new-flow path (the scheduler's
+    // function, the cursor update) costs the same with more backends.
+    let one_backend: &[u32] = &dpbed::L2_V4[..1];
+    // (VIP, port, protocol, forward, backends, scheduler)
+    type ServiceSpec<'a> = (IpAddr, u16, u8, Forward, &'a [u32], u32);
+    let services: Vec<ServiceSpec> = vec![
+        (VIP4.into(), PORT_L2_TCP, IPPROTO_TCP, Forward::L2, &dpbed::L2_V4, SCHED_MAGLEV),
+        (VIP4.into(), PORT_L2_UDP, IPPROTO_UDP, Forward::L2, &dpbed::L2_V4, SCHED_MAGLEV),
+        (VIP4.into(), PORT_IPIP, IPPROTO_TCP, Forward::Ipip, &dpbed::IPIP_V4, SCHED_MAGLEV),
+        (VIP6.into(), PORT_L2_TCP, IPPROTO_TCP, Forward::L2, &dpbed::L2_V6, SCHED_MAGLEV),
+        (VIP6.into(), PORT_IPIP, IPPROTO_TCP, Forward::Ipip, &dpbed::IPIP_V6, SCHED_MAGLEV),
+        (VIP4.into(), PORT_RR, IPPROTO_TCP, Forward::L2, one_backend, SCHED_RR),
+        (VIP4.into(), PORT_WRR, IPPROTO_TCP, Forward::L2, one_backend, SCHED_WRR),
+        (VIP4.into(), PORT_SH, IPPROTO_TCP, Forward::L2, one_backend, SCHED_SOURCE_HASH),
     ];
     // The flow table: the default size, or more when one CPU's share of the per-CPU LRU would
     // not hold a loop's new flows twice over (then it would evict during the loop).
@@ -641,11 +655,16 @@ fn run_bench(args: &Args) -> Result<Measured> {
             setup.backends.insert(id, addr);
         }
     }
-    for (id, (vip, port, proto, forward, members)) in services.iter().enumerate() {
+    for (id, (vip, port, proto, forward, members, scheduler)) in services.iter().enumerate() {
         let members: Vec<Member> =
             members.iter().map(|&m| Member { id: m, key: address_key(setup.backends[&m]), weight: 1 }).collect();
-        let table = maglev::build(&members, TABLE);
+        let table = match *scheduler {
+            SCHED_RR | SCHED_WRR => lb_agent::wrr::table(&members, TABLE, *scheduler == SCHED_WRR),
+            _ => maglev::build(&members, TABLE),
+        };
+        ensure!(table.len() == TABLE as usize, "the bench's tables are all {TABLE} entries");
         let mut slot = dp.add_service(*vip, *port, *proto, id as u32, TABLE, *forward)?;
+        slot.set_scheduler(*scheduler);
         dp.publish_table(&mut slot, &table)?;
         setup.services.push(Svc { vip: *vip, port: *port, proto: *proto, forward: *forward, table });
     }
@@ -716,6 +735,9 @@ fn run_bench(args: &Args) -> Result<Measured> {
         case("l2 established tcp v4", lp, lb, XDP_TX, fwd, est, one(&syn(c4, SPORT + 1, vip4, PORT_L2_TCP))?),
         case("l2 new tcp v4", lp, lb, XDP_TX, fwd, new, new_flows(false, PORT_L2_TCP)?),
         case("l2 new tcp v6", lp, lb, XDP_TX, fwd, new, new_flows(true, PORT_L2_TCP)?),
+        case("l2 new tcp v4, rr", lp, lb, XDP_TX, fwd, new, new_flows(false, PORT_RR)?),
+        case("l2 new tcp v4, wrr", lp, lb, XDP_TX, fwd, new, new_flows(false, PORT_WRR)?),
+        case("l2 new tcp v4, source-hash", lp, lb, XDP_TX, fwd, new, new_flows(false, PORT_SH)?),
         case("ipip established tcp v4 (ipip)", lp, lb, XDP_TX, encap, est, one(&syn(c4, SPORT, vip4, PORT_IPIP))?),
         case("ipip established tcp v6 (ip6ip6)", lp, lb, XDP_TX, encap, est, one(&syn(c6, SPORT, vip6, PORT_IPIP))?),
         case("ipip new tcp v4 (ipip)", lp, lb, XDP_TX, encap, new, new_flows(false, PORT_IPIP)?),
@@ -946,7 +968,8 @@ fn main() -> Result<()> {
         md,
         "flow table: {} entries, memlock {:.1} MB (per-CPU LRU: {} per CPU, {} possible CPUs), new-flow rate limit \
          off; each new-flow measurement's entries are deleted afterwards, every deletion finding its entry (no \
-         eviction). Maglev table {TABLE} per service, 3 backends; ipip routes and neighbours in a network \
+         eviction). Maglev table {TABLE} per service, 3 backends (rr, wrr, source-hash: one backend, so that the \
+         output is known whatever the cursor; the path costs the same); ipip routes and neighbours in a network \
          namespace (dpbed).",
         bench_table.max_entries,
         bench_table.memlock as f64 / 1e6,

@@ -1,0 +1,285 @@
+//! Schedulers per service (maglev, rr, wrr, source-hash): the data path through
+//! BPF_PROG_TEST_RUN on crafted frames, then end to end in network namespaces. Needs root.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_agent::{
+    config::Forward,
+    dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
+    maglev::{self, Member},
+    wrr,
+};
+use lb_common::{hash::source_hash, Settings, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WRR};
+use xlb_tests::{
+    packet::Frame,
+    scenario::{backend_name, config_for, vip, Scenario},
+    traffic::{failures, open_connections, tcp_requests},
+};
+
+const XDP_TX: u32 = 3;
+const SEED: u32 = 0x5eed;
+const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x03];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const TABLE: u32 = 251;
+const RR_PORT: u16 = 80;
+const WRR_PORT: u16 = 81;
+const SH_PORT: u16 = 82;
+const ACK: u8 = 0x10;
+
+fn backend_mac(i: u32) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, 0, i as u8]
+}
+
+fn member(i: u32, weight: u32) -> Member {
+    Member { id: i, key: u64::from(u32::from(Ipv4Addr::new(10, 99, 0, 11 + i as u8))), weight }
+}
+
+/// The per-CPU round-robin cursor only counts "in turn" on one CPU: keep this thread on one.
+fn pin_to_one_cpu() {
+    // SAFETY: plain syscalls on this thread's own affinity mask.
+    unsafe {
+        let cpu = libc::sched_getcpu().max(0) as usize;
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+}
+
+struct Bed {
+    dp: Dataplane,
+    slots: BTreeMap<u16, ServiceSlot>,
+    maglev_table: Vec<u32>,
+}
+
+/// Four backends (ids 0..4; 3 stays out of the tables at first); services rr (port 80,
+/// backends 0..3), wrr (81, weights 1:2:3) and source-hash (82) on one VIP.
+fn bed() -> Bed {
+    pin_to_one_cpu();
+    let mut dp = Dataplane::load(&LoadOptions {
+        hash_seed: SEED,
+        iface_mac: LB_MAC,
+        maglev_capacity: 8 * TABLE,
+        flow_table_size: 4096,
+    })
+    .expect("load the balancer (run the tests as root)");
+    dp.set_settings(Settings { udp_idle_ns: 30_000_000_000, ..Settings::default() }).unwrap();
+    for i in 0..4u32 {
+        dp.set_backend(i, Ipv4Addr::new(10, 99, 0, 11 + i as u8).into(), Some(backend_mac(i)), true).unwrap();
+    }
+    let ones: Vec<Member> = (0..3).map(|i| member(i, 1)).collect();
+    let weighted: Vec<Member> = (0..3).map(|i| member(i, i + 1)).collect();
+    let maglev_table = maglev::build(&ones, TABLE);
+    let mut slots = BTreeMap::new();
+    for (id, (port, scheduler, table)) in [
+        (RR_PORT, SCHED_RR, wrr::table(&ones, TABLE, false)),
+        (WRR_PORT, SCHED_WRR, wrr::table(&weighted, TABLE, true)),
+        (SH_PORT, SCHED_SOURCE_HASH, maglev_table.clone()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut slot = dp.add_service(VIP.into(), port, 6, id as u32, TABLE, Forward::L2).unwrap();
+        slot.set_scheduler(scheduler);
+        dp.publish_table(&mut slot, &table).unwrap();
+        slots.insert(port, slot);
+    }
+    Bed { dp, slots, maglev_table }
+}
+
+impl Bed {
+    /// Sends one frame; the backend it was forwarded to.
+    fn backend_of(&mut self, f: &Frame) -> u32 {
+        let frame = f.build();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        opts.data_out = Some(&mut out);
+        let result = self.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(result.return_value, XDP_TX, "{f:?}");
+        let mac: [u8; 6] = out[0..6].try_into().unwrap();
+        (0..4).find(|&i| backend_mac(i) == mac).unwrap_or_else(|| panic!("unknown destination MAC {mac:02x?}"))
+    }
+
+    fn new_flow(&mut self, src: Ipv4Addr, sport: u16, port: u16) -> u32 {
+        self.backend_of(&Frame::tcp(src, sport, VIP, port))
+    }
+
+    fn publish(&mut self, port: u16, table: &[u32]) {
+        let slot = self.slots.get_mut(&port).unwrap();
+        self.dp.publish_table(slot, table).unwrap();
+    }
+}
+
+/// Positions of `seq` in the repeating `cycle`, if `seq` is a run of it from some offset.
+fn follows_cycle(seq: &[u32], cycle: &[u32]) -> bool {
+    (0..cycle.len()).any(|start| seq.iter().enumerate().all(|(i, &b)| cycle[(start + i) % cycle.len()] == b))
+}
+
+#[test]
+fn datapath_schedulers_pick_new_flows_and_pins_never_move() {
+    let mut bed = bed();
+
+    // rr: consecutive new flows go to the backends in turn.
+    let rr: Vec<u32> = (0..30).map(|i| bed.new_flow(CLIENT, 10_000 + i, RR_PORT)).collect();
+    eprintln!("rr: {rr:?}");
+    for pair in rr.windows(2) {
+        assert_eq!(pair[1], (pair[0] + 1) % 3, "not in turn: {rr:?}");
+    }
+    // A pinned flow keeps its backend on its next packets.
+    for (i, &b) in rr.iter().enumerate() {
+        let again = bed.backend_of(&Frame::tcp(CLIENT, 10_000 + i as u16, VIP, RR_PORT).tcp_flags(ACK));
+        assert_eq!(again, b, "rr flow {i} moved");
+    }
+
+    // wrr 1:2:3: each run of 60 new flows is ten cycles of the smooth sequence.
+    let weighted: Vec<Member> = (0..3).map(|i| member(i, i + 1)).collect();
+    let cycle = wrr::cycle(&weighted, true);
+    let seq: Vec<u32> = (0..60).map(|i| bed.new_flow(CLIENT, 20_000 + i, WRR_PORT)).collect();
+    eprintln!("wrr: {seq:?}");
+    let counts: Vec<usize> = (0..3).map(|b| seq.iter().filter(|&&x| x == b).count()).collect();
+    assert_eq!(counts, [10, 20, 30], "{seq:?}");
+    assert!(follows_cycle(&seq, &cycle), "{seq:?} does not follow {cycle:?}");
+
+    // source-hash: every flow of a client to one backend, the one the client's hash names.
+    let (addr, _) = map_addr(CLIENT.into());
+    let expected = bed.maglev_table[(source_hash(&addr, SEED) % TABLE) as usize];
+    for sport in 30_000..30_040 {
+        assert_eq!(bed.new_flow(CLIENT, sport, SH_PORT), expected, "source port {sport}");
+    }
+    // ... and different clients spread over every backend.
+    let mut spread = [0usize; 3];
+    for c in 0..90u8 {
+        let client = Ipv4Addr::new(10, 98, c, 7);
+        let b = bed.new_flow(client, 40_000, SH_PORT);
+        let b2 = bed.new_flow(client, 40_001, SH_PORT);
+        assert_eq!(b, b2, "client {client}");
+        let (a, _) = map_addr(client.into());
+        assert_eq!(b, bed.maglev_table[(source_hash(&a, SEED) % TABLE) as usize]);
+        spread[b as usize] += 1;
+    }
+    eprintln!("source-hash, 90 clients: {spread:?}");
+    assert!(spread.iter().all(|&n| n >= 15), "{spread:?}");
+
+    // A new sequence (rr with backend 3 added, wrr reweighted 3:2:1): established flows stay
+    // where they were; new ones follow the new table.
+    let four: Vec<Member> = (0..4).map(|i| member(i, 1)).collect();
+    bed.publish(RR_PORT, &wrr::table(&four, TABLE, false));
+    let reweighted: Vec<Member> = (0..3).map(|i| member(i, 3 - i)).collect();
+    bed.publish(WRR_PORT, &wrr::table(&reweighted, TABLE, true));
+    for (i, &b) in rr.iter().enumerate() {
+        let again = bed.backend_of(&Frame::tcp(CLIENT, 10_000 + i as u16, VIP, RR_PORT).tcp_flags(ACK));
+        assert_eq!(again, b, "rr flow {i} moved after a new sequence");
+    }
+    for (i, &b) in seq.iter().enumerate() {
+        let again = bed.backend_of(&Frame::tcp(CLIENT, 20_000 + i as u16, VIP, WRR_PORT).tcp_flags(ACK));
+        assert_eq!(again, b, "wrr flow {i} moved after a new sequence");
+    }
+    let rr4: Vec<u32> = (0..40).map(|i| bed.new_flow(CLIENT, 50_000 + i, RR_PORT)).collect();
+    assert!(follows_cycle(&rr4, &[0, 1, 2, 3]), "{rr4:?}");
+    let seq2: Vec<u32> = (0..60).map(|i| bed.new_flow(CLIENT, 51_000 + i, WRR_PORT)).collect();
+    let counts: Vec<usize> = (0..3).map(|b| seq2.iter().filter(|&&x| x == b).count()).collect();
+    assert_eq!(counts, [30, 20, 10], "{seq2:?}");
+
+    // source-hash: a new Maglev table (backend 3 joins) leaves established flows alone.
+    let before: Vec<u32> = (0..90u8).map(|c| bed.new_flow(Ipv4Addr::new(10, 97, c, 7), 40_000, SH_PORT)).collect();
+    let table4 = maglev::build(&four, TABLE);
+    bed.publish(SH_PORT, &table4);
+    for (c, &b) in before.iter().enumerate() {
+        let f = Frame::tcp(Ipv4Addr::new(10, 97, c as u8, 7), 40_000, VIP, SH_PORT).tcp_flags(ACK);
+        assert_eq!(bed.backend_of(&f), b, "source-hash client {c} moved");
+    }
+}
+
+#[test]
+fn rr_flows_that_will_not_be_pinned_follow_their_hash() {
+    // Past the new-flow rate a flow gets no pin: a cursor would send each of its packets to
+    // another backend, so such flows are placed by their flow hash over the same table.
+    let mut bed = bed();
+    bed.dp
+        .set_settings(Settings { udp_idle_ns: 30_000_000_000, new_flows_per_cpu_sec: 5, ..Settings::default() })
+        .unwrap();
+    for i in 0..5 {
+        bed.new_flow(CLIENT, 60_000 + i, RR_PORT);
+    }
+    let table = wrr::table(&(0..3).map(|i| member(i, 1)).collect::<Vec<_>>(), TABLE, false);
+    for sport in 61_000..61_030u16 {
+        let f = Frame::tcp(CLIENT, sport, VIP, RR_PORT);
+        let first = bed.backend_of(&f);
+        assert_eq!(bed.backend_of(&f), first, "an unpinned flow moved");
+        let [s0, s1] = sport.to_be_bytes();
+        let [d0, d1] = RR_PORT.to_be_bytes();
+        let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
+        let h = lb_common::hash::flow_hash(&map_addr(CLIENT.into()).0, &map_addr(VIP.into()).0, ports, 6, SEED);
+        assert_eq!(first, table[(h % table.len() as u32) as usize], "source port {sport}");
+    }
+}
+
+fn with_scheduler(config: &str, scheduler: &str) -> String {
+    config.replace("protocol = \"tcp\"\n", &format!("protocol = \"tcp\"\nscheduler = \"{scheduler}\"\n"))
+}
+
+fn share(t: &BTreeMap<String, usize>, i: usize) -> usize {
+    t.get(&backend_name(i)).copied().unwrap_or(0)
+}
+
+#[test]
+fn rr_spreads_connections_evenly() {
+    let s = Scenario::start_with(3, &with_scheduler(&config_for(&[(0, 1), (1, 1), (2, 1)]), "rr")).expect("bed");
+    let t = tcp_requests(&s.bed.client, vip(), 300).unwrap();
+    eprintln!("rr, 300 connections: {t:?}");
+    assert_eq!(failures(&t), 0, "{t:?}");
+    // One cursor per CPU, each walking the backends in turn: every CPU's share is even to
+    // within one connection per backend, so the total is within a few of 100 each. Allow ±10.
+    for i in 0..3 {
+        assert!(share(&t, i).abs_diff(100) <= 10, "backend {i}: {t:?}");
+    }
+}
+
+#[test]
+fn wrr_follows_the_weights() {
+    let s = Scenario::start_with(3, &with_scheduler(&config_for(&[(0, 1), (1, 2), (2, 3)]), "wrr")).expect("bed");
+    let t = tcp_requests(&s.bed.client, vip(), 300).unwrap();
+    eprintln!("wrr 1:2:3, 300 connections: {t:?}");
+    assert_eq!(failures(&t), 0, "{t:?}");
+    for (i, expected) in [(0, 50), (1, 100), (2, 150)] {
+        assert!(share(&t, i).abs_diff(expected) <= 10, "backend {i}: expected {expected} ± 10: {t:?}");
+    }
+}
+
+#[test]
+fn source_hash_keeps_a_client_on_one_backend() {
+    let s =
+        Scenario::start_with(3, &with_scheduler(&config_for(&[(0, 1), (1, 1), (2, 1)]), "source-hash")).expect("bed");
+    let t = tcp_requests(&s.bed.client, vip(), 300).unwrap();
+    eprintln!("source-hash, 300 connections of one client: {t:?}");
+    assert_eq!(failures(&t), 0, "{t:?}");
+    assert_eq!(t.len(), 1, "one client, one backend: {t:?}");
+    // Long-lived ones too.
+    let conns = open_connections(&s.bed.client, vip(), 20).unwrap();
+    assert!(conns.iter().all(|c| t.contains_key(&c.backend)), "{t:?}");
+}
+
+#[test]
+fn check_warns_about_rr_on_several_hosts() {
+    let dir = xlb_tests::agent::TempDir::new("sched-check").unwrap();
+    let path = dir.0.join("xlb.toml");
+    let check = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(xlb_tests::agent::agent_binary().unwrap())
+            .args(["check", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "a warning is not an error: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let rr = with_scheduler(&config_for(&[(0, 1), (1, 1)]), "rr");
+    assert!(!check(&rr).contains("warning"), "one host: no warning");
+    let multi = rr.replace("hash_seed = 2026\n", "hash_seed = 2026\nmulti_host = true\n");
+    let out = check(&multi);
+    assert!(out.contains("valid (2 services"), "{out}");
+    assert!(out.contains("warning: service[0].scheduler: service demo-tcp: scheduler \"rr\" with multi_host"), "{out}");
+    let sh = with_scheduler(&config_for(&[(0, 1), (1, 1)]), "source-hash")
+        .replace("hash_seed = 2026\n", "hash_seed = 2026\nmulti_host = true\n");
+    assert!(!check(&sh).contains("warning"));
+}
