@@ -23,12 +23,13 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use xlb_tests::bench::{bench_dir, json_num, json_str, loadavg, machine};
 use xlb_tests::{
     agent::{AgentProcess, TempDir},
     loadgen::{
@@ -671,60 +672,6 @@ fn fmt_ratio(v: Option<f64>) -> String {
     v.map_or_else(|| "—".into(), |v| format!("{v:.2}"))
 }
 
-struct Machine {
-    kernel: String,
-    cpu: String,
-    cores: i64,
-    loadavg: String,
-}
-
-fn machine() -> Machine {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or_else(|| "unknown".to_string(), |(_, v)| v.trim().to_string());
-    // SAFETY: sysconf only reads a system value.
-    let cores = i64::from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as i32);
-    Machine { kernel, cpu, cores, loadavg: loadavg() }
-}
-
-/// The 1-minute load average: other work on the machine shows in the figures.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn json_num(v: Option<f64>) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{v:.4}"),
-        _ => "null".into(),
-    }
-}
-
 /// CPU time in clock ticks: the machine's busy time outside interrupts (/proc/stat), and this
 /// process's with its reaped children (/proc/self/stat), which includes every process the
 /// bench started once they are all stopped.
@@ -762,16 +709,6 @@ impl CpuTicks {
             0.0
         }
     }
-}
-
-/// `<target dir>/bench`: the target directory this binary was built into, else `target`.
-fn bench_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).or_else(|| {
-        let exe = std::env::current_exe().ok()?;
-        let target = exe.parent()?.parent()?;
-        (target.file_name()? == "target").then(|| target.to_path_buf())
-    });
-    target.unwrap_or_else(|| PathBuf::from("target")).join("bench")
 }
 
 struct Row<'a> {
@@ -993,7 +930,7 @@ fn main() -> Result<()> {
         j,
         "  \"total_seconds\": {:.1},\n  \"other_processes_cpu_share\": {},\n  \"scenarios\": [",
         started.elapsed().as_secs_f64(),
-        json_num(Some(other_cpu))
+        json_num(Some(other_cpu), 4)
     );
     for (idx, (r, (vs_e, vs_c))) in rows.iter().zip(&ratios).enumerate() {
         let http_json = |h: &Http, runs: &[WrkResult]| -> String {
@@ -1002,9 +939,9 @@ fn main() -> Result<()> {
                 .map(|w| {
                     format!(
                         "{{\"rps\": {}, \"p50_us\": {}, \"p99_us\": {}, \"requests\": {}, \"errors\": {}}}",
-                        json_num(Some(w.requests_per_sec)),
-                        json_num(Some(w.p50_us)),
-                        json_num(Some(w.p99_us)),
+                        json_num(Some(w.requests_per_sec), 4),
+                        json_num(Some(w.p50_us), 4),
+                        json_num(Some(w.p99_us), 4),
                         w.requests,
                         w.errors
                     )
@@ -1012,9 +949,9 @@ fn main() -> Result<()> {
                 .collect();
             format!(
                 "{{\"rps\": {}, \"p50_us\": {}, \"p99_us\": {}, \"requests\": {}, \"errors\": {}, \"runs\": [{}]}}",
-                json_num(h.rps),
-                json_num(h.p50),
-                json_num(h.p99),
+                json_num(h.rps, 4),
+                json_num(h.p50, 4),
+                json_num(h.p99, 4),
                 h.requests,
                 h.errors,
                 list.join(", ")
@@ -1033,16 +970,16 @@ fn main() -> Result<()> {
                             x.sent,
                             x.answered,
                             x.send_errors,
-                            json_num(Some(x.answers_per_sec)),
-                            json_num(Some(x.loss))
+                            json_num(Some(x.answers_per_sec), 4),
+                            json_num(Some(x.loss), 4)
                         )
                     })
                     .collect();
                 format!(
                     "{{\"pps\": {}, \"loss\": {}, \"sent_pps\": {}, \"runs\": [{}]}}",
-                    json_num(u.pps),
-                    json_num(u.loss),
-                    json_num(u.sent_pps),
+                    json_num(u.pps, 4),
+                    json_num(u.loss, 4),
+                    json_num(u.sent_pps, 4),
                     list.join(", ")
                 )
             }
@@ -1057,11 +994,11 @@ fn main() -> Result<()> {
             http_json(&r.ka, &r.samples.keepalive),
             http_json(&r.close, &r.samples.close),
             udp_json,
-            json_num(vs_e.0),
-            json_num(vs_e.1),
-            json_num(vs_e.2),
-            json_num(vs_c.0),
-            json_num(vs_c.1),
+            json_num(vs_e.0, 4),
+            json_num(vs_e.1, 4),
+            json_num(vs_e.2, 4),
+            json_num(vs_c.0, 4),
+            json_num(vs_c.1, 4),
             if idx + 1 < rows.len() { "," } else { "" }
         );
     }

@@ -18,7 +18,6 @@ use std::{
     collections::HashSet,
     fmt::Write as _,
     net::Ipv4Addr,
-    path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering::Relaxed},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -31,6 +30,7 @@ use lb_agent::{
     maglev::{self, Member},
 };
 use lb_common::limits::{DEFAULT_MAGLEV_SIZE, MAX_BACKENDS, MAX_MAGLEV_SIZE, MAX_SERVICES};
+use xlb_tests::bench::{bench_dir, json_num, json_str, machine, pin_to_cpu0, Machine};
 
 const USAGE: &str = "\
 usage: xlb-bench-maglev [--quick] [--builds N] [--no-agent] [--services N] [--backends N] [--agent-m PRIME]
@@ -199,93 +199,12 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// Pins the process to CPU 0, as xlb-bench does: a migration mid-measurement mixes two CPUs'
-/// caches into one figure.
-fn pin_to_cpu0() -> Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it, and sched_setaffinity
-    // reads exactly size_of::<cpu_set_t>() bytes of it.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot pin the process to CPU 0");
-    }
-    Ok(())
-}
-
-struct Machine {
-    kernel: String,
-    cpu: String,
-    cores: i64,
-    loadavg: String,
-}
-
-fn machine() -> Machine {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or_else(|| "unknown".to_string(), |(_, v)| v.trim().to_string());
-    // SAFETY: sysconf only reads a system value.
-    #[allow(unsafe_code)]
-    let cores = i64::from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as i32);
-    let loadavg = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into());
-    Machine { kernel, cpu, cores, loadavg }
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn json_num(v: Option<f64>) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{v:.6}"),
-        _ => "null".into(),
-    }
-}
-
 fn json_list(values: &[f64]) -> String {
-    format!("[{}]", values.iter().map(|&v| json_num(Some(v))).collect::<Vec<_>>().join(", "))
+    format!("[{}]", values.iter().map(|&v| json_num(Some(v), 6)).collect::<Vec<_>>().join(", "))
 }
 
 fn json_opt_str(v: &Option<String>) -> String {
     v.as_deref().map_or_else(|| "null".to_string(), json_str)
-}
-
-/// Where the JSON goes: `<target dir>/bench`, the target directory being the one this binary
-/// was built into (target/release/xlb-bench-maglev), else `target` under the current directory.
-fn bench_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).or_else(|| {
-        let exe = std::env::current_exe().ok()?;
-        let profile_dir = exe.parent()?;
-        let target = profile_dir.parent()?;
-        (target.file_name()? == "target").then(|| target.to_path_buf())
-    });
-    target.unwrap_or_else(|| PathBuf::from("target")).join("bench")
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -634,8 +553,8 @@ fn sample_json(samples: &[ReloadSample]) -> String {
         "{{\"parse_ms\": {}, \"reload_ms\": {}, \"parse_ms_median\": {}, \"reload_ms_median\": {}}}",
         json_list(&samples.iter().map(|s| s.parse_ms).collect::<Vec<_>>()),
         json_list(&samples.iter().map(|s| s.reload_ms).collect::<Vec<_>>()),
-        json_num(Some(median(&samples.iter().map(|s| s.parse_ms).collect::<Vec<_>>()))),
-        json_num(Some(median(&samples.iter().map(|s| s.reload_ms).collect::<Vec<_>>()))),
+        json_num(Some(median(&samples.iter().map(|s| s.parse_ms).collect::<Vec<_>>())), 6),
+        json_num(Some(median(&samples.iter().map(|s| s.reload_ms).collect::<Vec<_>>())), 6),
     )
 }
 
@@ -1172,9 +1091,9 @@ fn disruption_json(ds: &[Disruption]) -> String {
             format!(
                 "{{\"removed\": {}, \"changed\": {}, \"ideal\": {}, \"beyond\": {}}}",
                 d.removed,
-                json_num(Some(d.changed)),
-                json_num(Some(d.ideal)),
-                json_num(Some(d.beyond()))
+                json_num(Some(d.changed), 6),
+                json_num(Some(d.ideal), 6),
+                json_num(Some(d.beyond()), 6)
             )
         })
         .collect();
@@ -1221,12 +1140,12 @@ fn to_json(
             c.size,
             c.backends,
             json_opt_str(&c.skipped),
-            json_num(Some(median(&c.build_ms))),
+            json_num(Some(median(&c.build_ms)), 6),
             json_list(&c.build_ms),
             c.table_bytes,
             c.peak_extra_bytes,
-            json_num(Some(c.max_over_mean)),
-            json_num(Some(c.min_over_mean)),
+            json_num(Some(c.max_over_mean), 6),
+            json_num(Some(c.min_over_mean), 6),
             disruption_json(&c.remove_one),
             disruption_json(&c.fail_tenth),
         );
@@ -1259,10 +1178,10 @@ fn to_json(
             r.scale.backends,
             r.size,
             r.config_bytes,
-            json_num(Some(r.parse_ms)),
+            json_num(Some(r.parse_ms), 6),
             r.config_heap,
-            json_num(Some(r.load_ms)),
-            json_num(Some(r.new_ms)),
+            json_num(Some(r.load_ms), 6),
+            json_num(Some(r.new_ms), 6),
             r.agent_heap,
             r.agent_peak,
             r.rss_before_load,
@@ -1270,7 +1189,7 @@ fn to_json(
             r.rss_after_agent,
             r.maps.iter().map(|m| m.memlock).sum::<u64>(),
             maglev_map(&r.maps).map_or(0, |m| m.memlock),
-            json_num(maglev_map(&r.maps).map(map_bytes_per_entry)),
+            json_num(maglev_map(&r.maps).map(map_bytes_per_entry), 6),
             maps.join(", "),
             sample_json(&r.weight),
             sample_json(&r.add),
@@ -1288,13 +1207,13 @@ fn to_json(
              \"publish_ms\": {}, \"publish_ns_per_entry\": {}, \"update_each_ms_median\": {}, \
              \"update_each_ms\": {}, \"batch_ms_median\": {}, \"batch_ms\": {}, \"raw_error\": {}}}",
             p.size,
-            json_num(Some(p.build_ms)),
-            json_num(Some(median(&p.publish_ms))),
+            json_num(Some(p.build_ms), 6),
+            json_num(Some(median(&p.publish_ms)), 6),
             json_list(&p.publish_ms),
-            json_num(Some(median(&p.publish_ms) * 1e6 / f64::from(p.size))),
-            json_num((!p.each_ms.is_empty()).then(|| median(&p.each_ms))),
+            json_num(Some(median(&p.publish_ms) * 1e6 / f64::from(p.size)), 6),
+            json_num((!p.each_ms.is_empty()).then(|| median(&p.each_ms)), 6),
             json_list(&p.each_ms),
-            json_num((!p.batch_ms.is_empty()).then(|| median(&p.batch_ms))),
+            json_num((!p.batch_ms.is_empty()).then(|| median(&p.batch_ms)), 6),
             json_list(&p.batch_ms),
             json_opt_str(&p.raw_error),
         );

@@ -37,7 +37,6 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
-    path::PathBuf,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -56,6 +55,7 @@ use lb_common::{
     limits::DEFAULT_MAGLEV_SIZE, map_names, program_names, Flow, FlowEvent, FlowKey, Reason, IPPROTO_TCP, IPPROTO_UDP,
     SCHED_MAGLEV, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WRR,
 };
+use xlb_tests::bench::{bench_dir, json_num, json_str, machine, pin_to_cpu0};
 use xlb_tests::{
     dpbed::{
         self, DpBed, CLIENT4, CLIENT6, GW4_MAC, GW6_MAC, LB_MAC, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP, VIP4, VIP6,
@@ -122,24 +122,6 @@ fn parse_args() -> Result<Args> {
     args.calls = calls.unwrap_or(if args.quick { 20_000 } else { 200_000 });
     ensure!(args.repeat > 0 && args.calls > 0 && args.rounds > 0, "--repeat, --calls and --rounds must be at least 1");
     Ok(args)
-}
-
-/// Pins the calling thread to CPU 0: BPF_PROG_TEST_RUN runs the program on the calling CPU, and
-/// a migration in the middle of a measurement would mix two CPUs' caches into one figure.
-fn pin_to_cpu0() -> Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it, and sched_setaffinity
-    // reads exactly size_of::<cpu_set_t>() bytes of it.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot pin the thread to CPU 0");
-    }
-    Ok(())
 }
 
 /// Possible CPUs (/sys/devices/system/cpu/possible, e.g. "0-1"): a per-CPU LRU hash map
@@ -806,76 +788,8 @@ fn median_u64(values: &[u64]) -> Option<f64> {
     (!values.is_empty()).then(|| median(&values.iter().map(|&v| v as f64).collect::<Vec<_>>()))
 }
 
-struct Machine {
-    kernel: String,
-    cpu: String,
-    cores: i64,
-    /// 1-minute load average: other work on the machine shows in the figures.
-    loadavg: String,
-    clocksource: String,
-}
-
-fn machine() -> Machine {
-    let read = |path: &str| std::fs::read_to_string(path).map(|s| s.trim().to_string());
-    let kernel = read("/proc/sys/kernel/osrelease").unwrap_or_else(|_| "unknown".into());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or_else(|| "unknown".to_string(), |(_, v)| v.trim().to_string());
-    // Online CPUs of the machine; available_parallelism would say 1 once the process is pinned.
-    // SAFETY: sysconf only reads a system value.
-    #[allow(unsafe_code)]
-    let cores = i64::from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as i32);
-    let loadavg = read("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into());
-    // The clock the kernel times the runs with (ktime_get_ns).
-    let clocksource =
-        read("/sys/devices/system/clocksource/clocksource0/current_clocksource").unwrap_or_else(|_| "unknown".into());
-    Machine { kernel, cpu, cores, loadavg, clocksource }
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn json_num(v: Option<f64>) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{v:.3}"),
-        _ => "null".into(),
-    }
-}
-
 fn json_opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "null".to_string(), |v| json_str(&v.to_string()))
-}
-
-/// Where the JSON goes: `<target dir>/bench`, the target directory being the one this binary
-/// was built into (target/release/xlb-bench), else `target` under the current directory.
-fn bench_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).or_else(|| {
-        let exe = std::env::current_exe().ok()?;
-        let profile_dir = exe.parent()?;
-        let target = profile_dir.parent()?;
-        (target.file_name()? == "target").then(|| target.to_path_buf())
-    });
-    target.unwrap_or_else(|| PathBuf::from("target")).join("bench")
 }
 
 fn main() -> Result<()> {
@@ -1037,8 +951,8 @@ fn main() -> Result<()> {
         memory.requested,
         memory.max_entries,
         memory.memlock,
-        json_num(Some(memory.bytes_per_entry())),
-        json_num(Some(memory.bytes_per_entry()))
+        json_num(Some(memory.bytes_per_entry()), 3),
+        json_num(Some(memory.bytes_per_entry()), 3)
     );
     let _ = writeln!(json, "  \"cases\": [");
     for (i, c) in cases.iter().enumerate() {
@@ -1060,12 +974,12 @@ fn main() -> Result<()> {
             json_str(verdict_name(c.verdict)),
             json_opt(c.reason.map(Reason::name)),
             json_opt(c.flow_event().map(FlowEvent::name)),
-            json_num(Some(medians[i])),
-            json_num(minus_empty[i]),
-            json_num(div_mac_swap[i]),
+            json_num(Some(medians[i]), 3),
+            json_num(minus_empty[i], 3),
+            json_num(div_mac_swap[i], 3),
             stats[i].instructions.map_or_else(|| "null".to_string(), |n| n.to_string()),
             stats[i].jited_bytes,
-            json_num(median_u64(&c.call_medians)),
+            json_num(median_u64(&c.call_medians), 3),
         );
         let _ = writeln!(json, "{}", if i + 1 < cases.len() { "," } else { "" });
     }
