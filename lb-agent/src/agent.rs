@@ -176,6 +176,9 @@ impl Agent {
         for sc in &config.services {
             agent.add_service(sc, &macs)?;
         }
+        if agent.events.is_some() {
+            reconcile_active_flows(agent.dataplane.active_flow_maps()?, ACTIVE_FLOWS_PERIOD);
+        }
         Ok(agent)
     }
 
@@ -238,6 +241,7 @@ impl Agent {
         let service = &self.services[s];
         let state = &service.backends[b];
         let usable = service.usable(state);
+        self.dataplane.set_backend_weight(state.id, state.config.weight)?;
         self.dataplane.set_backend(state.id, state.config.address, state.mac, usable)
     }
 
@@ -275,7 +279,8 @@ impl Agent {
             .collect();
         let size = service.slot.table_size;
         let table = match service.config.scheduler {
-            Scheduler::Maglev | Scheduler::SourceHash => maglev::build(&members, size),
+            // lc/wlc draw their candidates from the Maglev table: weights and health shape it.
+            Scheduler::Maglev | Scheduler::SourceHash | Scheduler::Lc | Scheduler::Wlc => maglev::build(&members, size),
             Scheduler::Rr => wrr::table(&members, size, false),
             Scheduler::Wrr => wrr::table(&members, size, true),
         };
@@ -551,6 +556,25 @@ impl Agent {
 
 /// MACs of the L2 backends without a configured one, resolved all at once: start-up and
 /// reloads wait at most NEIGHBOUR_WAIT.
+/// How often the agent recounts the active flows of every backend from the flow table.
+pub const ACTIVE_FLOWS_PERIOD: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Reconciles the data path's active-flow counts with the flow table every `period`, on a
+/// thread of its own (the walk takes a syscall per entry); ends when the maps are gone.
+fn reconcile_active_flows(maps: dataplane::ActiveFlowMaps, period: std::time::Duration) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(period);
+        match dataplane::reconcile_active_flows(maps) {
+            Ok(n) if n > 0 => log::debug!("active flows: {n} backends reconciled with the flow table"),
+            Ok(_) => {}
+            Err(e) => {
+                warn!("active flows: cannot reconcile with the flow table, stopping: {e:#}");
+                return;
+            }
+        }
+    });
+}
+
 fn resolve_macs(services: Vec<&ServiceConfig>, interface: &str) -> HashMap<IpAddr, [u8; 6]> {
     let unknown: Vec<IpAddr> = services
         .iter()

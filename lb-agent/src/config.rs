@@ -71,6 +71,11 @@ pub enum Scheduler {
     /// Hash of the client address alone over the Maglev table: one backend per client, the
     /// same on every host.
     SourceHash,
+    /// Least connections: of two backends drawn from the Maglev table, the one with fewer
+    /// active flows (on this host).
+    Lc,
+    /// Weighted least connections: as lc, comparing active flows per unit of weight.
+    Wlc,
 }
 
 impl Scheduler {
@@ -81,6 +86,8 @@ impl Scheduler {
             Scheduler::Rr => lb_common::SCHED_RR,
             Scheduler::Wrr => lb_common::SCHED_WRR,
             Scheduler::SourceHash => lb_common::SCHED_SOURCE_HASH,
+            Scheduler::Lc => lb_common::SCHED_LC,
+            Scheduler::Wlc => lb_common::SCHED_WLC,
         }
     }
 
@@ -97,6 +104,8 @@ impl fmt::Display for Scheduler {
             Scheduler::Rr => "rr",
             Scheduler::Wrr => "wrr",
             Scheduler::SourceHash => "source-hash",
+            Scheduler::Lc => "lc",
+            Scheduler::Wlc => "wlc",
         })
     }
 }
@@ -1020,6 +1029,8 @@ address = "10.0.0.13"
             ("rr", Scheduler::Rr),
             ("wrr", Scheduler::Wrr),
             ("source-hash", Scheduler::SourceHash),
+            ("lc", Scheduler::Lc),
+            ("wlc", Scheduler::Wlc),
         ] {
             let c =
                 Config::parse(&GOOD.replace("port = 80\n", &format!("port = 80\nscheduler = \"{text}\"\n"))).unwrap();
@@ -1028,7 +1039,7 @@ address = "10.0.0.13"
             // One host: no warning, whatever the scheduler.
             assert!(c.warnings().is_empty());
         }
-        let e = errors(&GOOD.replace("port = 80\n", "port = 80\nscheduler = \"lc\"\n"));
+        let e = errors(&GOOD.replace("port = 80\n", "port = 80\nscheduler = \"lottery\"\n"));
         assert_eq!(e[0].line, 13, "{e:?}");
         assert!(e[0].message.contains("source-hash"), "{e:?}");
 

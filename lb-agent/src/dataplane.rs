@@ -95,6 +95,8 @@ pub struct Dataplane {
     reason_stats: PerCpuArray<MapData, Counters>,
     flow_stats: PerCpuArray<MapData, Counters>,
     settings: Array<MapData, Settings>,
+    active_flows: Array<MapData, u64>,
+    backend_weights: Array<MapData, u32>,
     tx_ports: aya::maps::DevMapHash<MapData>,
     /// Generation and address last written to each backend slot.
     slots: std::collections::HashMap<u32, (u32, IpAddr)>,
@@ -193,6 +195,8 @@ impl Dataplane {
             reason_stats: take_map(&mut ebpf, map_names::REASON_STATS)?,
             flow_stats: take_map(&mut ebpf, map_names::FLOW_STATS)?,
             settings: take_map(&mut ebpf, map_names::SETTINGS)?,
+            active_flows: take_map(&mut ebpf, map_names::ACTIVE_FLOWS)?,
+            backend_weights: take_map(&mut ebpf, map_names::BACKEND_WEIGHTS)?,
             tx_ports: take_map(&mut ebpf, map_names::TX_PORTS)?,
             slots: std::collections::HashMap::new(),
             maglev_capacity: opts.maglev_capacity,
@@ -394,7 +398,30 @@ impl Dataplane {
             family,
             generation,
         };
-        self.backends.set(id, backend, 0).with_context(|| format!("cannot write backend {id} ({addr})"))
+        self.backends.set(id, backend, 0).with_context(|| format!("cannot write backend {id} ({addr})"))?;
+        BACKEND_ID_LIMIT.fetch_max(id.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes a backend's weight, which wlc divides its active flows by.
+    pub fn set_backend_weight(&mut self, id: u32, weight: u32) -> Result<()> {
+        self.backend_weights.set(id, weight, 0).with_context(|| format!("cannot write the weight of backend {id}"))
+    }
+
+    /// The active flows of a backend as the data path counts them (flows pinned to it and not
+    /// closed; reconciled with the flow table every few seconds, see [`reconcile_active_flows`]).
+    pub fn active_flows(&self, id: u32) -> Result<u64> {
+        Ok(self.active_flows.get(&id, 0)?)
+    }
+
+    /// Ids of the maps [`reconcile_active_flows`] works on, for a thread of its own.
+    pub fn active_flow_maps(&self) -> Result<ActiveFlowMaps> {
+        use aya::maps::IterableMap as _;
+        Ok(ActiveFlowMaps {
+            flows: self.flow_table()?.0,
+            backends: self.backends.map().info()?.id(),
+            active_flows: self.active_flows.map().info()?.id(),
+        })
     }
 
     /// Replaces the run-time settings (flow expiry, new-flow rate, encapsulation sources).
@@ -478,6 +505,49 @@ impl Dataplane {
             syn_retransmits: a.syn_retransmits + c.syn_retransmits,
         }))
     }
+}
+
+/// One past the highest backend id ever written (ids are dense from 0): how far
+/// [`reconcile_active_flows`] looks.
+static BACKEND_ID_LIMIT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Map ids of FLOWS, BACKENDS and ACTIVE_FLOWS.
+#[derive(Clone, Copy, Debug)]
+pub struct ActiveFlowMaps {
+    pub flows: u32,
+    pub backends: u32,
+    pub active_flows: u32,
+}
+
+/// Recounts every backend's active flows from the flow table and writes the counts the data
+/// path keeps where they drifted: entries the LRU evicted (or that a full table refused) never
+/// gave their count back, and a TCP flow that ends without a FIN or RST reaching us (idle, or
+/// its FIN on another path) stays counted until its entry goes. A flow counts for its backend
+/// slot when pinned to the slot's current generation and not closed. Walking a large table
+/// takes a syscall per entry: call it off the main loop. Flows pinned or closed during the walk
+/// may be lost to the write (a few, fixed by the next round). Returns the backends rewritten.
+pub fn reconcile_active_flows(maps: ActiveFlowMaps) -> Result<usize> {
+    let flows: HashMap<MapData, lb_common::FlowKey, lb_common::Flow> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_id(maps.flows)?))?;
+    let backends: Array<MapData, Backend> = Array::try_from(Map::Array(MapData::from_id(maps.backends)?))?;
+    let mut active: Array<MapData, u64> = Array::try_from(Map::Array(MapData::from_id(maps.active_flows)?))?;
+    let mut counts: std::collections::HashMap<(u32, u32), u64> = std::collections::HashMap::new();
+    for (key, flow) in flows.iter().filter_map(Result::ok) {
+        if flow.active(key.proto) {
+            *counts.entry((flow.backend, flow.generation)).or_default() += 1;
+        }
+    }
+    let limit = BACKEND_ID_LIMIT.load(std::sync::atomic::Ordering::Relaxed).min(backends.len());
+    let mut rewritten = 0;
+    for id in 0..limit {
+        let generation = backends.get(&id, 0)?.generation;
+        let count = counts.get(&(id, generation)).copied().unwrap_or(0);
+        if active.get(&id, 0)? != count {
+            active.set(id, count, 0)?;
+            rewritten += 1;
+        }
+    }
+    Ok(rewritten)
 }
 
 /// Attaches a loaded XDP program to `iface`. `None` tries native mode and falls back to
@@ -567,11 +637,12 @@ pub fn attach_pass_program(iface: &str) -> Result<Ebpf> {
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xlb";
 
 /// Written whole by every agent from its config and swapped in with its program.
-const CONFIG_MAPS: [&str; 6] = [
+const CONFIG_MAPS: [&str; 7] = [
     map_names::VIPS,
     map_names::SERVICES,
     map_names::MAGLEV,
     map_names::BACKENDS,
+    map_names::BACKEND_WEIGHTS,
     map_names::SETTINGS,
     map_names::TX_PORTS,
 ];

@@ -87,7 +87,14 @@ pub fn render(agent: &Agent) -> Result<String> {
         writeln!(out, "xlb_service_fail_open{{{}}} {}", service_labels(s), u8::from(s.fail_open))?;
     }
     let (mut packets, mut bytes, mut up, mut weight) = (String::new(), String::new(), String::new(), String::new());
-    let (mut new_flows, mut retransmits) = (String::new(), String::new());
+    let (mut new_flows, mut retransmits, mut active) = (String::new(), String::new(), String::new());
+    family(
+        &mut active,
+        "xlb_backend_active_flows",
+        "gauge",
+        "Flows pinned to the backend and not closed, as the data path counts them for lc/wlc \
+         (reconciled with the flow table every few seconds).",
+    );
     family(&mut new_flows, "xlb_backend_new_flows_total", "counter", "Flows given to the backend.");
     family(
         &mut retransmits,
@@ -110,9 +117,10 @@ pub fn render(agent: &Agent) -> Result<String> {
             let flows = dp.backend_flows(b.id)?;
             writeln!(new_flows, "xlb_backend_new_flows_total{{{labels}}} {}", flows.new_flows)?;
             writeln!(retransmits, "xlb_backend_syn_retransmits_total{{{labels}}} {}", flows.syn_retransmits)?;
+            writeln!(active, "xlb_backend_active_flows{{{labels}}} {}", dp.active_flows(b.id)?)?;
         }
     }
-    Ok(out + &packets + &bytes + &up + &weight + &new_flows + &retransmits)
+    Ok(out + &packets + &bytes + &up + &weight + &new_flows + &retransmits + &active)
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -172,3 +172,108 @@ mod tests {
         assert_eq!(table(&[], 251, false), [NO_BACKEND]);
     }
 }
+
+/// lc/wlc pick among two random entries of the Maglev table (power of two choices) rather than
+/// the exact minimum: a simulation of both, to measure what the sampling costs in balance.
+#[cfg(test)]
+mod least_connections_simulation {
+    use crate::maglev::{self, Member};
+
+    /// xorshift64*: deterministic, good enough for a simulation.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() >> 33) as usize % n
+        }
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Policy {
+        /// The backend with the fewest active flows per weight (ties: the first drawn).
+        Exact,
+        /// The better of `n` random table entries, as the data path does with n = 2.
+        Sampled(usize),
+    }
+
+    /// `steps` flows arrive one by one; once `live` flows are open, each arrival is preceded
+    /// by the departure of a random open flow. Returns (mean, worst) over the steps after the
+    /// warm-up of max_i(active_i / weight_i) / (total / total weight): 1.0 is perfect.
+    fn simulate(weights: &[u32], policy: Policy, live: usize, steps: usize, seed: u64) -> (f64, f64) {
+        let members: Vec<Member> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Member { id: i as u32, key: 1_000 + i as u64, weight: w })
+            .collect();
+        let table = maglev::build(&members, 65_537);
+        let mut rng = Rng(seed);
+        let mut active = vec![0u64; weights.len()];
+        let mut flows: Vec<usize> = Vec::with_capacity(live + 1);
+        let load = |active: &[u64], b: usize| active[b] as f64 / f64::from(weights[b]);
+        let total_weight: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let (mut sum, mut worst, mut samples) = (0.0, 0.0f64, 0usize);
+        for step in 0..steps {
+            if flows.len() >= live {
+                let i = rng.below(flows.len());
+                let b = flows.swap_remove(i);
+                active[b] -= 1;
+            }
+            let b = match policy {
+                Policy::Exact => (0..weights.len())
+                    .filter(|&b| weights[b] > 0)
+                    .min_by(|&x, &y| load(&active, x).total_cmp(&load(&active, y)))
+                    .unwrap(),
+                Policy::Sampled(n) => {
+                    let mut best = table[rng.below(table.len())] as usize;
+                    for _ in 1..n {
+                        let c = table[rng.below(table.len())] as usize;
+                        // As the data path compares: active_c * w_best < active_best * w_c.
+                        if active[c] * u64::from(weights[best]) < active[best] * u64::from(weights[c]) {
+                            best = c;
+                        }
+                    }
+                    best
+                }
+            };
+            active[b] += 1;
+            flows.push(b);
+            if step >= live {
+                let mean = flows.len() as f64 / total_weight;
+                let max = (0..weights.len()).map(|b| load(&active, b)).fold(0.0, f64::max);
+                sum += max / mean;
+                worst = worst.max(max / mean);
+                samples += 1;
+            }
+        }
+        (sum / samples as f64, worst)
+    }
+
+    #[test]
+    fn sampled_choice_is_close_to_the_exact_minimum() {
+        let equal = [1u32; 10];
+        let weighted = [1u32, 1, 2, 2, 3, 3, 4, 4, 5, 5];
+        for (name, weights) in [("lc, 10 backends", &equal[..]), ("wlc, 10 backends 1..5", &weighted[..])] {
+            for live in [100, 1_000, 10_000] {
+                let steps = 20 * live + 200_000;
+                let exact = simulate(weights, Policy::Exact, live, steps, 7);
+                let one = simulate(weights, Policy::Sampled(1), live, steps, 7);
+                let two = simulate(weights, Policy::Sampled(2), live, steps, 7);
+                eprintln!(
+                    "{name}, {live} open flows: max/mean load (mean over time, worst): exact {:.3} {:.3}, \
+                     two choices {:.3} {:.3}, one random choice {:.3} {:.3}",
+                    exact.0, exact.1, two.0, two.1, one.0, one.1
+                );
+                assert!(two.0 < one.0, "two choices must beat one");
+                // Power of two choices: the gap to the minimum stays O(log log n) flows per backend,
+                // whatever the number of flows.
+                let per_backend = live as f64 / weights.len() as f64;
+                assert!((two.0 - 1.0) * per_backend < 12.0, "{name}, {live}: {two:?}");
+            }
+        }
+    }
+}

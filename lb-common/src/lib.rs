@@ -47,6 +47,12 @@ pub mod map_names {
     /// Per-CPU `u32` per service id: the round-robin cursor of rr/wrr services (the next entry
     /// of the service's table a new flow takes on this CPU).
     pub const RR_CURSOR: &str = "RR_CURSOR";
+    /// `u64` per backend id, global (not per CPU): the flows pinned to the backend and not yet
+    /// closed, kept by the data path with atomic adds and reconciled by the agent with
+    /// [`FLOWS`] every few seconds. What lc/wlc compare.
+    pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
+    /// `u32` per backend id: its configured weight, which wlc divides its active flows by.
+    pub const BACKEND_WEIGHTS: &str = "BACKEND_WEIGHTS";
 }
 
 /// Global variables of the eBPF object, set by the agent at load time.
@@ -163,6 +169,12 @@ pub const SCHED_RR: u32 = 1;
 pub const SCHED_WRR: u32 = 2;
 /// New flows by a hash of the client address alone over the Maglev table.
 pub const SCHED_SOURCE_HASH: u32 = 3;
+/// Least connections: of two backends drawn at random from the service's Maglev table (so
+/// weights and health shape the draw), the one with fewer [`map_names::ACTIVE_FLOWS`].
+pub const SCHED_LC: u32 = 4;
+/// Weighted least connections: as [`SCHED_LC`], comparing active flows / weight
+/// ([`map_names::BACKEND_WEIGHTS`]).
+pub const SCHED_WLC: u32 = 5;
 
 /// The scheduler id of a service's flags.
 pub const fn scheduler_of(flags: u32) -> u32 {
@@ -212,11 +224,24 @@ pub struct Flow {
     pub backend: u32,
     /// The backend slot's generation when the flow was pinned.
     pub generation: u32,
-    /// bpf_ktime_get_ns() of the last packet (UDP only; refreshed once a second, or every half
-    /// idle time when that is shorter).
+    /// UDP: bpf_ktime_get_ns() of the last packet (refreshed once a second, or every half idle
+    /// time when that is shorter). TCP: the time the flow was pinned, or [`FLOW_TCP_CLOSED`]
+    /// once a FIN was seen (the flow no longer counts in [`map_names::ACTIVE_FLOWS`]).
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+
+/// [`Flow::last_seen_ns`] of a TCP flow that saw a FIN: pinned still (its last packets must
+/// reach the same backend), but no longer active. The clock never reads 0, so an entry pinned
+/// by an older data path (which stored the pin time) reads as open. A new SYN reopens it.
+pub const FLOW_TCP_CLOSED: u64 = 0;
+
+impl Flow {
+    /// Whether the flow counts in [`map_names::ACTIVE_FLOWS`] (of the FLOWS entry's protocol).
+    pub const fn active(&self, proto: u8) -> bool {
+        proto != IPPROTO_TCP || self.last_seen_ns != FLOW_TCP_CLOSED
+    }
+}
 
 /// The single entry of [`map_names::SETTINGS`]: knobs the agent may change at run time.
 #[repr(C)]

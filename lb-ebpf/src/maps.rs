@@ -44,6 +44,15 @@ pub static NEW_FLOW_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entrie
 #[map]
 pub static RR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
+/// Flows pinned to each backend id and not closed: global, updated with atomic adds (lc/wlc
+/// compare them; every scheduler keeps them, so a switch to lc starts from the right counts).
+#[map]
+pub static ACTIVE_FLOWS: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Weight of each backend id (wlc).
+#[map]
+pub static BACKEND_WEIGHTS: Array<u32> = Array::with_max_entries(MAX_BACKENDS, 0);
+
 /// Egress interfaces other than the ingress one, for XDP_REDIRECT.
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);

@@ -1,16 +1,19 @@
 //! Backend selection: the flow table first, the service's table for new flows (indexed as its
 //! scheduler says: flow hash, client hash or round-robin cursor).
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed};
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    hash::source_hash, Addr, Backend, Flow, FlowEvent, FlowKey, Service, BACKEND_F_VALID, IPPROTO_UDP, SCHED_MASK,
-    SCHED_RR, SCHED_SHIFT, SCHED_SOURCE_HASH, SCHED_WRR,
+    hash::source_hash, Addr, Backend, Flow, FlowEvent, FlowKey, Service, BACKEND_F_VALID, FLOW_TCP_CLOSED, IPPROTO_UDP,
+    SCHED_LC, SCHED_MASK, SCHED_RR, SCHED_SHIFT, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
 };
 
 use crate::{
-    maps::{self, BACKENDS, FLOWS, MAGLEV, NEW_FLOW_RATE, RR_CURSOR, SETTINGS},
+    maps::{self, ACTIVE_FLOWS, BACKENDS, BACKEND_WEIGHTS, FLOWS, MAGLEV, NEW_FLOW_RATE, RR_CURSOR, SETTINGS},
     stats,
 };
 
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
@@ -63,7 +66,110 @@ fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: u8, now:
                 at
             }
         }
+        SCHED_LC | SCHED_WLC => {
+            // A flow that will not be pinned is placed by its hash: its later packets find no
+            // pin either, and must land on the same backend.
+            if tcp_flags & TCP_RST != 0 || over_new_flow_limit(now) {
+                return hash;
+            }
+            least_loaded(service)
+        }
         _ => hash,
+    }
+}
+
+/// Candidates lc/wlc draw from the service's table for a new flow.
+const LC_CANDIDATES: u32 = 2;
+
+/// lc/wlc: of [`LC_CANDIDATES`] entries drawn at random from the service's table (a Maglev
+/// table: weights and health shape the draw), the index of the one whose backend has the
+/// fewest active flows (wlc: per unit of weight). Power of two choices, not the exact
+/// minimum: no walk over the backends, and no herd of CPUs on one backend between updates.
+#[inline(always)]
+fn least_loaded(service: &Service) -> u32 {
+    let weighted = (service.flags & SCHED_MASK) >> SCHED_SHIFT == SCHED_WLC;
+    // SAFETY: a helper without arguments.
+    let mut best = unsafe { bpf_get_prandom_u32() };
+    let mut best_load = load(service, best, weighted);
+    for _ in 1..LC_CANDIDATES {
+        // SAFETY: as above.
+        let index = unsafe { bpf_get_prandom_u32() };
+        let l = load(service, index, weighted);
+        // active_a / weight_a < active_b / weight_b, without dividing.
+        if l.0 * best_load.1 < best_load.0 * l.1 {
+            best = index;
+            best_load = l;
+        }
+    }
+    best
+}
+
+/// (active flows, weight) of the backend at `index` (modulo the table) of the service's table;
+/// the weight is 1 unless `weighted`. An entry without a backend loads as u32::MAX per 1.
+#[inline(always)]
+fn load(service: &Service, index: u32, weighted: bool) -> (u64, u64) {
+    let Some(id) = maglev(service, index) else { return (u64::from(u32::MAX), 1) };
+    let active = ACTIVE_FLOWS.get(id).map_or(0, |a| (*a).min(u64::from(u32::MAX)));
+    let weight = if weighted { BACKEND_WEIGHTS.get(id).map_or(1, |w| u64::from(*w).max(1)) } else { 1 };
+    (active, weight)
+}
+
+/// One more active flow on backend `id` (an atomic add: the counts are global).
+#[inline(never)]
+fn active_add(id: u32) {
+    if let Some(p) = ACTIVE_FLOWS.get_ptr_mut(id) {
+        // SAFETY: an aligned u64 of the map, valid for the program's run, only ever accessed
+        // atomically by the data path. The result unused: a plain BPF_ATOMIC_ADD.
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, 1) };
+    }
+}
+
+/// One fewer active flow on backend `id`, never below 0: a compare-and-swap, retried a few
+/// times under contention (giving up leaves the count high, which reconciliation fixes).
+#[inline(never)]
+fn active_sub(id: u32) {
+    let Some(p) = ACTIVE_FLOWS.get_ptr_mut(id) else { return };
+    // SAFETY: as in active_add (an aligned 64-bit load is atomic; then BPF_CMPXCHG).
+    let mut v = unsafe { core::ptr::read_volatile(p) };
+    for _ in 0..4 {
+        if v == 0 {
+            return;
+        }
+        // SAFETY: as above.
+        let (seen, swapped) = unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(p, v, v - 1) };
+        if swapped {
+            return;
+        }
+        v = seen;
+    }
+}
+
+/// A pinned TCP flow's FIN, RST or SYN: the first FIN or RST closes it (one fewer active flow;
+/// a second FIN does not count again), a new SYN on a closed pin (the 5-tuple reused)
+/// reopens it.
+#[inline(never)]
+fn track_tcp(flow: *mut Flow, tcp_flags: u8) {
+    // SAFETY: the entry stays valid for the program's run (RCU).
+    unsafe {
+        let closed = (*flow).last_seen_ns == FLOW_TCP_CLOSED;
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            if !closed {
+                (*flow).last_seen_ns = FLOW_TCP_CLOSED;
+                active_sub((*flow).backend);
+            }
+        } else if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            (*flow).last_seen_ns = bpf_ktime_get_ns();
+            active_add((*flow).backend);
+        }
+    }
+}
+
+/// A stale entry (an idle UDP flow, or a backend gone) about to be replaced: its flow no longer
+/// counts, unless the backend slot has changed hands since (the count is the new owner's).
+#[inline(never)]
+fn release_stale(backend: u32, generation: u32, active: bool) {
+    if active && BACKENDS.get(backend).is_some_and(|b| b.generation == generation) {
+        active_sub(backend);
     }
 }
 
@@ -123,6 +229,9 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
         }
         let idle = udp && now.wrapping_sub(f.last_seen_ns) > settings.udp_idle_ns;
         if let (false, Some(backend)) = (idle, usable(f.backend, Some(f.generation))) {
+            if !udp && tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0 {
+                track_tcp(flow, tcp_flags);
+            }
             if tcp_flags & TCP_RST != 0 {
                 let _ = FLOWS.remove(key);
                 stats::count_flow(FlowEvent::Closed);
@@ -140,6 +249,7 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
             }
             return Some(Chosen { id: f.backend, backend });
         }
+        release_stale(f.backend, f.generation, f.active(key.proto));
         stats::count_flow(FlowEvent::Stale);
     }
     if now == 0 {
@@ -153,7 +263,9 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
     if tcp_flags & TCP_RST == 0 {
         if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) {
             let flow = Flow { backend: id, generation: backend.generation, last_seen_ns: now };
-            let _ = FLOWS.insert(key, &flow, 0);
+            if FLOWS.insert(key, &flow, 0).is_ok() {
+                active_add(id);
+            }
             stats::count_flow(FlowEvent::New);
         } else {
             stats::count_flow(FlowEvent::RateLimited);

@@ -418,14 +418,7 @@ impl Bed {
 
     pub fn try_run_on(&mut self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         let ctx = xdp_md(frame.len(), ifindex);
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
-        let result = self.dp.balancer().test_run(opts)?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        crate::testrun::run_xdp(self.dp.balancer(), frame, Some(&ctx))
     }
 
     /// Runs one frame in "live frames" mode, arriving on veth0: XDP_PASS frames go up the

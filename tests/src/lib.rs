@@ -10,5 +10,6 @@ pub mod loadgen;
 pub mod netns;
 pub mod packet;
 pub mod scenario;
+pub mod testrun;
 pub mod topology;
 pub mod traffic;

@@ -2,14 +2,16 @@
 //! and the counter of every case. Needs root (CAP_BPF).
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
     config::Forward,
     dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
     maglev::{self, Member},
 };
 use lb_common::{hash::flow_hash, Counters, Reason, Settings};
-use xlb_tests::packet::{Frame, ETH_LEN, IPV4_LEN};
+use xlb_tests::{
+    packet::{Frame, ETH_LEN, IPV4_LEN},
+    testrun::run_xdp,
+};
 
 const XDP_TX: u32 = 3;
 
@@ -63,13 +65,7 @@ fn bed() -> Bed {
 impl Bed {
     /// Runs one frame; returns the verdict and the output frame.
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let result = self.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        run_xdp(self.dp.balancer(), frame, None).expect("BPF_PROG_TEST_RUN")
     }
 
     fn reasons(&self) -> Vec<(Reason, Counters)> {

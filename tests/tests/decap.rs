@@ -8,7 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::decap::Decap;
 use lb_common::{reason::DecapReason, Counters};
 use xlb_tests::{
@@ -98,13 +97,7 @@ fn bed() -> Bed {
 impl Bed {
     /// Runs one frame; returns the verdict and the output frame.
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let result = self.decap.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        xlb_tests::testrun::run_xdp(self.decap.program(), frame, None).expect("BPF_PROG_TEST_RUN")
     }
 
     fn counters(&self) -> Vec<(DecapReason, Counters)> {

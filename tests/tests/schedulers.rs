@@ -1,4 +1,4 @@
-//! Schedulers per service (maglev, rr, wrr, source-hash): the data path through
+//! Schedulers per service (maglev, rr, wrr, source-hash, lc, wlc): the data path through
 //! BPF_PROG_TEST_RUN on crafted frames, then end to end in network namespaces. Needs root.
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -9,7 +9,7 @@ use lb_agent::{
     maglev::{self, Member},
     wrr,
 };
-use lb_common::{hash::source_hash, Settings, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WRR};
+use lb_common::{hash::source_hash, Settings, SCHED_LC, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR};
 use xlb_tests::{
     packet::Frame,
     scenario::{backend_name, config_for, vip, Scenario},
@@ -25,6 +25,10 @@ const TABLE: u32 = 251;
 const RR_PORT: u16 = 80;
 const WRR_PORT: u16 = 81;
 const SH_PORT: u16 = 82;
+const LC_PORT: u16 = 83;
+const WLC_PORT: u16 = 84;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 
 fn backend_mac(i: u32) -> [u8; 6] {
@@ -53,19 +57,21 @@ struct Bed {
 }
 
 /// Four backends (ids 0..4; 3 stays out of the tables at first); services rr (port 80,
-/// backends 0..3), wrr (81, weights 1:2:3) and source-hash (82) on one VIP.
+/// backends 0..3), wrr (81, weights 1:2:3), source-hash (82), lc (83, the Maglev table of
+/// backends 0..3) and wlc (84, weights 1:2:3) on one VIP.
 fn bed() -> Bed {
     pin_to_one_cpu();
     let mut dp = Dataplane::load(&LoadOptions {
         hash_seed: SEED,
         iface_mac: LB_MAC,
-        maglev_capacity: 8 * TABLE,
+        maglev_capacity: 10 * TABLE,
         flow_table_size: 4096,
     })
     .expect("load the balancer (run the tests as root)");
     dp.set_settings(Settings { udp_idle_ns: 30_000_000_000, ..Settings::default() }).unwrap();
     for i in 0..4u32 {
         dp.set_backend(i, Ipv4Addr::new(10, 99, 0, 11 + i as u8).into(), Some(backend_mac(i)), true).unwrap();
+        dp.set_backend_weight(i, i + 1).unwrap();
     }
     let ones: Vec<Member> = (0..3).map(|i| member(i, 1)).collect();
     let weighted: Vec<Member> = (0..3).map(|i| member(i, i + 1)).collect();
@@ -75,6 +81,8 @@ fn bed() -> Bed {
         (RR_PORT, SCHED_RR, wrr::table(&ones, TABLE, false)),
         (WRR_PORT, SCHED_WRR, wrr::table(&weighted, TABLE, true)),
         (SH_PORT, SCHED_SOURCE_HASH, maglev_table.clone()),
+        (LC_PORT, SCHED_LC, maglev_table.clone()),
+        (WLC_PORT, SCHED_WLC, maglev::build(&weighted, TABLE)),
     ]
     .into_iter()
     .enumerate()
@@ -103,6 +111,18 @@ impl Bed {
 
     fn new_flow(&mut self, src: Ipv4Addr, sport: u16, port: u16) -> u32 {
         self.backend_of(&Frame::tcp(src, sport, VIP, port))
+    }
+
+    fn active(&self) -> Vec<u64> {
+        (0..4).map(|i| self.dp.active_flows(i).unwrap()).collect()
+    }
+
+    /// Overwrites a backend's active-flow count, as drift (or a racing reconciliation) would.
+    fn set_active(&self, id: u32, count: u64) {
+        let maps = self.dp.active_flow_maps().unwrap();
+        let data = aya::maps::MapData::from_id(maps.active_flows).unwrap();
+        let mut array: aya::maps::Array<_, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        array.set(id, count, 0).unwrap();
     }
 
     fn publish(&mut self, port: u16, table: &[u32]) {
@@ -215,6 +235,101 @@ fn rr_flows_that_will_not_be_pinned_follow_their_hash() {
     }
 }
 
+#[test]
+fn lc_prefers_the_backend_with_fewer_active_flows_and_fin_rst_give_flows_back() {
+    let mut bed = bed();
+    // 40 flows of one client over source-hash: all on one backend, which lc then avoids.
+    let (addr, _) = map_addr(CLIENT.into());
+    let loaded = bed.maglev_table[(source_hash(&addr, SEED) % TABLE) as usize];
+    for sport in 1_000..1_040 {
+        assert_eq!(bed.new_flow(CLIENT, sport, SH_PORT), loaded);
+    }
+    let mut want = vec![0u64; 4];
+    want[loaded as usize] = 40;
+    assert_eq!(bed.active(), want, "every new pinned flow counts, whatever the scheduler");
+    // Packets of pinned flows and SYN retransmissions do not count again.
+    for sport in 1_000..1_010 {
+        bed.backend_of(&Frame::tcp(CLIENT, sport, VIP, SH_PORT).tcp_flags(ACK));
+        bed.backend_of(&Frame::tcp(CLIENT, sport, VIP, SH_PORT));
+    }
+    assert_eq!(bed.active(), want);
+
+    // lc: of two random entries of the table, the one with fewer active flows. The loaded
+    // backend only wins when both draws are it (1/9 of new flows, the table being even);
+    // the two others share the rest evenly.
+    let lc: Vec<u32> = (0..90).map(|i| bed.new_flow(CLIENT, 2_000 + i, LC_PORT)).collect();
+    let counts: Vec<usize> = (0..3).map(|b| lc.iter().filter(|&&x| x == b).count()).collect();
+    eprintln!("lc, 90 new flows with backend {loaded} holding 40: {counts:?}, active {:?}", bed.active());
+    assert!(counts[loaded as usize] <= 20, "the loaded backend got {counts:?} (1/9 of 90 = 10 expected)");
+    for b in (0..3).filter(|&b| b != loaded) {
+        assert!(counts[b as usize] >= 30, "{counts:?}");
+    }
+    let active = bed.active();
+    assert_eq!(active.iter().sum::<u64>(), 130);
+    // Once the others caught up, the counts stay close: the largest within a few of the rest.
+    let light: Vec<u64> = (0..3).filter(|&b| b != loaded).map(|b| active[b as usize]).collect();
+    assert!(light[0].abs_diff(light[1]) <= 10, "{active:?}");
+
+    // FIN: one fewer, once; a second FIN and the last ACK change nothing; the pin stays.
+    let before = bed.active();
+    for sport in 1_000..1_040 {
+        let f = Frame::tcp(CLIENT, sport, VIP, SH_PORT);
+        assert_eq!(bed.backend_of(&f.clone().tcp_flags(FIN | ACK)), loaded);
+        assert_eq!(bed.backend_of(&f.clone().tcp_flags(FIN | ACK)), loaded);
+        assert_eq!(bed.backend_of(&f.tcp_flags(ACK)), loaded);
+    }
+    let mut want = before.clone();
+    want[loaded as usize] -= 40;
+    assert_eq!(bed.active(), want, "FIN gives each flow back once");
+    // RST on a closed flow: nothing more. RST on an open one: one fewer.
+    bed.backend_of(&Frame::tcp(CLIENT, 1_000, VIP, SH_PORT).tcp_flags(RST));
+    assert_eq!(bed.active(), want);
+    let (sport, b) = (2_000, lc[0]);
+    bed.backend_of(&Frame::tcp(CLIENT, sport, VIP, LC_PORT).tcp_flags(RST | ACK));
+    want[b as usize] -= 1;
+    assert_eq!(bed.active(), want, "RST gives the flow back");
+    bed.backend_of(&Frame::tcp(CLIENT, sport, VIP, LC_PORT).tcp_flags(RST | ACK));
+    assert_eq!(bed.active(), want, "a second RST finds no pin (and no count to give back)");
+    // A new SYN on a closed pin (the 5-tuple reused) counts again.
+    bed.new_flow(CLIENT, 1_001, SH_PORT);
+    want[loaded as usize] += 1;
+    assert_eq!(bed.active(), want, "a reopened pin counts again");
+
+    // Never below zero: a count that drifted low stays at 0 when its flows close.
+    bed.set_active(loaded, 0);
+    for sport in 1_001..1_003 {
+        bed.backend_of(&Frame::tcp(CLIENT, sport, VIP, SH_PORT).tcp_flags(FIN | ACK));
+        bed.backend_of(&Frame::tcp(CLIENT, sport, VIP, SH_PORT).tcp_flags(RST));
+    }
+    let rr = bed.new_flow(CLIENT, 3_000, RR_PORT);
+    bed.set_active(rr, 0);
+    bed.backend_of(&Frame::tcp(CLIENT, 3_000, VIP, RR_PORT).tcp_flags(RST));
+    assert_eq!(bed.dp.active_flows(loaded).unwrap(), 0, "underflow");
+    assert_eq!(bed.dp.active_flows(rr).unwrap(), 0, "underflow");
+
+    // Reconciliation recounts from the flow table: open pins per backend slot.
+    bed.set_active(3, 1_000);
+    bed.set_active(loaded, 77);
+    lb_agent::dataplane::reconcile_active_flows(bed.dp.active_flow_maps().unwrap()).unwrap();
+    let mut want = vec![0u64; 4];
+    for &b in &lc[1..] {
+        want[b as usize] += 1;
+    }
+    assert_eq!(bed.active(), want, "reconciled: the lc flows still open, nothing else");
+}
+
+#[test]
+fn wlc_compares_active_flows_per_weight() {
+    let mut bed = bed();
+    // Weights 1:2:3 (backends 0..3): the table draws in proportion, the comparison divides.
+    let wlc: Vec<u32> = (0..300).map(|i| bed.new_flow(CLIENT, 4_000 + i, WLC_PORT)).collect();
+    let counts: Vec<usize> = (0..3).map(|b| wlc.iter().filter(|&&x| x == b).count()).collect();
+    eprintln!("wlc 1:2:3, 300 new flows: {counts:?}");
+    for (b, expected) in [(0, 50), (1, 100), (2, 150)] {
+        assert!(counts[b].abs_diff(expected) <= 20, "backend {b}: expected {expected} ± 20: {counts:?}");
+    }
+}
+
 fn with_scheduler(config: &str, scheduler: &str) -> String {
     config.replace("protocol = \"tcp\"\n", &format!("protocol = \"tcp\"\nscheduler = \"{scheduler}\"\n"))
 }
@@ -258,6 +373,37 @@ fn source_hash_keeps_a_client_on_one_backend() {
     // Long-lived ones too.
     let conns = open_connections(&s.bed.client, vip(), 20).unwrap();
     assert!(conns.iter().all(|c| t.contains_key(&c.backend)), "{t:?}");
+}
+
+fn active_flows_metric(s: &Scenario, i: usize) -> u64 {
+    let text = xlb_tests::agent::AgentProcess::scrape(&s.bed.lb, xlb_tests::scenario::METRICS).unwrap();
+    let needle = format!("protocol=\"tcp\",backend=\"{}\"}} ", xlb_tests::topology::backend_addr(i));
+    text.lines()
+        .find(|l| l.starts_with("xlb_backend_active_flows{") && l.contains(&needle))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no xlb_backend_active_flows for backend {i}:\n{text}"))
+}
+
+#[test]
+fn lc_steers_new_connections_away_from_a_backend_holding_long_ones() {
+    // Backends 1 and 2 drained at first: 30 long-lived connections all land on backend 0.
+    let drained = with_scheduler(&config_for(&[(0, 1), (1, 0), (2, 0)]), "lc");
+    let mut s = Scenario::start_with(3, &drained).expect("bed");
+    let conns = open_connections(&s.bed.client, vip(), 30).unwrap();
+    assert!(conns.iter().all(|c| c.backend == backend_name(0)));
+    assert_eq!(active_flows_metric(&s, 0), 30);
+    let line = s.agent.reload(&with_scheduler(&config_for(&[(0, 1), (1, 1), (2, 1)]), "lc")).unwrap();
+    assert!(line.contains("reloaded"), "{line}");
+    // 90 short connections: each closes (its FIN gives its count back), so backends 1 and 2
+    // stay near 0 active flows while backend 0 holds 30. Backend 0 only gets a new one when
+    // both draws name it: 1/9, about 10 of 90; rr or maglev would give it about 30. Allow 20.
+    let t = tcp_requests(&s.bed.client, vip(), 90).unwrap();
+    eprintln!("lc, 90 short connections while backend 0 holds 30 long ones: {t:?}");
+    assert_eq!(failures(&t), 0, "{t:?}");
+    assert!(share(&t, 0) <= 20, "backend 0 got too many: {t:?}");
+    assert!(share(&t, 1) >= 25 && share(&t, 2) >= 25, "{t:?}");
+    assert_eq!(active_flows_metric(&s, 0), 30, "the long ones are still counted");
+    drop(conns);
 }
 
 #[test]

@@ -53,7 +53,7 @@ use lb_agent::{
 };
 use lb_common::{
     limits::DEFAULT_MAGLEV_SIZE, map_names, program_names, Flow, FlowEvent, FlowKey, Reason, IPPROTO_TCP, IPPROTO_UDP,
-    SCHED_MAGLEV, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WRR,
+    SCHED_LC, SCHED_MAGLEV, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
 };
 use xlb_tests::bench::{bench_dir, json_num, json_str, machine, pin_to_cpu0};
 use xlb_tests::{
@@ -71,6 +71,8 @@ const UNKNOWN_PORT: u16 = 81;
 const PORT_RR: u16 = 8001;
 const PORT_WRR: u16 = 8002;
 const PORT_SH: u16 = 8003;
+const PORT_LC: u16 = 8004;
+const PORT_WLC: u16 = 8005;
 /// Maglev table size of every service: the default.
 const TABLE: u32 = DEFAULT_MAGLEV_SIZE;
 /// Flow-table entries whose kernel memory is reported.
@@ -616,6 +618,8 @@ fn run_bench(args: &Args) -> Result<Measured> {
         (VIP4.into(), PORT_RR, IPPROTO_TCP, Forward::L2, one_backend, SCHED_RR),
         (VIP4.into(), PORT_WRR, IPPROTO_TCP, Forward::L2, one_backend, SCHED_WRR),
         (VIP4.into(), PORT_SH, IPPROTO_TCP, Forward::L2, one_backend, SCHED_SOURCE_HASH),
+        (VIP4.into(), PORT_LC, IPPROTO_TCP, Forward::L2, one_backend, SCHED_LC),
+        (VIP4.into(), PORT_WLC, IPPROTO_TCP, Forward::L2, one_backend, SCHED_WLC),
     ];
     // The flow table: the default size, or more when one CPU's share of the per-CPU LRU would
     // not hold a loop's new flows twice over (then it would evict during the loop).
@@ -720,6 +724,8 @@ fn run_bench(args: &Args) -> Result<Measured> {
         case("l2 new tcp v4, rr", lp, lb, XDP_TX, fwd, new, new_flows(false, PORT_RR)?),
         case("l2 new tcp v4, wrr", lp, lb, XDP_TX, fwd, new, new_flows(false, PORT_WRR)?),
         case("l2 new tcp v4, source-hash", lp, lb, XDP_TX, fwd, new, new_flows(false, PORT_SH)?),
+        case("l2 new tcp v4, lc", lp, lb, XDP_TX, fwd, new, new_flows(false, PORT_LC)?),
+        case("l2 new tcp v4, wlc", lp, lb, XDP_TX, fwd, new, new_flows(false, PORT_WLC)?),
         case("ipip established tcp v4 (ipip)", lp, lb, XDP_TX, encap, est, one(&syn(c4, SPORT, vip4, PORT_IPIP))?),
         case("ipip established tcp v6 (ip6ip6)", lp, lb, XDP_TX, encap, est, one(&syn(c6, SPORT, vip6, PORT_IPIP))?),
         case("ipip new tcp v4 (ipip)", lp, lb, XDP_TX, encap, new, new_flows(false, PORT_IPIP)?),
@@ -882,7 +888,7 @@ fn main() -> Result<()> {
         md,
         "flow table: {} entries, memlock {:.1} MB (per-CPU LRU: {} per CPU, {} possible CPUs), new-flow rate limit \
          off; each new-flow measurement's entries are deleted afterwards, every deletion finding its entry (no \
-         eviction). Maglev table {TABLE} per service, 3 backends (rr, wrr, source-hash: one backend, so that the \
+         eviction). Maglev table {TABLE} per service, 3 backends (rr, wrr, source-hash, lc, wlc: one backend, so that the \
          output is known whatever the cursor; the path costs the same); ipip routes and neighbours in a network \
          namespace (dpbed).",
         bench_table.max_entries,
