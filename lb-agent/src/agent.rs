@@ -192,6 +192,7 @@ impl Agent {
             .add_service(sc.vip, sc.port, sc.protocol.number(), id, sc.maglev_size, sc.forward)
             .with_context(|| format!("cannot add service {}", sc.name))?;
         slot.set_scheduler(sc.scheduler.id());
+        slot.set_affinity_timeout(sc.affinity_timeout_secs);
         self.services.push(ServiceState { config: sc.clone(), slot, backends: Vec::new(), fail_open: false });
         let s = self.services.len() - 1;
         for b in &sc.backends {
@@ -478,6 +479,7 @@ impl Agent {
             info!("service {}: scheduler {} -> {}", sc.name, old.scheduler, sc.scheduler);
         }
         self.services[s].slot.set_scheduler(sc.scheduler.id());
+        self.services[s].slot.set_affinity_timeout(sc.affinity_timeout_secs);
         self.services[s].config = config;
 
         let wanted: HashSet<IpAddr> = sc.backends.iter().map(|b| b.address).collect();

@@ -252,6 +252,7 @@ fn new_service(
         protocol,
         forward,
         scheduler: Default::default(),
+        affinity_timeout_secs: 0,
         maglev_size,
         health,
         backends: Vec::new(),

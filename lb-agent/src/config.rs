@@ -13,6 +13,7 @@ use lb_common::limits::{
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, DEFAULT_NEW_FLOWS_PER_CPU_SEC, DEFAULT_UDP_IDLE_SECS, MAX_BACKENDS,
     MAX_MAGLEV_SIZE, MAX_SERVICES, MAX_TX_PORTS, MAX_VIPS,
 };
+use lb_common::MAX_AFFINITY_TIMEOUT_SECS;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -185,6 +186,10 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     pub forward: Forward,
     pub scheduler: Scheduler,
+    /// source-hash only: a client's new flows keep the backend of its earlier ones while it
+    /// comes back within this many seconds, even when the table moves its address elsewhere.
+    /// 0: off (the table alone decides).
+    pub affinity_timeout_secs: u32,
     pub maglev_size: u32,
     pub health: HealthConfig,
     pub backends: Vec<BackendConfig>,
@@ -367,6 +372,7 @@ struct RawService {
     forward: Forward,
     #[serde(default)]
     scheduler: Scheduler,
+    affinity_timeout_secs: Option<Spanned<u32>>,
     maglev_size: Option<Spanned<u32>>,
     #[serde(default)]
     health: RawHealth,
@@ -685,6 +691,20 @@ fn validate_service(
         }
         None => DEFAULT_MAGLEV_SIZE,
     };
+    let affinity_timeout_secs = s.affinity_timeout_secs.as_ref().map_or(0, |t| {
+        let secs = *t.get_ref();
+        let field = format!("{path}.affinity_timeout_secs");
+        if secs > MAX_AFFINITY_TIMEOUT_SECS {
+            errors.at(t.span(), field, format!("expected 0 to {MAX_AFFINITY_TIMEOUT_SECS} seconds, got {secs}"));
+        } else if secs > 0 && s.scheduler != Scheduler::SourceHash {
+            errors.at(
+                t.span(),
+                field,
+                format!("only valid with scheduler = \"source-hash\" (this service's is \"{}\")", s.scheduler),
+            );
+        }
+        secs
+    });
     let health = merge_health(&path, defaults, &s.health, port, errors);
 
     if s.backend.is_empty() {
@@ -741,6 +761,7 @@ fn validate_service(
         protocol: s.protocol,
         forward: s.forward,
         scheduler: s.scheduler,
+        affinity_timeout_secs,
         maglev_size,
         health,
         backends,
@@ -1051,6 +1072,27 @@ address = "10.0.0.13"
         let w = rr.warnings();
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].starts_with("service[1].scheduler: service 10.0.0.100:53/udp: scheduler \"wrr\""), "{w:?}");
+    }
+
+    #[test]
+    fn affinity_timeout_only_with_source_hash() {
+        assert_eq!(Config::parse(GOOD).unwrap().services[0].affinity_timeout_secs, 0);
+        let with = |extra: &str| GOOD.replace("port = 80\n", &format!("port = 80\n{extra}"));
+        let c = Config::parse(&with("scheduler = \"source-hash\"\naffinity_timeout_secs = 600\n")).unwrap();
+        assert_eq!((c.services[0].scheduler, c.services[0].affinity_timeout_secs), (Scheduler::SourceHash, 600));
+        // 0 is off, whatever the scheduler.
+        assert_eq!(Config::parse(&with("affinity_timeout_secs = 0\n")).unwrap().services[0].affinity_timeout_secs, 0);
+
+        let e = errors(&with("affinity_timeout_secs = 60\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!((e[0].line, e[0].field.as_str()), (13, "service[0].affinity_timeout_secs"), "{e:?}");
+        assert!(e[0].message.contains("source-hash") && e[0].message.contains("\"maglev\""), "{e:?}");
+        let e = errors(&with("scheduler = \"rr\"\naffinity_timeout_secs = 60\n"));
+        assert_eq!((e[0].line, e[0].field.as_str()), (14, "service[0].affinity_timeout_secs"), "{e:?}");
+
+        let e = errors(&with("scheduler = \"source-hash\"\naffinity_timeout_secs = 65536\n"));
+        assert_eq!((e[0].line, e[0].field.as_str()), (14, "service[0].affinity_timeout_secs"), "{e:?}");
+        assert!(e[0].message.contains("65535"), "{e:?}");
     }
 
     #[test]

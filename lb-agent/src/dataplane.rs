@@ -20,8 +20,8 @@ use aya::{
 };
 use lb_common::{
     addr_v4, addr_v6, global_names, limits, map_names, program_names, Addr, Backend, Counters, FlowEvent, Reason,
-    Service, ServiceKey, Settings, Vip, VipKey, BACKEND_F_VALID, FAMILY_V4, FAMILY_V6, NO_BACKEND, SCHED_MASK,
-    SCHED_SHIFT, SERVICE_F_IPIP,
+    Service, ServiceKey, Settings, Vip, VipKey, AFFINITY_MASK, AFFINITY_SHIFT, BACKEND_F_VALID, FAMILY_V4, FAMILY_V6,
+    NO_BACKEND, SCHED_MASK, SCHED_SHIFT, SERVICE_F_IPIP,
 };
 use log::{info, warn};
 
@@ -74,12 +74,20 @@ pub struct ServiceSlot {
 impl ServiceSlot {
     /// Changes how the service forwards; written with its next table.
     pub fn set_forward(&mut self, forward: Forward) {
-        self.flags = (self.flags & SCHED_MASK) | forward_flags(forward);
+        self.flags = (self.flags & (SCHED_MASK | AFFINITY_MASK)) | forward_flags(forward);
     }
 
     /// Changes the service's scheduler (`lb_common::SCHED_*`); written with its next table.
     pub fn set_scheduler(&mut self, scheduler: u32) {
         self.flags = (self.flags & !SCHED_MASK) | ((scheduler << SCHED_SHIFT) & SCHED_MASK);
+    }
+
+    /// Sets the affinity timeout of a source-hash service (seconds, at most
+    /// `lb_common::MAX_AFFINITY_TIMEOUT_SECS`; 0: off): new flows of a client go to its pinned
+    /// backend (`SOURCE_AFFINITY`) while it comes back within it. Written with its next table.
+    pub fn set_affinity_timeout(&mut self, secs: u32) {
+        let secs = secs.min(lb_common::MAX_AFFINITY_TIMEOUT_SECS);
+        self.flags = (self.flags & !AFFINITY_MASK) | (secs << AFFINITY_SHIFT);
     }
 }
 

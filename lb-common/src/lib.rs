@@ -53,6 +53,9 @@ pub mod map_names {
     pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
     /// `u32` per backend id: its configured weight, which wlc divides its active flows by.
     pub const BACKEND_WEIGHTS: &str = "BACKEND_WEIGHTS";
+    /// [`crate::AffinityKey`] → [`crate::Affinity`]: LRU hash of the client pins of
+    /// source-hash services with an affinity timeout ([`crate::affinity_timeout_of`]).
+    pub const SOURCE_AFFINITY: &str = "SOURCE_AFFINITY";
 }
 
 /// Global variables of the eBPF object, set by the agent at load time.
@@ -143,8 +146,9 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 pub struct Service {
     /// Index into the per-service statistics.
     pub id: u32,
-    /// [`SERVICE_F_IPIP`] or 0 (L2 DSR), and the scheduler in bits 8..15
-    /// ([`SCHED_SHIFT`], [`SCHED_MASK`]).
+    /// [`SERVICE_F_IPIP`] or 0 (L2 DSR), the scheduler in bits 8..15 ([`SCHED_SHIFT`],
+    /// [`SCHED_MASK`]) and, for source-hash, the affinity timeout in seconds in bits 16..31
+    /// ([`AFFINITY_SHIFT`], [`AFFINITY_MASK`]; 0: off).
     pub flags: u32,
     /// Where the active Maglev table starts in [`map_names::MAGLEV`]. The agent writes the
     /// inactive copy and then flips this one aligned word, so a packet never sees half a table.
@@ -175,6 +179,17 @@ pub const SCHED_LC: u32 = 4;
 /// Weighted least connections: as [`SCHED_LC`], comparing active flows / weight
 /// ([`map_names::BACKEND_WEIGHTS`]).
 pub const SCHED_WLC: u32 = 5;
+
+/// Where a source-hash service's affinity timeout (seconds; 0: no pin) sits in
+/// [`Service::flags`]: bits 16..31, so at most [`MAX_AFFINITY_TIMEOUT_SECS`].
+pub const AFFINITY_SHIFT: u32 = 16;
+pub const AFFINITY_MASK: u32 = 0xffff << AFFINITY_SHIFT;
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = AFFINITY_MASK >> AFFINITY_SHIFT;
+
+/// The affinity timeout (seconds) of a service's flags.
+pub const fn affinity_timeout_of(flags: u32) -> u32 {
+    (flags & AFFINITY_MASK) >> AFFINITY_SHIFT
+}
 
 /// The scheduler id of a service's flags.
 pub const fn scheduler_of(flags: u32) -> u32 {
@@ -242,6 +257,32 @@ impl Flow {
         proto != IPPROTO_TCP || self.last_seen_ns != FLOW_TCP_CLOSED
     }
 }
+
+/// Key of [`map_names::SOURCE_AFFINITY`]: a client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub addr: Addr,
+    /// The service id.
+    pub service: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
+
+/// Value of [`map_names::SOURCE_AFFINITY`]: the backend a client's new flows go to while it
+/// stays usable (valid, same generation) and the client comes back within the timeout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub backend: u32,
+    /// The backend slot's generation when the client was pinned.
+    pub generation: u32,
+    /// bpf_ktime_get_ns() of the client's last new flow.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Affinity>() == 16);
 
 /// The single entry of [`map_names::SETTINGS`]: knobs the agent may change at run time.
 #[repr(C)]

@@ -18,6 +18,9 @@ pub const DEFAULT_MAGLEV_CAPACITY: u32 = 16 * DEFAULT_MAGLEV_SIZE;
 /// Flow-table entries when the config does not say (about 121 B of kernel memory each with the
 /// hash overhead: see the README).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+/// Client pins of source-hash services with an affinity timeout (`SOURCE_AFFINITY`, an LRU
+/// hash: the least recently pinned client goes first when full; about 100 B each).
+pub const MAX_SOURCE_AFFINITY: u32 = 1 << 17;
 /// Idle time after which a UDP flow is re-hashed.
 pub const DEFAULT_UDP_IDLE_SECS: u32 = 30;
 /// New flows per second and CPU that enter the flow table (Katran's default is of this order).

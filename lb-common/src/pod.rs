@@ -3,7 +3,10 @@
 #![cfg(feature = "user")]
 #![allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
 
-use crate::{Backend, BackendFlows, Counters, Flow, FlowKey, RateWindow, Service, ServiceKey, Settings, Vip, VipKey};
+use crate::{
+    Affinity, AffinityKey, Backend, BackendFlows, Counters, Flow, FlowKey, RateWindow, Service, ServiceKey, Settings,
+    Vip, VipKey,
+};
 
 // SAFETY: each type is #[repr(C)], Copy, has explicit padding fields and no invalid bit patterns.
 unsafe impl aya::Pod for Vip {}
@@ -17,3 +20,5 @@ unsafe impl aya::Pod for Service {}
 unsafe impl aya::Pod for Backend {}
 unsafe impl aya::Pod for Counters {}
 unsafe impl aya::Pod for BackendFlows {}
+unsafe impl aya::Pod for AffinityKey {}
+unsafe impl aya::Pod for Affinity {}

@@ -5,9 +5,12 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    limits::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, MAX_VIPS},
-    Backend, BackendFlows, Counters, Flow, FlowEvent, FlowKey, RateWindow, Reason, Service, ServiceKey, Settings, Vip,
-    VipKey,
+    limits::{
+        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_SOURCE_AFFINITY,
+        MAX_TX_PORTS, MAX_VIPS,
+    },
+    Affinity, AffinityKey, Backend, BackendFlows, Counters, Flow, FlowEvent, FlowKey, RateWindow, Reason, Service,
+    ServiceKey, Settings, Vip, VipKey,
 };
 
 /// Destination addresses we balance; anything else passes untouched after one lookup.
@@ -31,6 +34,11 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// (service, client) → the backend a source-hash service with an affinity timeout pinned the
+/// client to. One LRU list for all CPUs: a client's flows arrive on any CPU.
+#[map]
+pub static SOURCE_AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::with_max_entries(MAX_SOURCE_AFFINITY, 0);
 
 /// Run-time knobs: one entry.
 #[map]

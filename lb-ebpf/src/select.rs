@@ -4,12 +4,16 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed};
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    hash::source_hash, Addr, Backend, Flow, FlowEvent, FlowKey, Service, BACKEND_F_VALID, FLOW_TCP_CLOSED, IPPROTO_UDP,
-    SCHED_LC, SCHED_MASK, SCHED_RR, SCHED_SHIFT, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
+    affinity_timeout_of, hash::source_hash, scheduler_of, Addr, Affinity, AffinityKey, Backend, Flow, FlowEvent,
+    FlowKey, Service, AFFINITY_MASK, BACKEND_F_VALID, FLOW_TCP_CLOSED, IPPROTO_UDP, NO_BACKEND, SCHED_LC, SCHED_MASK,
+    SCHED_RR, SCHED_SHIFT, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
 };
 
 use crate::{
-    maps::{self, ACTIVE_FLOWS, BACKENDS, BACKEND_WEIGHTS, FLOWS, MAGLEV, NEW_FLOW_RATE, RR_CURSOR, SETTINGS},
+    maps::{
+        self, ACTIVE_FLOWS, BACKENDS, BACKEND_WEIGHTS, FLOWS, MAGLEV, NEW_FLOW_RATE, RR_CURSOR, SETTINGS,
+        SOURCE_AFFINITY,
+    },
     stats,
 };
 
@@ -76,6 +80,37 @@ fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: u8, now:
         }
         _ => hash,
     }
+}
+
+/// The backend id (or [`NO_BACKEND`]) for a new flow of a source-hash service with an affinity
+/// timeout: the client's pin in [`SOURCE_AFFINITY`] while its backend is usable (valid, same
+/// generation: the checks of the flow table) and the client's last new flow is at most the
+/// timeout ago, the pin then refreshed; otherwise the client hash's entry of the table, pinned
+/// (unless the flow itself will not be: a RST, or past the new-flow rate, so that a flood of
+/// spoofed sources cannot flush the pins). Not inlined, as [`scheduled_index`], and called
+/// beside it, not from it: the verifier adds up the stacks of a call chain.
+#[inline(never)]
+fn source_affinity(service: &Service, key: &FlowKey, tcp_flags: u8, now: u64) -> u32 {
+    let timeout_ns = u64::from(affinity_timeout_of(service.flags)) * NS_PER_SEC;
+    let client = AffinityKey { addr: key.src, service: service.id, family: key.family, _pad: [0; 3] };
+    if let Some(pin) = SOURCE_AFFINITY.get_ptr_mut(&client) {
+        // SAFETY: the entry stays valid for the program's run (RCU); racing writers only ever
+        // store whole, equally valid values.
+        let p = unsafe { *pin };
+        // Saturating: another CPU may have refreshed it after our clock read.
+        if now.saturating_sub(p.last_seen_ns) <= timeout_ns && usable(p.backend, Some(p.generation)).is_some() {
+            // SAFETY: as above.
+            unsafe { (*pin).last_seen_ns = now };
+            return p.backend;
+        }
+    }
+    let Some(id) = maglev(service, source_hash(&key.src, maps::hash_seed())) else { return NO_BACKEND };
+    let Some(backend) = usable(id, None) else { return NO_BACKEND };
+    if tcp_flags & TCP_RST == 0 && !over_new_flow_limit(now) {
+        let pin = Affinity { backend: id, generation: backend.generation, last_seen_ns: now };
+        let _ = SOURCE_AFFINITY.insert(&client, &pin, 0);
+    }
+    id
 }
 
 /// Candidates lc/wlc draw from the service's table for a new flow.
@@ -255,9 +290,16 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
     if now == 0 {
         now = clock();
     }
-    let index =
-        if service.flags & SCHED_MASK == 0 { hash } else { scheduled_index(service, &key.src, hash, tcp_flags, now) };
-    let id = maglev(service, index)?;
+    let id = if service.flags & AFFINITY_MASK != 0 && scheduler_of(service.flags) == SCHED_SOURCE_HASH {
+        source_affinity(service, key, tcp_flags, now)
+    } else {
+        let index = if service.flags & SCHED_MASK == 0 {
+            hash
+        } else {
+            scheduled_index(service, &key.src, hash, tcp_flags, now)
+        };
+        maglev(service, index)?
+    };
     let backend = usable(id, None)?;
     stats::count_new_flow(id);
     if tcp_flags & TCP_RST == 0 {

@@ -125,6 +125,12 @@ impl Bed {
         array.set(id, count, 0).unwrap();
     }
 
+    /// Sets a service's affinity timeout and publishes `table` with it.
+    fn set_affinity_timeout(&mut self, port: u16, secs: u32, table: &[u32]) {
+        self.slots.get_mut(&port).unwrap().set_affinity_timeout(secs);
+        self.publish(port, table);
+    }
+
     fn publish(&mut self, port: u16, table: &[u32]) {
         let slot = self.slots.get_mut(&port).unwrap();
         self.dp.publish_table(slot, table).unwrap();
@@ -208,6 +214,50 @@ fn datapath_schedulers_pick_new_flows_and_pins_never_move() {
     for (c, &b) in before.iter().enumerate() {
         let f = Frame::tcp(Ipv4Addr::new(10, 97, c as u8, 7), 40_000, VIP, SH_PORT).tcp_flags(ACK);
         assert_eq!(bed.backend_of(&f), b, "source-hash client {c} moved");
+    }
+}
+
+/// source-hash with `affinity_timeout_secs`: a client's new flows keep their backend across a
+/// table change while it comes back within the timeout; without the timeout, or once it has
+/// passed, they follow the table (and are pinned anew).
+#[test]
+fn source_hash_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
+    let mut bed = bed();
+    let table3 = bed.maglev_table.clone();
+    let table4 = maglev::build(&(0..4).map(|i| member(i, 1)).collect::<Vec<_>>(), TABLE);
+    let client = |c: u8| Ipv4Addr::new(10, 96, c, 9);
+    let entry = |table: &[u32], c: u8| table[(source_hash(&map_addr(client(c).into()).0, SEED) % TABLE) as usize];
+    // The clients the new table (backend 3 joins) moves elsewhere.
+    let moved: Vec<u8> = (0..=255u8).filter(|&c| entry(&table3, c) != entry(&table4, c)).collect();
+    assert!(moved.len() >= 20, "only {} of 256 clients move", moved.len());
+    let mut sport = 10_000u16;
+    let mut new_flows = |bed: &mut Bed, table: &[u32], pinned: bool, what: &str| {
+        for &c in &moved {
+            sport += 1;
+            let want = if pinned { entry(&table3, c) } else { entry(table, c) };
+            assert_eq!(bed.new_flow(client(c), sport, SH_PORT), want, "{what}: client {c}");
+        }
+    };
+
+    // A long timeout: the first flows pin the clients, the new table does not move them.
+    bed.set_affinity_timeout(SH_PORT, 600, &table3);
+    new_flows(&mut bed, &table3, false, "first flows");
+    bed.publish(SH_PORT, &table4);
+    new_flows(&mut bed, &table4, true, "pinned, new table");
+
+    // No timeout: the table alone decides (the pins are still there, and ignored).
+    bed.set_affinity_timeout(SH_PORT, 0, &table4);
+    new_flows(&mut bed, &table4, false, "no timeout");
+
+    // A timeout of 1 s: the pins (last refreshed above) hold, then expire; a client coming back
+    // after the timeout follows the table and is pinned there.
+    bed.set_affinity_timeout(SH_PORT, 1, &table4);
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    new_flows(&mut bed, &table4, false, "after the timeout");
+    bed.publish(SH_PORT, &table3);
+    for &c in &moved {
+        sport += 1;
+        assert_eq!(bed.new_flow(client(c), sport, SH_PORT), entry(&table4, c), "re-pinned: client {c}");
     }
 }
 
