@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     agent::Agent,
-    config::{parse_mac, BackendConfig, Config, Forward, Protocol, ServiceConfig, MAX_WEIGHT},
+    config::{parse_mac, BackendConfig, Config, Forward, Protocol, Scheduler, ServiceConfig, MAX_WEIGHT},
 };
 
 /// Default path of the control socket.
@@ -45,6 +45,8 @@ pub enum Request {
         protocol: Protocol,
         #[serde(default)]
         forward: Forward,
+        #[serde(default)]
+        scheduler: Scheduler,
         maglev_size: Option<u32>,
         #[serde(default)]
         backends: Vec<NewBackend>,
@@ -82,6 +84,7 @@ pub struct ServiceView {
     pub port: u16,
     pub protocol: String,
     pub forward: String,
+    pub scheduler: Scheduler,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendView>,
@@ -187,8 +190,9 @@ fn edit(config: &mut Config, change: Request) -> Result<String> {
             let what = if weight == 0 { "draining".to_string() } else { format!("weight {weight}") };
             Ok(format!("{service}: backend {address} {what}"))
         }
-        Request::AddService { name, vip, port, protocol, forward, maglev_size, backends } => {
-            let service = new_service(config, name, vip, port, protocol, forward, maglev_size, backends)?;
+        Request::AddService { name, vip, port, protocol, forward, scheduler, maglev_size, backends } => {
+            let mut service = new_service(config, name, vip, port, protocol, forward, maglev_size, backends)?;
+            service.scheduler = scheduler;
             let summary = format!("service {} added with {} backends", service.name, service.backends.len());
             config.services.push(service);
             Ok(summary)
@@ -302,6 +306,7 @@ fn list(agent: &Agent) -> Result<Vec<ServiceView>> {
                 port: s.config.port,
                 protocol: s.config.protocol.to_string(),
                 forward: format!("{:?}", s.config.forward).to_lowercase(),
+                scheduler: s.config.scheduler,
                 packets: c.packets,
                 bytes: c.bytes,
                 backends,
@@ -418,6 +423,7 @@ address = "fd00::11"
             port: 53,
             protocol: Protocol::Udp,
             forward: Forward::L2,
+            scheduler: Scheduler::Maglev,
             maglev_size: Some(251),
             backends: vec![NewBackend { address: addr("10.0.0.21"), weight: Some(2), mac: None }],
         };
@@ -430,6 +436,7 @@ address = "fd00::11"
             port: 53,
             protocol: Protocol::Udp,
             forward: Forward::Ipip,
+            scheduler: Scheduler::Maglev,
             maglev_size: None,
             backends: vec![],
         };

@@ -13,7 +13,7 @@ use clap::Subcommand;
 
 use crate::{
     api::{NewBackend, Request, Response},
-    config::{Forward, Protocol},
+    config::{Forward, Protocol, Scheduler},
 };
 
 #[derive(Subcommand, Debug)]
@@ -46,6 +46,8 @@ pub enum CtlCommand {
         name: Option<String>,
         #[arg(long, value_enum, default_value = "l2")]
         forward: Forward,
+        #[arg(long, value_enum, default_value = "maglev")]
+        scheduler: Scheduler,
         #[arg(long)]
         maglev_size: Option<u32>,
         #[arg(long = "backend", value_name = "ADDR[=WEIGHT]", value_parser = parse_backend)]
@@ -67,8 +69,8 @@ impl From<CtlCommand> for Request {
             CtlCommand::RemoveBackend { service, address } => Request::RemoveBackend { service, address },
             CtlCommand::Drain { service, address } => Request::SetWeight { service, address, weight: 0 },
             CtlCommand::SetWeight { service, address, weight } => Request::SetWeight { service, address, weight },
-            CtlCommand::AddService { vip, port, protocol, name, forward, maglev_size, backends } => {
-                Request::AddService { name, vip, port, protocol, forward, maglev_size, backends }
+            CtlCommand::AddService { vip, port, protocol, name, forward, scheduler, maglev_size, backends } => {
+                Request::AddService { name, vip, port, protocol, forward, scheduler, maglev_size, backends }
             }
             CtlCommand::RemoveService { service } => Request::RemoveService { service },
             CtlCommand::Reload => Request::Reload,

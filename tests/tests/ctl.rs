@@ -70,12 +70,26 @@ fn ctl_changes_the_running_balancer() {
 
     // And back, through add-service, with its three backends.
     let backends: Vec<String> = (0..3).map(|i| format!("--backend={}", backend_addr(i))).collect();
-    let mut args = vec!["add-service", "10.99.0.100", "80", "udp", "--name", "demo-udp-again", "--maglev-size", "251"];
+    let mut args = vec![
+        "add-service",
+        "10.99.0.100",
+        "80",
+        "udp",
+        "--name",
+        "demo-udp-again",
+        "--maglev-size",
+        "251",
+        "--scheduler",
+        "source-hash",
+    ];
     args.extend(backends.iter().map(String::as_str));
     let (ok, out, err) = ctl(&s, &args);
     assert!(ok, "{out}{err}");
     let t = udp_requests(&s.bed.client, vip(), 60).unwrap();
     assert_eq!(failures(&t), 0, "{t:?}");
+    assert_eq!(t.len(), 1, "source-hash: one client, one backend: {t:?}");
+    let (_, json, _) = ctl(&s, &["--json", "list"]);
+    assert!(json.contains("\"scheduler\": \"source-hash\""), "{json}");
 
     // An unreachable socket is a clear error.
     let out = std::process::Command::new(xlb_tests::agent::agent_binary().unwrap())
