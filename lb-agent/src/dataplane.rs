@@ -1146,92 +1146,95 @@ fn pinned_link_ifindex(path: &Path) -> Result<u32> {
     Ok(word(16))
 }
 
-/// Every entry of an array map whose values are `V`, in one BPF_MAP_LOOKUP_BATCH (aya 0.14
-/// has no batch operations): (index, value).
+/// The `batch` member of `union bpf_attr` (aya 0.14 has no batch operations).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Runs one batch command on `map` over the `u32` keys and `V` values at `keys` and `values`
+/// (`count` of each); returns the syscall's result and the count the kernel wrote back.
+///
+/// # Safety
+/// `keys` and `values` must point to buffers of at least `count` elements, writable for a
+/// lookup, that outlive the call; `out_batch` (if not 0) must point to a `u32`.
 #[allow(unsafe_code)]
-fn array_lookup_all<V: aya::Pod + Default>(map: &MapData, max_entries: u32) -> Result<Vec<(u32, V)>> {
+unsafe fn map_batch<V>(
+    cmd: libc::c_long,
+    map: &MapData,
+    keys: *const u32,
+    values: *const V,
+    count: u32,
+    out_batch: u64,
+) -> Result<(libc::c_long, u32)> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    #[repr(C)]
-    struct Batch {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     let info = map.info()?;
     if info.key_size() != 4 || info.value_size() as usize != std::mem::size_of::<V>() {
         bail!("unexpected key or value size");
     }
-    let n = max_entries as usize;
-    let mut keys = vec![0u32; n];
-    let mut values = vec![V::default(); n];
-    let mut token = 0u32;
-    let mut attr = Batch {
+    let mut attr = BatchAttr {
         in_batch: 0,
-        out_batch: &mut token as *mut u32 as u64,
-        keys: keys.as_mut_ptr() as u64,
-        values: values.as_mut_ptr() as u64,
-        count: max_entries,
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: the kernel writes at most `count` keys (4 bytes: checked) and values (size_of V:
-    // checked) into the buffers, which hold `count` of each and outlive the call, the batch
-    // token (the key size) into `token`, and `count` back into `attr`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, &mut attr, std::mem::size_of::<Batch>()) };
-    let err = std::io::Error::last_os_error();
-    // ENOENT: the batch reached the end of the map, which it always does here.
-    if rc != 0 && err.raw_os_error() != Some(libc::ENOENT) {
-        return Err(err).context("BPF_MAP_LOOKUP_BATCH");
-    }
-    let got = (attr.count as usize).min(n);
-    Ok(keys.into_iter().zip(values).take(got).collect())
-}
-
-/// Writes `values` at indexes `base..` of an array map of `V`s in one BPF_MAP_UPDATE_BATCH.
-#[allow(unsafe_code)]
-fn array_update_all<V: aya::Pod>(map: &MapData, base: u32, values: &[V]) -> Result<()> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    #[repr(C)]
-    struct Batch {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    let info = map.info()?;
-    let count = u32::try_from(values.len())?;
-    if info.key_size() != 4
-        || info.value_size() as usize != std::mem::size_of::<V>()
-        || u64::from(base) + u64::from(count) > u64::from(info.max_entries())
-    {
-        bail!("unexpected key or value size, or out of range");
-    }
-    let keys: Vec<u32> = (base..base + count).collect();
-    let mut attr = Batch {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
+        out_batch,
+        keys: keys as u64,
+        values: values as u64,
         count,
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: the kernel reads `count` keys (4 bytes: checked) and values (size_of V: checked)
-    // from buffers that hold that many and outlive the call, and writes `count` into `attr`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr, std::mem::size_of::<Batch>()) };
+    // SAFETY: the caller vouches for the buffers; key and value sizes were checked above.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &mut attr, std::mem::size_of::<BatchAttr>()) };
+    Ok((rc, attr.count))
+}
+
+/// Every entry of an array map whose values are `V`, in one BPF_MAP_LOOKUP_BATCH:
+/// (index, value).
+#[allow(unsafe_code)]
+fn array_lookup_all<V: aya::Pod + Default>(map: &MapData, max_entries: u32) -> Result<Vec<(u32, V)>> {
+    let n = max_entries as usize;
+    let mut keys = vec![0u32; n];
+    let mut values = vec![V::default(); n];
+    let mut token = 0u32;
+    // SAFETY: both buffers hold `max_entries` elements and outlive the call; the batch token
+    // (the key size) goes into `token`.
+    let (rc, got) = unsafe {
+        map_batch(
+            BPF_MAP_LOOKUP_BATCH,
+            map,
+            keys.as_mut_ptr(),
+            values.as_mut_ptr(),
+            max_entries,
+            &mut token as *mut u32 as u64,
+        )?
+    };
+    let err = std::io::Error::last_os_error();
+    // ENOENT: the batch reached the end of the map, which it always does here.
+    if rc != 0 && err.raw_os_error() != Some(libc::ENOENT) {
+        return Err(err).context("BPF_MAP_LOOKUP_BATCH");
+    }
+    Ok(keys.into_iter().zip(values).take((got as usize).min(n)).collect())
+}
+
+/// Writes `values` at indexes `base..` of an array map of `V`s in one BPF_MAP_UPDATE_BATCH.
+#[allow(unsafe_code)]
+fn array_update_all<V: aya::Pod>(map: &MapData, base: u32, values: &[V]) -> Result<()> {
+    let count = u32::try_from(values.len())?;
+    if u64::from(base) + u64::from(count) > u64::from(map.info()?.max_entries()) {
+        bail!("writing {count} entries at {base} goes past the end of the map");
+    }
+    let keys: Vec<u32> = (base..base + count).collect();
+    // SAFETY: `keys` and `values` hold `count` elements each and outlive the call.
+    let (rc, _) = unsafe { map_batch(BPF_MAP_UPDATE_BATCH, map, keys.as_ptr(), values.as_ptr(), count, 0)? };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("BPF_MAP_UPDATE_BATCH");
     }
