@@ -79,8 +79,14 @@ pub mod program_names {
     pub const DECAP: &str = "xlb_decap";
 }
 
+pub const IPPROTO_ICMP: u8 = 1;
+/// IPv4 in IPv4: the outer header of L3 DSR for IPv4.
+pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPv6 in IPv6: the outer header of L3 DSR for IPv6.
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Address families, as the `family` byte of keys and values holds them.
 pub const FAMILY_V4: u8 = 4;

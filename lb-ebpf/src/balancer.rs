@@ -3,7 +3,7 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, VipKey, FAMILY_V4,
-    FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_IPIP,
+    FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_IPIP,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -17,10 +17,6 @@ use crate::{
     stats,
 };
 
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
-/// More-fragments flag and fragment offset, in the header's (big-endian) layout.
-const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 const IP_DF: u16 = 0x4000;
 const TCP_HDR: usize = 20;
 const UDP_HDR: usize = 8;
@@ -91,7 +87,7 @@ fn ipv4_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
         return Err(Reason::DropIpOptions);
     }
     let frags = u16::from_be_bytes(ip.frags);
-    if frags & IP_MF_OFFSET_MASK != 0 {
+    if frags & parse::IP_MF_OFFSET_MASK != 0 {
         return Err(Reason::DropFragment);
     }
     let proto = transport(ip.proto, IPPROTO_ICMP)?;

@@ -9,7 +9,7 @@
 //! already guards the frame. A congestion mark (ECN CE) on the outer header is copied to an
 //! ECN-capable inner packet, as RFC 6040 asks of a decapsulator.
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{reason::DecapReason, VipKey, FAMILY_V4, FAMILY_V6};
+use lb_common::{reason::DecapReason, VipKey, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
@@ -19,15 +19,11 @@ use crate::{
     parse::{self, L3},
 };
 
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 /// Offsets of the destination address in the IPv4 and IPv6 headers.
 const IPV4_DST: usize = 16;
 const IPV6_DST: usize = 24;
 /// Version 4, IHL 5: the only outer IPv4 header the balancer writes.
 const IPV4_VIHL_NO_OPTIONS: u8 = 0x45;
-/// More-fragments flag and fragment offset, in the header's (big-endian) layout.
-const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 /// The two ECN bits of the IPv4 TOS / IPv6 traffic class, and their "congestion experienced" value.
 const ECN_MASK: u8 = 0b11;
 const ECN_CE: u8 = 0b11;
@@ -120,7 +116,7 @@ fn outer_v4(ctx: &XdpContext, l3: usize) -> Result<(), DecapReason> {
     if outer.vihl != IPV4_VIHL_NO_OPTIONS {
         return Err(DecapReason::PassMalformed);
     }
-    if u16::from_be_bytes(outer.frags) & IP_MF_OFFSET_MASK != 0 {
+    if u16::from_be_bytes(outer.frags) & parse::IP_MF_OFFSET_MASK != 0 {
         return Err(DecapReason::PassNotEncap);
     }
     if !accepts(dst_v4(ctx, l3).ok_or(DecapReason::PassMalformed)?) {

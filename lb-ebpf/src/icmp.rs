@@ -5,7 +5,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{Addr, FAMILY_V4};
+use lb_common::{Addr, FAMILY_V4, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use crate::{
     csum,
@@ -16,8 +16,6 @@ use crate::{
 const ICMP_HDR: usize = 8;
 /// Bytes of the client's transport header quoted back (RFC 792: at least 64 bits).
 const QUOTED_L4: usize = 8;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 
 /// Whether an ICMP error may be sent to `src` (an [`Addr`]: network-order words): only if it
 /// names a single host. RFC 1122 3.2.2 forbids answering a zero, loopback, broadcast, multicast

@@ -8,6 +8,9 @@ use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
+/// IPv4 more-fragments flag and fragment offset, in the header's (big-endian) layout: any
+/// bit set means a fragment.
+pub const IP_MF_OFFSET_MASK: u16 = 0x3fff;
 
 /// Pointer to a `T` at `offset` in the frame, or None when the frame is too short for it.
 #[inline(always)]

@@ -485,14 +485,7 @@ pub fn xdp_md(len: usize, ingress_ifindex: u32) -> [u8; 24] {
 
 /// Asserts that only `reason`'s counter moved, by one frame of `len` bytes.
 pub fn assert_reason_delta(before: &[(Reason, Counters)], after: &[(Reason, Counters)], reason: Reason, len: usize) {
-    for ((r, b), (_, a)) in before.iter().zip(after) {
-        let (dp, db) = (a.packets - b.packets, a.bytes - b.bytes);
-        if *r == reason {
-            assert_eq!((dp, db), (1, len as u64), "counter {} after one frame", r.name());
-        } else {
-            assert_eq!(dp, 0, "counter {} moved, expected only {}", r.name(), reason.name());
-        }
-    }
+    crate::testrun::assert_one_counted(before, after, reason, len);
 }
 
 /// Asserts that the flow-event counters moved by exactly `events`.

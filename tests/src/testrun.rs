@@ -16,3 +16,21 @@ pub fn run_xdp(prog: &Xdp, frame: &[u8], ctx: Option<&[u8]>) -> Result<(u32, Vec
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out))
 }
+
+/// Asserts that, between two readings of per-reason counters, exactly `reason`'s moved, by one
+/// frame of `len` bytes.
+pub fn assert_one_counted<R: Copy + PartialEq + std::fmt::Debug>(
+    before: &[(R, lb_common::Counters)],
+    after: &[(R, lb_common::Counters)],
+    reason: R,
+    len: usize,
+) {
+    for ((r, b), (_, a)) in before.iter().zip(after) {
+        let (dp, db) = (a.packets - b.packets, a.bytes - b.bytes);
+        if *r == reason {
+            assert_eq!((dp, db), (1, len as u64), "counter {r:?} after one frame");
+        } else {
+            assert_eq!(dp, 0, "counter {r:?} moved, expected only {reason:?}");
+        }
+    }
+}

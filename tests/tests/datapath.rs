@@ -10,7 +10,7 @@ use lb_agent::{
 use lb_common::{hash::flow_hash, Counters, Reason, Settings};
 use xlb_tests::{
     packet::{Frame, ETH_LEN, IPV4_LEN},
-    testrun::run_xdp,
+    testrun::{assert_one_counted, run_xdp},
 };
 
 const XDP_TX: u32 = 3;
@@ -77,14 +77,7 @@ impl Bed {
         let before = self.reasons();
         let result = self.run(frame);
         let after = self.reasons();
-        for ((r, b), (_, a)) in before.iter().zip(&after) {
-            let (dp, db) = (a.packets - b.packets, a.bytes - b.bytes);
-            if *r == reason {
-                assert_eq!((dp, db), (1, frame.len() as u64), "counter {} after one frame", r.name());
-            } else {
-                assert_eq!(dp, 0, "counter {} moved, expected only {}", r.name(), reason.name());
-            }
-        }
+        assert_one_counted(&before, &after, reason, frame.len());
         assert_eq!(result.0, reason.action(), "verdict for {}", reason.name());
         result
     }

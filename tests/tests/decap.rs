@@ -110,14 +110,7 @@ impl Bed {
         let before = self.counters();
         let (verdict, out) = self.run(frame);
         let after = self.counters();
-        for ((r, b), (_, a)) in before.iter().zip(&after) {
-            let (dp, db) = (a.packets - b.packets, a.bytes - b.bytes);
-            if *r == reason {
-                assert_eq!((dp, db), (1, frame.len() as u64), "counter {} after one frame", r.name());
-            } else {
-                assert_eq!(dp, 0, "counter {} moved, expected only {}", r.name(), reason.name());
-            }
-        }
+        xlb_tests::testrun::assert_one_counted(&before, &after, reason, frame.len());
         assert_eq!(verdict, XDP_PASS, "verdict for {}", reason.name());
         assert_eq!(verdict, reason.action());
         out

@@ -1456,6 +1456,21 @@ struct Failures {
 }
 
 impl Failures {
+    /// Appends the failures, by kind and with examples, to a report (nothing when none).
+    fn render(&self, text: &mut String) {
+        if self.count == 0 {
+            return;
+        }
+        *text += &format!("\n{} FAILURES by kind:\n", self.count);
+        for (what, n) in &self.by_kind {
+            *text += &format!("  {n:>8}  {what}\n");
+        }
+        *text += "\nexamples:\n";
+        for e in &self.examples {
+            *text += &format!("{e}\n");
+        }
+    }
+
     fn add(&mut self, what: String, detail: String) {
         self.count += 1;
         let n = self.by_kind.entry(what.clone()).or_default();
@@ -1671,16 +1686,7 @@ fn fuzz(bed: &mut Bed, seed: u64, frames: u64) -> Report {
     for (finding, (n, _, shortest)) in &findings.seen {
         text += &format!("  {n:>8}  {}\n  shortest example:\n{shortest}\n", finding.describe());
     }
-    if failures.count > 0 {
-        text += &format!("\n{} FAILURES by kind:\n", failures.count);
-        for (what, n) in &failures.by_kind {
-            text += &format!("  {n:>8}  {what}\n");
-        }
-        text += "\nexamples:\n";
-        for e in &failures.examples {
-            text += &format!("{e}\n");
-        }
-    }
+    failures.render(&mut text);
     Report { text, failures: failures.count }
 }
 
@@ -2271,16 +2277,7 @@ fn fuzz_decap(bed: &mut Bed, seed: u64, frames: u64) -> Report {
         }
         text += "\n";
     }
-    if failures.count > 0 {
-        text += &format!("\n{} FAILURES by kind:\n", failures.count);
-        for (what, n) in &failures.by_kind {
-            text += &format!("  {n:>8}  {what}\n");
-        }
-        text += "\nexamples:\n";
-        for e in &failures.examples {
-            text += &format!("{e}\n");
-        }
-    }
+    failures.render(&mut text);
     Report { text, failures: failures.count }
 }
 

@@ -476,7 +476,7 @@ fn map_bytes_per_entry(m: &MapMem) -> f64 {
 /// bpf(2) with `attr` (a prefix of `union bpf_attr`).
 fn bpf<T>(cmd: libc::c_long, attr: &mut T, what: &str) -> Result<()> {
     // SAFETY: attr is a valid bpf_attr prefix of the size passed; the pointers inside it are the
-    // caller's, valid for the call (see update_each and update_batch).
+    // caller's, valid for the call (see update_each).
     #[allow(unsafe_code)]
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint) };
     if rc != 0 {
@@ -509,37 +509,6 @@ fn update_each(fd: i32, base: u32, values: &[u32]) -> Result<()> {
         };
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr, "BPF_MAP_UPDATE_ELEM")?;
     }
-    Ok(())
-}
-
-/// One BPF_MAP_UPDATE_BATCH for the whole table.
-fn update_batch(fd: i32, keys: &[u32], values: &[u32]) -> Result<()> {
-    /// The `batch` member of `union bpf_attr`.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    ensure!(keys.len() == values.len(), "keys and values differ in length");
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: fd as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    bpf(BPF_MAP_UPDATE_BATCH, &mut attr, "BPF_MAP_UPDATE_BATCH")?;
-    ensure!(attr.count as usize == keys.len(), "batch update wrote {} of {} entries", attr.count, keys.len());
     Ok(())
 }
 
@@ -673,16 +642,14 @@ struct PublishRow {
     build_ms: f64,
     /// Dataplane::publish_table, as the agent does it.
     publish_ms: Vec<f64>,
-    /// The same entries written straight to a spare region of the MAGLEV map: one
-    /// BPF_MAP_UPDATE_ELEM per entry, and one BPF_MAP_UPDATE_BATCH.
+    /// The same entries written straight to a spare region of the MAGLEV map, one
+    /// BPF_MAP_UPDATE_ELEM per entry: how tables were written before publish_table batched them.
     each_ms: Vec<f64>,
-    batch_ms: Vec<f64>,
     raw_error: Option<String>,
 }
 
 /// Publishes one table of each size into its own service, and writes the same entries straight
-/// into a spare region of the MAGLEV map (which no service points at), one syscall per entry and
-/// one for the whole table.
+/// into a spare region of the MAGLEV map (which no service points at), one syscall per entry.
 fn publish_scaling(args: &Args) -> Result<Vec<PublishRow>> {
     let tables: u64 = PUBLISH_SIZES.iter().map(|&m| 2 * u64::from(m)).sum();
     let spare = u64::from(*PUBLISH_SIZES.iter().max().unwrap_or(&0));
@@ -725,7 +692,6 @@ fn publish_scaling(args: &Args) -> Result<Vec<PublishRow>> {
             build_ms: median(&builds),
             publish_ms: Vec::new(),
             each_ms: Vec::new(),
-            batch_ms: Vec::new(),
             raw_error: None,
         };
         for _ in 0..reps {
@@ -736,14 +702,10 @@ fn publish_scaling(args: &Args) -> Result<Vec<PublishRow>> {
         match maglev_fd {
             Some(fd) => {
                 let base = tables as u32;
-                let keys: Vec<u32> = (base..base + size).collect();
                 let result = (0..reps).try_for_each(|_| {
                     let t = Instant::now();
                     update_each(fd, base, &table)?;
                     row.each_ms.push(ms(t.elapsed()));
-                    let t = Instant::now();
-                    update_batch(fd, &keys, &table)?;
-                    row.batch_ms.push(ms(t.elapsed()));
                     anyhow::Ok(())
                 });
                 row.raw_error = result.err().map(|e| format!("{e:#}"));
@@ -1024,14 +986,11 @@ fn markdown(
         let _ = writeln!(
             md,
             "Publishing one table of {PUBLISH_BACKENDS} backends (median): Dataplane::publish_table as the agent \
-             does it (write the inactive copy, flip), and the same entries written straight to the MAGLEV map with \
-             one BPF_MAP_UPDATE_ELEM per entry or one BPF_MAP_UPDATE_BATCH\n"
+             does it (write the inactive copy in one BPF_MAP_UPDATE_BATCH, flip), and the same entries written \
+             straight to the MAGLEV map with one BPF_MAP_UPDATE_ELEM per entry\n"
         );
-        let _ = writeln!(
-            md,
-            "| M | build ms | publish_table ms | ns/entry | per-entry syscalls ms | ns/entry | one batch ms | ns/entry |"
-        );
-        let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "| M | build ms | publish_table ms | ns/entry | per-entry syscalls ms | ns/entry |");
+        let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|");
         for p in publish {
             let cell = |samples: &[f64]| {
                 if samples.is_empty() {
@@ -1041,15 +1000,7 @@ fn markdown(
                     format!("{m:.2} | {:.0}", m * 1e6 / f64::from(p.size))
                 }
             };
-            let _ = writeln!(
-                md,
-                "| {} | {:.2} | {} | {} | {} |",
-                p.size,
-                p.build_ms,
-                cell(&p.publish_ms),
-                cell(&p.each_ms),
-                cell(&p.batch_ms)
-            );
+            let _ = writeln!(md, "| {} | {:.2} | {} | {} |", p.size, p.build_ms, cell(&p.publish_ms), cell(&p.each_ms));
             if let Some(e) = &p.raw_error {
                 let _ = writeln!(md, "\n(M = {}: direct writes failed: {e})\n", p.size);
             }
@@ -1205,7 +1156,7 @@ fn to_json(
             json,
             "    {{\"m\": {}, \"backends\": {PUBLISH_BACKENDS}, \"build_ms_median\": {}, \"publish_ms_median\": {}, \
              \"publish_ms\": {}, \"publish_ns_per_entry\": {}, \"update_each_ms_median\": {}, \
-             \"update_each_ms\": {}, \"batch_ms_median\": {}, \"batch_ms\": {}, \"raw_error\": {}}}",
+             \"update_each_ms\": {}, \"raw_error\": {}}}",
             p.size,
             json_num(Some(p.build_ms), 6),
             json_num(Some(median(&p.publish_ms)), 6),
@@ -1213,8 +1164,6 @@ fn to_json(
             json_num(Some(median(&p.publish_ms) * 1e6 / f64::from(p.size)), 6),
             json_num((!p.each_ms.is_empty()).then(|| median(&p.each_ms)), 6),
             json_list(&p.each_ms),
-            json_num((!p.batch_ms.is_empty()).then(|| median(&p.batch_ms)), 6),
-            json_list(&p.batch_ms),
             json_opt_str(&p.raw_error),
         );
         let _ = writeln!(json, "{}", if i + 1 < publish.len() { "," } else { "" });
