@@ -1,9 +1,9 @@
 //! The backend side of L3 DSR: a facade over the `xlb_decap` program, which strips the outer
 //! IPv4/IPv6 header of IPIP/IP6IP6 packets sent to this host's addresses (the kernel here has no
-//! tunnel device to do it), and the interface-address lookup that feeds it.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+//! tunnel device to do it), fed with the host's addresses (`net::addr`).
+use std::net::IpAddr;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::Xdp,
@@ -13,7 +13,7 @@ use lb_common::{limits::MAX_DECAP_ADDRS, map_names, program_names, reason::Decap
 
 use crate::{
     config::XdpMode,
-    dataplane::{attach_xdp, if_index, map_addr, sum, take_map, EBPF_OBJECT},
+    dataplane::{attach_xdp, map_addr, object::take_map, sum, EBPF_OBJECT},
 };
 
 /// The loaded decapsulating program and its maps. Detached when dropped.
@@ -68,75 +68,5 @@ impl Decap {
     /// Frames and bytes (as received) per reason, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(DecapReason, Counters)>> {
         DecapReason::ALL.iter().map(|&r| Ok((r, sum(&self.stats.get(&(r as u32), 0)?)))).collect()
-    }
-}
-
-/// Every IPv4 and IPv6 address on `iface` except IPv6 link-local ones (fe80::/10), which no
-/// balancer encapsulates to. Fails when the interface does not exist.
-pub fn iface_addresses(iface: &str) -> Result<Vec<IpAddr>> {
-    if if_index(iface).is_none() {
-        bail!("unknown interface {iface:?}");
-    }
-    let mut addrs = Vec::new();
-    for (name, addr) in all_addresses()? {
-        let link_local = matches!(addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80);
-        if name == iface && !link_local && !addrs.contains(&addr) {
-            addrs.push(addr);
-        }
-    }
-    Ok(addrs)
-}
-
-/// (interface name, address) of every IPv4 and IPv6 address in this network namespace.
-#[allow(unsafe_code, reason = "getifaddrs(3) and the sockaddr casts it needs")]
-fn all_addresses() -> Result<Vec<(String, IpAddr)>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below, once, whatever happens.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getifaddrs");
-    }
-    let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_addr points to a sockaddr whose family tells its real type; ifa_name is
-        // a NUL-terminated string.
-        let addr = unsafe {
-            match i32::from((*ifa.ifa_addr).sa_family) {
-                libc::AF_INET => {
-                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
-                }
-                libc::AF_INET6 => {
-                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
-                }
-                _ => continue,
-            }
-        };
-        // SAFETY: as above.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        out.push((name.to_string_lossy().into_owned(), addr));
-    }
-    // SAFETY: the list from getifaddrs, freed once; nothing points into it any more.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_addresses_are_found_and_unknown_interfaces_refused() {
-        let addrs = iface_addresses("lo").unwrap();
-        assert!(addrs.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)), "{addrs:?}");
-        let err = iface_addresses("nosuchif0").unwrap_err();
-        assert!(err.to_string().contains("unknown interface \"nosuchif0\""), "{err:#}");
     }
 }

@@ -17,7 +17,7 @@ use tokio::{
 use crate::config::{Check, HealthConfig};
 
 /// Which backend a report is about: its id, stable for the backend's life in the agent.
-pub type Target = u32;
+pub type Target = crate::dataplane::BackendId;
 
 #[derive(Debug)]
 pub enum Event {
@@ -113,7 +113,7 @@ impl Jitter {
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let seed =
-            nanos ^ u64::from(std::process::id()) << 32 ^ crate::agent::address_key(addr) ^ u64::from(target) << 17;
+            nanos ^ u64::from(std::process::id()) << 32 ^ crate::tables::maglev::address_key(addr) ^ u64::from(target.0) << 17;
         Self(seed | 1)
     }
 
@@ -234,7 +234,7 @@ mod tests {
 
     #[test]
     fn jitter_stays_within_its_fraction() {
-        let mut j = Jitter::new(1, Ipv4Addr::LOCALHOST.into());
+        let mut j = Jitter::new(crate::dataplane::BackendId(1), Ipv4Addr::LOCALHOST.into());
         let base = Duration::from_millis(1000);
         let samples: Vec<Duration> = (0..1000).map(|_| j.around(base, 0.1)).collect();
         assert!(samples.iter().all(|d| (900..=1100).contains(&d.as_millis())));

@@ -6,11 +6,11 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use lb_agent::{
     agent::Agent,
-    api,
+    api::{self, client as ctl},
     config::{Config, XdpMode},
-    ctl,
     dataplane::{self, Dataplane, LoadOptions},
     metrics,
+    net::mac::iface_mac,
 };
 use log::{error, info};
 use tokio::{
@@ -200,7 +200,7 @@ fn check(path: &std::path::Path) -> Result<()> {
 
 /// SIGHUP: a bad config, or one that needs a restart, leaves the running state as it was.
 fn reload(agent: &mut Agent, path: &std::path::Path) {
-    match Config::load(path).and_then(|config| agent.reload(&config)) {
+    match Config::load(path).and_then(|config| Ok(agent.reload(&config)?)) {
         Ok(summary) => info!("reloaded {}: {summary}", path.display()),
         Err(e) => error!("reload of {} rejected: {e:#}", path.display()),
     }
@@ -226,7 +226,7 @@ async fn run(
     for w in config.warnings() {
         log::warn!("{w}");
     }
-    let iface_mac = dataplane::iface_mac(&config.interface)?;
+    let iface_mac = iface_mac(&config.interface)?;
     // Locks <pin_dir>/<interface> (a second agent is refused) and adopts what a previous agent
     // left there: the flow table and the counters; its program stays attached meanwhile.
     let dataplane = Dataplane::load_pinned(
@@ -255,8 +255,6 @@ async fn run(
 
     let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::Scrape>(16);
     if let Some(addr) = config.metrics_listen {
-        let (id, size) = agent.dataplane.flow_table()?;
-        metrics::count_flows(id, size, Duration::from_secs(5));
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(addr, scrape_tx).await {
                 error!("{e:#}");
@@ -320,7 +318,7 @@ async fn run(
 /// `lb-agent decap`: accepts the interface's addresses and `extra`, attaches, and runs until
 /// SIGINT/SIGTERM.
 async fn decap(iface: &str, xdp_mode: Option<XdpMode>, extra: &[std::net::IpAddr]) -> Result<()> {
-    use lb_agent::decap::{iface_addresses, Decap};
+    use lb_agent::{decap::Decap, net::addr::iface_addresses};
 
     let mut addresses = iface_addresses(iface)?;
     for addr in extra {

@@ -1,11 +1,6 @@
 //! The Prometheus text endpoint: counters of the data path and the state of every backend.
 //! The HTTP task asks the main loop for a rendering, so the agent's state has one owner.
-use std::{
-    fmt::Write as _,
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
-};
+use std::{fmt::Write as _, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use log::{info, warn};
@@ -19,29 +14,6 @@ use crate::agent::Agent;
 
 /// A scrape waiting for the main loop's rendering.
 pub struct Scrape(pub oneshot::Sender<String>);
-
-/// Entries in the flow table, as last counted; u64::MAX before the first count.
-pub static FLOW_TABLE_ENTRIES: AtomicU64 = AtomicU64::new(u64::MAX);
-/// The flow table's capacity.
-pub static FLOW_TABLE_SIZE: AtomicU64 = AtomicU64::new(0);
-
-/// Counts the flow table's entries every `period` on a thread of its own: walking a large
-/// LRU map takes one syscall per entry, which must not stall the agent's main loop.
-pub fn count_flows(map_id: u32, size: u32, period: Duration) {
-    FLOW_TABLE_SIZE.store(u64::from(size), Ordering::Relaxed);
-    std::thread::spawn(move || loop {
-        let counted = aya::maps::MapData::from_id(map_id).map_err(anyhow::Error::from).and_then(|data| {
-            let map = aya::maps::Map::LruHashMap(data);
-            let flows: aya::maps::HashMap<_, lb_common::FlowKey, lb_common::Flow> = aya::maps::HashMap::try_from(map)?;
-            Ok(flows.keys().filter(Result::is_ok).count() as u64)
-        });
-        match counted {
-            Ok(n) => FLOW_TABLE_ENTRIES.store(n, Ordering::Relaxed),
-            Err(e) => warn!("cannot count the flow table: {e:#}"),
-        }
-        std::thread::sleep(period);
-    });
-}
 
 /// Renders every metric in the Prometheus text format (version 0.0.4).
 pub fn render(agent: &Agent) -> Result<String> {
@@ -60,18 +32,17 @@ pub fn render(agent: &Agent) -> Result<String> {
     for (event, n) in dp.flow_counters()? {
         writeln!(out, "xlb_flow_events_total{{event=\"{}\"}} {n}", event.name())?;
     }
-    let entries = FLOW_TABLE_ENTRIES.load(Ordering::Relaxed);
-    if entries != u64::MAX {
+    if let Some(entries) = dp.flow_table_entries() {
         family(&mut out, "xlb_flow_table_entries", "gauge", "Flows in the flow table (counted every few seconds).");
         writeln!(out, "xlb_flow_table_entries {entries}")?;
         family(&mut out, "xlb_flow_table_size", "gauge", "Capacity of the flow table.");
-        writeln!(out, "xlb_flow_table_size {}", FLOW_TABLE_SIZE.load(Ordering::Relaxed))?;
+        writeln!(out, "xlb_flow_table_size {}", dp.flow_table_size()?)?;
     }
     family(&mut out, "xlb_service_packets_total", "counter", "Packets forwarded per service.");
     let mut bytes = String::new();
     family(&mut bytes, "xlb_service_bytes_total", "counter", "Bytes forwarded per service.");
-    for s in &agent.services {
-        let c = dp.service_counters(s.slot.id)?;
+    for s in agent.services() {
+        let c = dp.service_counters(s.id.0)?;
         let labels = service_labels(s);
         writeln!(out, "xlb_service_packets_total{{{labels}}} {}", c.packets)?;
         writeln!(bytes, "xlb_service_bytes_total{{{labels}}} {}", c.bytes)?;
@@ -83,7 +54,7 @@ pub fn render(agent: &Agent) -> Result<String> {
         "gauge",
         "1 while fewer than min_healthy backends are up and failing ones stay in.",
     );
-    for s in &agent.services {
+    for s in agent.services() {
         writeln!(out, "xlb_service_fail_open{{{}}} {}", service_labels(s), u8::from(s.fail_open))?;
     }
     let (mut packets, mut bytes, mut up, mut weight) = (String::new(), String::new(), String::new(), String::new());
@@ -106,18 +77,18 @@ pub fn render(agent: &Agent) -> Result<String> {
     family(&mut bytes, "xlb_backend_bytes_total", "counter", "Bytes forwarded per backend.");
     family(&mut up, "xlb_backend_up", "gauge", "1 when the backend passes its health checks.");
     family(&mut weight, "xlb_backend_weight", "gauge", "Configured weight (0: draining).");
-    for s in &agent.services {
+    for s in agent.services() {
         for b in &s.backends {
             let labels = format!("{},backend=\"{}\"", service_labels(s), b.config.address);
-            let c = dp.backend_counters(b.id)?;
+            let c = dp.backend_counters(b.id.0)?;
             writeln!(packets, "xlb_backend_packets_total{{{labels}}} {}", c.packets)?;
             writeln!(bytes, "xlb_backend_bytes_total{{{labels}}} {}", c.bytes)?;
             writeln!(up, "xlb_backend_up{{{labels}}} {}", u8::from(b.up))?;
             writeln!(weight, "xlb_backend_weight{{{labels}}} {}", b.config.weight)?;
-            let flows = dp.backend_flows(b.id)?;
+            let flows = dp.backend_flows(b.id.0)?;
             writeln!(new_flows, "xlb_backend_new_flows_total{{{labels}}} {}", flows.new_flows)?;
             writeln!(retransmits, "xlb_backend_syn_retransmits_total{{{labels}}} {}", flows.syn_retransmits)?;
-            writeln!(active, "xlb_backend_active_flows{{{labels}}} {}", dp.active_flows(b.id)?)?;
+            writeln!(active, "xlb_backend_active_flows{{{labels}}} {}", dp.active_flows(b.id.0)?)?;
         }
     }
     Ok(out + &packets + &bytes + &up + &weight + &new_flows + &retransmits + &active)

@@ -112,6 +112,15 @@ pub const fn addr_v6(o: [u8; 16]) -> Addr {
     ]
 }
 
+/// The bytes of an [`Addr`] (the inverse of [`addr_v6`]; an IPv4 address is the first four).
+pub const fn addr_octets(words: Addr) -> [u8; 16] {
+    let [a, b, c, d] = words[0].to_ne_bytes();
+    let [e, f, g, h] = words[1].to_ne_bytes();
+    let [i, j, k, l] = words[2].to_ne_bytes();
+    let [m, n, o, p] = words[3].to_ne_bytes();
+    [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p]
+}
+
 /// Key of [`map_names::VIPS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -79,7 +79,7 @@ impl Drop for Capture {
 }
 
 fn open(iface: &str) -> Result<i32> {
-    let Some(index) = lb_agent::dataplane::if_index(iface) else {
+    let Some(index) = lb_agent::sys::if_index(iface) else {
         bail!("no interface {iface}");
     };
     // SAFETY: plain socket calls on values we own; errors are checked.

@@ -30,10 +30,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 use lb_agent::{
-    agent::address_key,
+    tables::maglev::address_key,
     config::Forward,
-    dataplane::{if_index, map_addr, Dataplane, LoadOptions, ServiceSlot},
-    maglev::{self, Member},
+    dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
+    sys::if_index,
+    tables::maglev::{self, Member},
 };
 use lb_common::{addr_v6, hash::flow_hash, Counters, FlowEvent, Reason, Settings, IPPROTO_TCP, IPPROTO_UDP};
 

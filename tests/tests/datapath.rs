@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use lb_agent::{
     config::Forward,
     dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
-    maglev::{self, Member},
+    tables::maglev::{self, Member},
 };
 use lb_common::{hash::flow_hash, Counters, Reason, Settings};
 use xlb_tests::{

@@ -29,9 +29,10 @@ use anyhow::{anyhow, Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_agent::{
     config::Forward,
-    dataplane::{if_index, map_addr, Dataplane, LoadOptions},
+    dataplane::{map_addr, Dataplane, LoadOptions},
+    sys::if_index,
     decap::Decap,
-    maglev::{self, Member},
+    tables::maglev::{self, Member},
 };
 use lb_common::{addr_v6, hash::flow_hash, reason::DecapReason, Reason, Settings, NO_BACKEND};
 use xlb_tests::{

@@ -6,8 +6,8 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
     config::Forward,
     dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
-    maglev::{self, Member},
-    wrr,
+    tables::maglev::{self, Member},
+    tables::rr,
 };
 use lb_common::{hash::source_hash, Settings, SCHED_LC, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR};
 use xlb_tests::{
@@ -78,8 +78,8 @@ fn bed() -> Bed {
     let maglev_table = maglev::build(&ones, TABLE);
     let mut slots = BTreeMap::new();
     for (id, (port, scheduler, table)) in [
-        (RR_PORT, SCHED_RR, wrr::table(&ones, TABLE, false)),
-        (WRR_PORT, SCHED_WRR, wrr::table(&weighted, TABLE, true)),
+        (RR_PORT, SCHED_RR, rr::table(&ones, TABLE, false)),
+        (WRR_PORT, SCHED_WRR, rr::table(&weighted, TABLE, true)),
         (SH_PORT, SCHED_SOURCE_HASH, maglev_table.clone()),
         (LC_PORT, SCHED_LC, maglev_table.clone()),
         (WLC_PORT, SCHED_WLC, maglev::build(&weighted, TABLE)),
@@ -118,11 +118,8 @@ impl Bed {
     }
 
     /// Overwrites a backend's active-flow count, as drift (or a racing reconciliation) would.
-    fn set_active(&self, id: u32, count: u64) {
-        let maps = self.dp.active_flow_maps().unwrap();
-        let data = aya::maps::MapData::from_id(maps.active_flows).unwrap();
-        let mut array: aya::maps::Array<_, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
-        array.set(id, count, 0).unwrap();
+    fn set_active(&mut self, id: u32, count: u64) {
+        self.dp.set_active_flows(id, count).unwrap();
     }
 
     /// Sets a service's affinity timeout and publishes `table` with it.
@@ -160,7 +157,7 @@ fn datapath_schedulers_pick_new_flows_and_pins_never_move() {
 
     // wrr 1:2:3: each run of 60 new flows is ten cycles of the smooth sequence.
     let weighted: Vec<Member> = (0..3).map(|i| member(i, i + 1)).collect();
-    let cycle = wrr::cycle(&weighted, true);
+    let cycle = rr::cycle(&weighted, true);
     let seq: Vec<u32> = (0..60).map(|i| bed.new_flow(CLIENT, 20_000 + i, WRR_PORT)).collect();
     eprintln!("wrr: {seq:?}");
     let counts: Vec<usize> = (0..3).map(|b| seq.iter().filter(|&&x| x == b).count()).collect();
@@ -190,9 +187,9 @@ fn datapath_schedulers_pick_new_flows_and_pins_never_move() {
     // A new sequence (rr with backend 3 added, wrr reweighted 3:2:1): established flows stay
     // where they were; new ones follow the new table.
     let four: Vec<Member> = (0..4).map(|i| member(i, 1)).collect();
-    bed.publish(RR_PORT, &wrr::table(&four, TABLE, false));
+    bed.publish(RR_PORT, &rr::table(&four, TABLE, false));
     let reweighted: Vec<Member> = (0..3).map(|i| member(i, 3 - i)).collect();
-    bed.publish(WRR_PORT, &wrr::table(&reweighted, TABLE, true));
+    bed.publish(WRR_PORT, &rr::table(&reweighted, TABLE, true));
     for (i, &b) in rr.iter().enumerate() {
         let again = bed.backend_of(&Frame::tcp(CLIENT, 10_000 + i as u16, VIP, RR_PORT).tcp_flags(ACK));
         assert_eq!(again, b, "rr flow {i} moved after a new sequence");
@@ -272,7 +269,7 @@ fn rr_flows_that_will_not_be_pinned_follow_their_hash() {
     for i in 0..5 {
         bed.new_flow(CLIENT, 60_000 + i, RR_PORT);
     }
-    let table = wrr::table(&(0..3).map(|i| member(i, 1)).collect::<Vec<_>>(), TABLE, false);
+    let table = rr::table(&(0..3).map(|i| member(i, 1)).collect::<Vec<_>>(), TABLE, false);
     for sport in 61_000..61_030u16 {
         let f = Frame::tcp(CLIENT, sport, VIP, RR_PORT);
         let first = bed.backend_of(&f);
@@ -360,7 +357,7 @@ fn lc_prefers_the_backend_with_fewer_active_flows_and_fin_rst_give_flows_back() 
     // Reconciliation recounts from the flow table: open pins per backend slot.
     bed.set_active(3, 1_000);
     bed.set_active(loaded, 77);
-    lb_agent::dataplane::reconcile_active_flows(bed.dp.active_flow_maps().unwrap()).unwrap();
+    bed.dp.flow_walker().unwrap().walk().unwrap();
     let mut want = vec![0u64; 4];
     for &b in &lc[1..] {
         want[b as usize] += 1;

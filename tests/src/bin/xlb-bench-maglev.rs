@@ -1,6 +1,6 @@
 //! `cargo xtask bench`, Maglev and agent part: what the control plane costs.
 //!
-//! 1. Maglev quality, in userspace with `lb_agent::maglev::build` (no root needed): build time
+//! 1. Maglev quality, in userspace with `lb_agent::tables::maglev::build` (no root needed): build time
 //!    (median of several builds), memory (the table, 4 bytes an entry, and the builder's peak
 //!    allocation on top of it, measured by a counting global allocator), balance (max/mean and
 //!    min/mean entries per backend) and disruption (entries that change owner when one backend,
@@ -27,7 +27,7 @@ use lb_agent::{
     agent::Agent,
     config::Config,
     dataplane::{Dataplane, LoadOptions},
-    maglev::{self, Member},
+    tables::maglev::{self, Member},
 };
 use lb_common::limits::{DEFAULT_MAGLEV_SIZE, MAX_BACKENDS, MAX_MAGLEV_SIZE, MAX_SERVICES};
 use xlb_tests::bench::{bench_dir, json_num, json_str, machine, pin_to_cpu0, Machine};
@@ -829,7 +829,7 @@ fn markdown(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Maglev table build, userspace (lb_agent::maglev::build, release), median of {} builds\n",
+        "Maglev table build, userspace (lb_agent::tables::maglev::build, release), median of {} builds\n",
         args.builds
     );
     let _ = writeln!(

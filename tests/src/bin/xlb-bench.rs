@@ -46,10 +46,11 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_agent::{
-    agent::address_key,
+    tables::maglev::address_key,
     config::Forward,
-    dataplane::{if_index, map_addr, Dataplane, LoadOptions},
-    maglev::{self, Member},
+    dataplane::{map_addr, Dataplane, LoadOptions},
+    sys::if_index,
+    tables::maglev::{self, Member},
 };
 use lb_common::{
     limits::DEFAULT_MAGLEV_SIZE, map_names, program_names, Flow, FlowEvent, FlowKey, Reason, IPPROTO_TCP, IPPROTO_UDP,
@@ -645,7 +646,7 @@ fn run_bench(args: &Args) -> Result<Measured> {
         let members: Vec<Member> =
             members.iter().map(|&m| Member { id: m, key: address_key(setup.backends[&m]), weight: 1 }).collect();
         let table = match *scheduler {
-            SCHED_RR | SCHED_WRR => lb_agent::wrr::table(&members, TABLE, *scheduler == SCHED_WRR),
+            SCHED_RR | SCHED_WRR => lb_agent::tables::rr::table(&members, TABLE, *scheduler == SCHED_WRR),
             _ => maglev::build(&members, TABLE),
         };
         ensure!(table.len() == TABLE as usize, "the bench's tables are all {TABLE} entries");

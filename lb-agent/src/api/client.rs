@@ -11,10 +11,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
 
-use crate::{
-    api::{NewBackend, Request, Response},
-    config::{Forward, Protocol, Scheduler},
-};
+use super::proto::{NewBackend, Request, Response};
+use crate::config::{Forward, Protocol, Scheduler};
 
 #[derive(Subcommand, Debug)]
 pub enum CtlCommand {

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::config::parse_mac;
+use crate::net::mac::parse_mac;
 
 /// The complete neighbour entry of `addr` on `iface`, if the kernel has one.
 pub fn lookup(addr: IpAddr, iface: &str) -> Option<[u8; 6]> {

@@ -8,7 +8,7 @@
 //! than in runs: weights 5, 1, 1 give `a a b a c a a`, not `a a a a a b c`.
 use lb_common::NO_BACKEND;
 
-use crate::maglev::Member;
+use crate::tables::maglev::Member;
 
 /// The members that take new flows, in the order every host agrees on.
 fn live_members(members: &[Member], weighted: bool) -> Vec<Member> {
@@ -177,7 +177,7 @@ mod tests {
 /// the exact minimum: a simulation of both, to measure what the sampling costs in balance.
 #[cfg(test)]
 mod least_connections_simulation {
-    use crate::maglev::{self, Member};
+    use crate::tables::maglev::{self, Member};
 
     /// xorshift64*: deterministic, good enough for a simulation.
     struct Rng(u64);

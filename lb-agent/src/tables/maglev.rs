@@ -43,6 +43,18 @@ pub const fn is_prime(n: u32) -> bool {
     true
 }
 
+/// The stable identity of a backend for Maglev: an IPv4 address as its number, an IPv6
+/// address folded to 64 bits. Never derived from config order, so every host agrees.
+pub fn address_key(addr: std::net::IpAddr) -> u64 {
+    match addr {
+        std::net::IpAddr::V4(a) => u64::from(u32::from(a)),
+        std::net::IpAddr::V6(a) => {
+            let n = u128::from(a);
+            (n >> 64) as u64 ^ (n as u64).rotate_left(29)
+        }
+    }
+}
+
 /// Builds a Maglev table of `size` entries, each the id of one member of weight > 0; if no member
 /// has weight > 0, every entry is [`NO_BACKEND`].
 ///

@@ -1,0 +1,400 @@
+//! The running balancer: services and backends from the config, their health, and the tables
+//! that follow from them. Every change goes through the Dataplane facade. Services and backends
+//! are addressed by the ids the data path knows them by ([`ServiceId`], [`BackendId`]).
+//!
+//! - `reload`: bringing the running state to a new config (a file reload or an API change);
+//! - `passive`: the in-band health signal.
+mod passive;
+mod reload;
+
+use std::{collections::HashMap, fmt::Write as _, net::IpAddr, sync::Arc, time::Duration};
+
+use anyhow::{anyhow, Context as _, Result};
+use lb_common::Settings;
+use log::{error, info, warn};
+use tokio::{
+    sync::{mpsc, Notify},
+    task::JoinHandle,
+};
+
+use crate::{
+    config::{BackendConfig, Config, Forward, IpipConfig, ServiceConfig},
+    dataplane::{BackendId, Dataplane, ServiceId, ServiceSlot, FLOW_WALK_PERIOD},
+    health::{self, Event},
+    net::{mac::format_mac, neigh},
+    sys::if_index,
+    tables::{self, maglev::address_key, Member},
+};
+
+/// How long start-up waits for the kernel to resolve backends' MACs.
+const NEIGHBOUR_WAIT: Duration = Duration::from_secs(1);
+
+pub struct BackendState {
+    /// Its slot in BACKENDS and BACKEND_STATS; also names the backend in health reports.
+    pub id: BackendId,
+    pub config: BackendConfig,
+    pub up: bool,
+    /// None until configured or resolved: an L2 backend without one takes no traffic.
+    pub mac: Option<[u8; 6]>,
+    health: Option<JoinHandle<()>>,
+    /// Wakes the health task for a probe now (a passive alarm).
+    pub poke: Arc<Notify>,
+    /// Set by a passive alarm: out of the table until then, whatever the active checks say.
+    pub held_until: Option<std::time::Instant>,
+    /// The in-band counters at the last passive check.
+    last_flows: lb_common::BackendFlows,
+}
+
+impl BackendState {
+    /// Up by the active checks and not held out by the passive signal.
+    pub fn healthy(&self) -> bool {
+        self.up && self.held_until.is_none()
+    }
+}
+
+impl Drop for BackendState {
+    fn drop(&mut self) {
+        if let Some(task) = self.health.take() {
+            task.abort();
+        }
+    }
+}
+
+pub struct ServiceState {
+    pub id: ServiceId,
+    pub config: ServiceConfig,
+    pub slot: ServiceSlot,
+    pub backends: Vec<BackendState>,
+    /// Fewer than `health.min_healthy` backends are up: the failing ones stay in the table.
+    pub fail_open: bool,
+}
+
+impl ServiceState {
+    /// Whether the service's forwarding can reach the backend at all.
+    fn reachable(&self, b: &BackendState) -> bool {
+        self.config.forward == Forward::Ipip || b.mac.is_some()
+    }
+
+    /// Whether a backend can take packets: up (or the service fails open), and reachable.
+    fn usable(&self, b: &BackendState) -> bool {
+        (b.healthy() || self.fail_open) && self.reachable(b)
+    }
+
+    fn backend(&self, id: BackendId) -> Option<&BackendState> {
+        self.backends.iter().find(|b| b.id == id)
+    }
+
+    fn backend_mut(&mut self, id: BackendId) -> Option<&mut BackendState> {
+        self.backends.iter_mut().find(|b| b.id == id)
+    }
+
+    /// A backend's state in one word: "up", "down", "drain" (weight 0), "failopen" (down but
+    /// kept in) or "nomac" (an L2 backend whose MAC is unknown).
+    pub fn backend_state(&self, b: &BackendState) -> &'static str {
+        match (b.healthy(), self.usable(b), b.config.weight) {
+            (false, true, _) => "failopen",
+            (false, _, _) => "down",
+            (true, false, _) => "nomac",
+            (true, true, 0) => "drain",
+            (true, true, _) => "up",
+        }
+    }
+}
+
+pub struct Agent {
+    pub dataplane: Dataplane,
+    services: Vec<ServiceState>,
+    /// The config in force: what a reload is compared with.
+    config: Config,
+    /// Where health tasks report; None when health checks are not run (tests).
+    events: Option<mpsc::Sender<Event>>,
+}
+
+/// The data path's run-time settings from the config.
+pub fn settings(config: &Config) -> Settings {
+    let IpipConfig { source_v4, source_v6 } = &config.ipip;
+    let mut s = Settings {
+        udp_idle_ns: config.flows.udp_idle.as_nanos() as u64,
+        new_flows_per_cpu_sec: config.flows.new_flows_per_cpu_sec,
+        ..Settings::default()
+    };
+    if let Some((addr, len)) = source_v4 {
+        let host = u32::MAX.checked_shr(u32::from(*len)).unwrap_or(0);
+        s.ipip_src_v4 = u32::from_ne_bytes(addr.octets()) & !host.to_be();
+        s.ipip_src_v4_host = host.to_be();
+    }
+    if let Some((addr, len)) = source_v6 {
+        let host = u32::MAX.checked_shr(u32::from(len.saturating_sub(96))).unwrap_or(0);
+        let mut words = lb_common::addr_v6(addr.octets());
+        words[3] &= !host.to_be();
+        s.ipip_src_v6 = words;
+        s.ipip_src_v6_host = host.to_be();
+    }
+    s
+}
+
+impl Agent {
+    /// Fills the maps from `config`: every backend starts up (health checks take it out), an L2
+    /// backend with its MAC from the config or the neighbour table. With `events`, a health
+    /// task per backend reports there and the flow table's walker runs (the caller must be
+    /// inside a tokio runtime).
+    pub fn new(mut dataplane: Dataplane, config: &Config, events: Option<mpsc::Sender<Event>>) -> Result<Self> {
+        dataplane.set_settings(settings(config))?;
+        for name in &config.egress_interfaces {
+            let index = if_index(name).ok_or_else(|| anyhow!("unknown egress interface {name:?}"))?;
+            dataplane.add_tx_port(index)?;
+        }
+        let mut agent = Self { dataplane, services: Vec::new(), config: config.clone(), events };
+        let macs = resolve_macs(config.services.iter().collect(), &config.interface);
+        for sc in &config.services {
+            agent.add_service(sc, &macs)?;
+        }
+        // Slots of a previous agent that no backend claimed are free from here on.
+        agent.dataplane.ids().forget_adopted();
+        if agent.events.is_some() {
+            agent.dataplane.flow_walker()?.spawn(FLOW_WALK_PERIOD);
+        }
+        Ok(agent)
+    }
+
+    /// The services, in the config's order.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceState> {
+        self.services.iter()
+    }
+
+    /// The config in force (the file's, with API changes applied).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn service(&self, id: ServiceId) -> &ServiceState {
+        self.services.iter().find(|s| s.id == id).expect("a service id the agent handed out")
+    }
+
+    fn service_mut(&mut self, id: ServiceId) -> &mut ServiceState {
+        self.services.iter_mut().find(|s| s.id == id).expect("a service id the agent handed out")
+    }
+
+    /// The service a backend belongs to, if it is still there.
+    fn owner(&self, backend: BackendId) -> Option<ServiceId> {
+        self.services.iter().find(|s| s.backend(backend).is_some()).map(|s| s.id)
+    }
+
+    fn add_service(&mut self, sc: &ServiceConfig, macs: &HashMap<IpAddr, [u8; 6]>) -> Result<ServiceId> {
+        let id = self.dataplane.ids().service();
+        let slot = self.dataplane.add_service(sc.vip, sc.port, sc.protocol.number(), id.0, sc.maglev_size, sc.forward);
+        let mut slot = match slot {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.dataplane.ids().free_service(id);
+                return Err(e.context(format!("cannot add service {}", sc.name)));
+            }
+        };
+        slot.set_scheduler(sc.scheduler.id());
+        slot.set_affinity_timeout(sc.affinity_timeout_secs);
+        self.services.push(ServiceState { id, config: sc.clone(), slot, backends: Vec::new(), fail_open: false });
+        for b in &sc.backends {
+            self.add_backend(id, b, macs.get(&b.address).copied())?;
+        }
+        self.refresh(id)?;
+        Ok(id)
+    }
+
+    /// Removes a whole service; its backends' flows re-hash, its slots are free again.
+    fn remove_service(&mut self, id: ServiceId) -> Result<()> {
+        let at = self.services.iter().position(|s| s.id == id).expect("a service id the agent handed out");
+        let service = self.services.remove(at);
+        self.dataplane.remove_service(&service.slot)?;
+        for b in &service.backends {
+            self.dataplane.set_backend(b.id.0, b.config.address, b.mac, false)?;
+            self.dataplane.ids().free_backend(b.id);
+        }
+        self.dataplane.ids().free_service(id);
+        Ok(())
+    }
+
+    fn add_backend(&mut self, s: ServiceId, config: &BackendConfig, resolved: Option<[u8; 6]>) -> Result<()> {
+        let id = self.dataplane.ids().backend(config.address);
+        let service = self.service(s);
+        let mac = config.mac.or(resolved);
+        if mac.is_none() && service.config.forward == Forward::L2 {
+            warn!(
+                "service {}: backend {}: no neighbour entry on {}; it takes no traffic until it answers a health check (or set its mac)",
+                service.config.name, config.address, self.config.interface
+            );
+        }
+        let poke = Arc::new(Notify::new());
+        let health = match (&self.events, service.config.health.enabled) {
+            (Some(events), true) => {
+                let cfg = service.config.health.clone();
+                Some(tokio::spawn(health::run(id, config.address, cfg, true, events.clone(), poke.clone())))
+            }
+            _ => None,
+        };
+        let last_flows = self.dataplane.backend_flows(id.0).unwrap_or_default();
+        let state =
+            BackendState { id, config: config.clone(), up: true, mac, health, poke, held_until: None, last_flows };
+        self.service_mut(s).backends.push(state);
+        self.write_backend(s, id)
+    }
+
+    /// Takes a backend out: flows pinned to it re-hash; its slot may serve another backend
+    /// later (with a new generation).
+    fn remove_backend(&mut self, s: ServiceId, b: BackendId) -> Result<()> {
+        let service = self.service_mut(s);
+        let at = service.backends.iter().position(|x| x.id == b).expect("a backend of the service");
+        let state = service.backends.remove(at);
+        self.dataplane.set_backend(b.0, state.config.address, state.mac, false)?;
+        self.dataplane.ids().free_backend(b);
+        Ok(())
+    }
+
+    fn write_backend(&mut self, s: ServiceId, b: BackendId) -> Result<()> {
+        let service = self.services.iter().find(|x| x.id == s).expect("a service id the agent handed out");
+        let state = service.backend(b).expect("a backend of the service");
+        let usable = service.usable(state);
+        self.dataplane.set_backend_weight(b.0, state.config.weight)?;
+        self.dataplane.set_backend(b.0, state.config.address, state.mac, usable)
+    }
+
+    fn write_backends(&mut self, s: ServiceId) -> Result<()> {
+        let ids: Vec<BackendId> = self.service(s).backends.iter().map(|b| b.id).collect();
+        ids.into_iter().try_for_each(|b| self.write_backend(s, b))
+    }
+
+    /// Re-decides whether the service fails open (rewriting every backend when that changes)
+    /// and publishes its table.
+    fn refresh(&mut self, s: ServiceId) -> Result<()> {
+        let service = self.service(s);
+        let up = service.backends.iter().filter(|b| b.healthy() && service.reachable(b)).count();
+        let min = service.config.health.min_healthy as usize;
+        let fail_open = !service.backends.is_empty() && up < min;
+        if fail_open != service.fail_open {
+            let name = &service.config.name;
+            if fail_open {
+                error!("service {name}: FAIL OPEN: only {up} backends healthy, fewer than min_healthy {min}: every backend stays in the table");
+            } else {
+                info!("service {name}: {up} backends healthy again; failing ones leave the table");
+            }
+            self.service_mut(s).fail_open = fail_open;
+            self.write_backends(s)?;
+        }
+        self.publish(s)
+    }
+
+    /// Rebuilds the service's table from its usable backends and publishes it.
+    fn publish(&mut self, s: ServiceId) -> Result<()> {
+        let service = self.services.iter_mut().find(|x| x.id == s).expect("a service id the agent handed out");
+        let members: Vec<Member> = service
+            .backends
+            .iter()
+            .filter(|b| service.usable(b))
+            .map(|b| Member { id: b.id.0, key: address_key(b.config.address), weight: b.config.weight })
+            .collect();
+        let table = tables::build(service.config.scheduler, &members, service.slot.table_size);
+        self.dataplane
+            .publish_table(&mut service.slot, &table)
+            .with_context(|| format!("cannot publish the table of service {}", service.config.name))?;
+        if !members.iter().any(|m| m.weight > 0) {
+            error!("service {}: no usable backend; its new flows are dropped", service.config.name);
+        }
+        Ok(())
+    }
+
+    /// Applies a health report (one about a backend removed since is ignored).
+    pub fn handle(&mut self, event: Event) -> Result<()> {
+        match event {
+            Event::State { target, up, detail } => {
+                let Some(s) = self.owner(target) else { return Ok(()) };
+                let interface = self.config.interface.clone();
+                let state = self.service_mut(s).backend_mut(target).expect("its owner holds it");
+                state.up = up;
+                if up && state.config.mac.is_none() {
+                    // A replaced host keeps its address but not its MAC.
+                    state.mac = neigh::lookup(state.config.address, &interface).or(state.mac);
+                }
+                // Down: flows pinned to it re-hash; up: it takes new flows again.
+                self.write_backend(s, target)?;
+                self.refresh(s)?;
+                let service = self.service(s);
+                let n_up = service.backends.iter().filter(|b| b.up).count();
+                let addr = service.backend(target).expect("its owner holds it").config.address;
+                let (name, total) = (&service.config.name, service.backends.len());
+                if up {
+                    info!("service {name}: backend {addr} UP after {detail}; {n_up} of {total} backends up");
+                } else {
+                    warn!("service {name}: backend {addr} DOWN after {detail}; {n_up} of {total} backends up");
+                }
+            }
+            Event::Reachable { target } => {
+                let Some(s) = self.owner(target) else { return Ok(()) };
+                // Only an L2 backend without a MAC looks at the neighbour table on a success.
+                let service = self.service(s);
+                let state = service.backend(target).expect("its owner holds it");
+                if service.config.forward != Forward::L2 || state.mac.is_some() {
+                    return Ok(());
+                }
+                if let Some(mac) = neigh::lookup(state.config.address, &self.config.interface) {
+                    info!(
+                        "service {}: backend {} is at {}",
+                        service.config.name,
+                        state.config.address,
+                        format_mac(mac)
+                    );
+                    self.service_mut(s).backend_mut(target).expect("its owner holds it").mac = Some(mac);
+                    self.write_backend(s, target)?;
+                    self.refresh(s)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counters of the data path as a text table, for logs and the terminal.
+    pub fn stats_table(&self) -> Result<String> {
+        let mut out = String::new();
+        writeln!(out, "{:<24} {:>12} {:>14}", "verdict", "packets", "bytes")?;
+        for (reason, c) in self.dataplane.reason_counters()? {
+            if c.packets > 0 {
+                writeln!(out, "{:<24} {:>12} {:>14}", reason.name(), c.packets, c.bytes)?;
+            }
+        }
+        let flows: Vec<String> = self
+            .dataplane
+            .flow_counters()?
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(e, n)| format!("{} {n}", e.name()))
+            .collect();
+        writeln!(out, "flow table: {}", if flows.is_empty() { "-".to_string() } else { flows.join(", ") })?;
+        writeln!(out, "{:<24} {:<26} {:>5} {:>12} {:>14}", "service", "backend", "state", "packets", "bytes")?;
+        for s in &self.services {
+            let c = self.dataplane.service_counters(s.id.0)?;
+            writeln!(out, "{:<24} {:<26} {:>5} {:>12} {:>14}", s.config.name, "*", "", c.packets, c.bytes)?;
+            for b in &s.backends {
+                let c = self.dataplane.backend_counters(b.id.0)?;
+                let label = s.backend_state(b);
+                let addr = b.config.address.to_string();
+                writeln!(out, "{:<24} {:<26} {:>5} {:>12} {:>14}", "", addr, label, c.packets, c.bytes)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// MACs of the L2 backends without a configured one, resolved all at once: start-up and
+/// reloads wait at most NEIGHBOUR_WAIT.
+fn resolve_macs(services: Vec<&ServiceConfig>, interface: &str) -> HashMap<IpAddr, [u8; 6]> {
+    let unknown: Vec<IpAddr> = services
+        .iter()
+        .filter(|s| s.forward == Forward::L2)
+        .flat_map(|s| &s.backends)
+        .filter(|b| b.mac.is_none())
+        .map(|b| b.address)
+        .collect();
+    unknown
+        .iter()
+        .zip(neigh::resolve_all(&unknown, interface, NEIGHBOUR_WAIT))
+        .filter_map(|(addr, mac)| Some((*addr, mac?)))
+        .collect()
+}

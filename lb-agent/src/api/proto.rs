@@ -1,0 +1,85 @@
+//! The control API's messages: one JSON object per line, `{"cmd": "...", ...}` in, one
+//! [`Response`] out.
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Forward, Protocol, Scheduler};
+
+/// Default path of the control socket.
+pub const DEFAULT_SOCKET: &str = "/run/xlb/agent.sock";
+
+/// A request, as `{"cmd": "...", ...}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Services and backends with state, weight and counters.
+    List,
+    /// Adds a backend to a service (weight 1 unless given).
+    AddBackend { service: String, address: IpAddr, weight: Option<u32>, mac: Option<String> },
+    /// Removes a backend: its pinned flows re-hash.
+    RemoveBackend { service: String, address: IpAddr },
+    /// Sets a backend's weight; 0 drains it (no new flows, pinned ones stay).
+    SetWeight { service: String, address: IpAddr, weight: u32 },
+    /// Adds a service with its backends; health checks follow the config's `[health]`.
+    AddService {
+        name: Option<String>,
+        vip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+        #[serde(default)]
+        forward: Forward,
+        #[serde(default)]
+        scheduler: Scheduler,
+        maglev_size: Option<u32>,
+        #[serde(default)]
+        backends: Vec<NewBackend>,
+    },
+    /// Removes a whole service.
+    RemoveService { service: String },
+    /// Re-reads the config file, as SIGHUP does.
+    Reload,
+}
+
+/// A backend in an `add_service` request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NewBackend {
+    pub address: IpAddr,
+    pub weight: Option<u32>,
+    pub mac: Option<String>,
+}
+
+/// The answer: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub services: Vec<ServiceView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceView {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    pub forward: String,
+    pub scheduler: Scheduler,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendView {
+    pub address: IpAddr,
+    pub weight: u32,
+    /// "up", "down", "drain" or "nomac".
+    pub state: String,
+    pub packets: u64,
+    pub bytes: u64,
+}

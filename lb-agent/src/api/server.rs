@@ -1,0 +1,365 @@
+//! The control socket: a Unix socket (mode 0600, so root only) whose task forwards each request
+//! to the main loop, which owns the agent's state. A change is made on a copy of the running
+//! config, which then goes through the same validator as the file (the whole config, every
+//! limit) and is applied through the same difference-applying path as a reload: completely, or
+//! not at all.
+use std::{
+    net::IpAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use log::{info, warn};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+
+use super::proto::{BackendView, NewBackend, Request, Response, ServiceView};
+use crate::{
+    agent::Agent,
+    config::{BackendConfig, Config, Forward, Protocol, ServiceConfig},
+    error::ChangeError,
+    net::mac::parse_mac,
+};
+
+/// A request waiting for the main loop's answer.
+pub struct Call {
+    pub request: Request,
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// Carries out one request against the running agent; `config_path` serves `reload`.
+pub fn handle(agent: &mut Agent, request: Request, config_path: &Path) -> Response {
+    let result = match request {
+        Request::List => list(agent).map(|services| Response { ok: true, services, ..Default::default() }),
+        Request::Reload => Config::load(config_path)
+            .and_then(|config| Ok(agent.reload(&config)?))
+            .map(|summary| message(format!("reloaded {}: {summary}", config_path.display()))),
+        change => apply(agent, change).map(message).map_err(anyhow::Error::from),
+    };
+    result.unwrap_or_else(|e| Response { ok: false, error: Some(format!("{e:#}")), ..Default::default() })
+}
+
+fn message(text: String) -> Response {
+    info!("api: {text}");
+    Response { ok: true, message: Some(text), ..Default::default() }
+}
+
+/// A change: the running config with the change made, validated as a whole and applied as a
+/// reload would (which refuses what the maps could not take before writing anything).
+fn apply(agent: &mut Agent, change: Request) -> Result<String, ChangeError> {
+    let mut config = agent.config().clone();
+    let summary = edit(&mut config, change)?;
+    agent.reload(&config)?;
+    Ok(summary)
+}
+
+/// Makes the change on `config` and validates the result with the file's validator.
+fn edit(config: &mut Config, change: Request) -> Result<String, ChangeError> {
+    let summary = change_config(config, change)?;
+    let invalid = crate::config::validate(config);
+    if !invalid.is_empty() {
+        return Err(ChangeError::Invalid(invalid));
+    }
+    Ok(summary)
+}
+
+fn find(config: &Config, service: &str) -> Result<usize, ChangeError> {
+    config
+        .services
+        .iter()
+        .position(|s| s.name == service || format!("{}:{}/{}", s.vip, s.port, s.protocol) == service)
+        .ok_or_else(|| ChangeError::NoService(service.to_string()))
+}
+
+fn find_backend<'a>(
+    config: &'a mut Config,
+    service: &str,
+    address: IpAddr,
+) -> Result<&'a mut BackendConfig, ChangeError> {
+    let s = find(config, service)?;
+    config.services[s]
+        .backends
+        .iter_mut()
+        .find(|b| b.address == address)
+        .ok_or_else(|| ChangeError::NotABackend { service: service.to_string(), address })
+}
+
+fn mac(text: Option<String>) -> Result<Option<[u8; 6]>, ChangeError> {
+    text.map(|m| parse_mac(&m).ok_or(ChangeError::BadMac(m))).transpose()
+}
+
+/// The change itself; what it leads to is the validator's to judge.
+fn change_config(config: &mut Config, change: Request) -> Result<String, ChangeError> {
+    match change {
+        Request::AddBackend { service, address, weight, mac: m } => {
+            let s = find(config, &service)?;
+            let weight = weight.unwrap_or(1);
+            config.services[s].backends.push(BackendConfig { address, weight, mac: mac(m)? });
+            Ok(format!("{service}: backend {address} added with weight {weight}"))
+        }
+        Request::RemoveBackend { service, address } => {
+            find_backend(config, &service, address)?;
+            let s = find(config, &service)?;
+            config.services[s].backends.retain(|b| b.address != address);
+            Ok(format!("{service}: backend {address} removed"))
+        }
+        Request::SetWeight { service, address, weight } => {
+            find_backend(config, &service, address)?.weight = weight;
+            let what = if weight == 0 { "draining".to_string() } else { format!("weight {weight}") };
+            Ok(format!("{service}: backend {address} {what}"))
+        }
+        Request::AddService { name, vip, port, protocol, forward, scheduler, maglev_size, backends } => {
+            let mut service = new_service(config, name, vip, port, protocol, forward, maglev_size, backends)?;
+            service.scheduler = scheduler;
+            let summary = format!("service {} added with {} backends", service.name, service.backends.len());
+            config.services.push(service);
+            Ok(summary)
+        }
+        Request::RemoveService { service } => {
+            let s = find(config, &service)?;
+            if config.services.len() == 1 {
+                return Err(ChangeError::LastService(service));
+            }
+            config.services.remove(s);
+            Ok(format!("service {service} removed"))
+        }
+        Request::List | Request::Reload => unreachable!("not a change"),
+    }
+}
+
+/// A new service with the config's `[health]` settings (the port is the service's own unless
+/// `[health] port` is set).
+#[allow(clippy::too_many_arguments, reason = "the fields of one request")]
+fn new_service(
+    config: &Config,
+    name: Option<String>,
+    vip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    forward: Forward,
+    maglev_size: Option<u32>,
+    backends: Vec<NewBackend>,
+) -> Result<ServiceConfig, ChangeError> {
+    let mut health = config.health_defaults.clone();
+    if health.port == 0 {
+        health.port = port;
+    }
+    let backends = backends
+        .into_iter()
+        .map(|b| Ok(BackendConfig { address: b.address, weight: b.weight.unwrap_or(1), mac: mac(b.mac)? }))
+        .collect::<Result<Vec<_>, ChangeError>>()?;
+    Ok(ServiceConfig {
+        name: name.unwrap_or_else(|| format!("{vip}:{port}/{protocol}")),
+        vip,
+        port,
+        protocol,
+        forward,
+        scheduler: Default::default(),
+        affinity_timeout_secs: 0,
+        maglev_size: maglev_size.unwrap_or(lb_common::limits::DEFAULT_MAGLEV_SIZE),
+        health,
+        backends,
+    })
+}
+
+fn list(agent: &Agent) -> Result<Vec<ServiceView>> {
+    agent.services().map(|s| {
+        let c = agent.dataplane.service_counters(s.id.0)?;
+        let backends = s
+            .backends
+            .iter()
+            .map(|b| {
+                let c = agent.dataplane.backend_counters(b.id.0)?;
+                Ok(BackendView {
+                    address: b.config.address,
+                    weight: b.config.weight,
+                    state: s.backend_state(b).to_string(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ServiceView {
+            name: s.config.name.clone(),
+            vip: s.config.vip,
+            port: s.config.port,
+            protocol: s.config.protocol.to_string(),
+            forward: format!("{:?}", s.config.forward).to_lowercase(),
+            scheduler: s.config.scheduler,
+            packets: c.packets,
+            bytes: c.bytes,
+            backends,
+        })
+    })
+    .collect()
+}
+
+/// Serves the socket at `path` (replacing a stale one) until the main loop goes away.
+pub async fn serve(path: PathBuf, calls: mpsc::Sender<Call>) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // A socket file left by a crashed agent would make bind fail.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    info!("control socket at {}", path.display());
+    loop {
+        let (conn, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("api: accept failed: {e}");
+                continue;
+            }
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = conn.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let response = match serde_json::from_str::<Request>(&line) {
+                    Ok(request) => {
+                        let (reply, answer) = oneshot::channel();
+                        if calls.send(Call { request, reply }).await.is_err() {
+                            return;
+                        }
+                        let Ok(response) = answer.await else { return };
+                        response
+                    }
+                    Err(e) => Response { ok: false, error: Some(format!("bad request: {e}")), ..Default::default() },
+                };
+                let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+                text.push('\n');
+                if write.write_all(text.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{InvalidKind, Scheduler};
+
+    const CONFIG: &str = r#"
+interface = "eth0"
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+[[service.backend]]
+address = "10.0.0.11"
+[[service]]
+vip = "fd00::100"
+port = 53
+protocol = "udp"
+[[service.backend]]
+address = "fd00::11"
+"#;
+
+    fn addr(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn requests_are_tagged_json() {
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"set_weight","service":"web","address":"10.0.0.11","weight":0}"#).unwrap();
+        assert_eq!(r, Request::SetWeight { service: "web".into(), address: addr("10.0.0.11"), weight: 0 });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
+    }
+
+    /// The kinds of validation problems a refused edit reports; the config is unchanged.
+    fn refused(c: &mut Config, change: Request) -> ChangeError {
+        let before = c.clone();
+        let err = edit(c, change).expect_err("refused");
+        if !matches!(err, ChangeError::Invalid(_)) {
+            assert_eq!(*c, before, "only a config that fails validation is left edited (apply drops it)");
+        }
+        err
+    }
+
+    #[test]
+    fn edits_go_through_the_validator() {
+        let mut c = Config::parse(CONFIG).unwrap();
+        let add = |service: &str, a: &str| Request::AddBackend {
+            service: service.into(),
+            address: addr(a),
+            weight: None,
+            mac: None,
+        };
+        assert!(edit(&mut c, add("web", "10.0.0.12")).is_ok());
+        assert_eq!(c.services[0].backends.len(), 2);
+        let mut scratch = c.clone();
+        assert_eq!(refused(&mut scratch, add("web", "10.0.0.12")).invalid_kinds(), [InvalidKind::Duplicate]);
+        let mut scratch = c.clone();
+        assert_eq!(refused(&mut scratch, add("web", "fd00::12")).invalid_kinds(), [InvalidKind::WrongFamily]);
+        assert!(matches!(refused(&mut c, add("nope", "10.0.0.13")), ChangeError::NoService(s) if s == "nope"));
+        assert!(edit(&mut c, add("fd00::100:53/udp", "fd00::12")).is_ok(), "services can be named by VIP:PORT/PROTOCOL");
+        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.12"), weight: 70_000 };
+        let mut scratch = c.clone();
+        assert_eq!(refused(&mut scratch, w).invalid_kinds(), [InvalidKind::BadValue]);
+        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.12"), weight: 0 };
+        assert!(edit(&mut c, w).unwrap().contains("draining"));
+        let rm = Request::RemoveBackend { service: "web".into(), address: addr("10.0.0.99") };
+        assert!(matches!(refused(&mut c, rm), ChangeError::NotABackend { .. }));
+        let add_service = Request::AddService {
+            name: Some("dns".into()),
+            vip: addr("10.0.0.53"),
+            port: 53,
+            protocol: Protocol::Udp,
+            forward: Forward::L2,
+            scheduler: Scheduler::Maglev,
+            maglev_size: Some(251),
+            backends: vec![NewBackend { address: addr("10.0.0.21"), weight: Some(2), mac: None }],
+        };
+        assert!(edit(&mut c, add_service.clone()).unwrap().contains("service dns added with 1 backends"));
+        assert_eq!(c.services.last().unwrap().health.port, 53);
+        let mut scratch = c.clone();
+        let kinds = refused(&mut scratch, add_service).invalid_kinds();
+        assert!(kinds.contains(&InvalidKind::Duplicate), "{kinds:?}");
+        let bad = Request::AddService {
+            name: None,
+            vip: addr("10.0.0.54"),
+            port: 53,
+            protocol: Protocol::Udp,
+            forward: Forward::Ipip,
+            scheduler: Scheduler::Maglev,
+            maglev_size: None,
+            backends: vec![],
+        };
+        let mut scratch = c.clone();
+        assert_eq!(refused(&mut scratch, bad).invalid_kinds(), [InvalidKind::NeedsIpipSource]);
+        assert!(edit(&mut c, Request::RemoveService { service: "web".into() }).is_ok());
+        assert!(edit(&mut c, Request::RemoveService { service: "dns".into() }).is_ok());
+        let last = refused(&mut c, Request::RemoveService { service: "fd00::100:53/udp".into() });
+        assert!(matches!(last, ChangeError::LastService(_)));
+    }
+
+    #[test]
+    fn an_edit_past_a_limit_is_refused() {
+        // Room for the two services' tables and not one more.
+        let mut c = Config::parse(&format!("maglev_capacity = {}\n{CONFIG}", 4 * 65_537)).unwrap();
+        let add_service = Request::AddService {
+            name: None,
+            vip: addr("10.0.0.54"),
+            port: 53,
+            protocol: Protocol::Udp,
+            forward: Forward::L2,
+            scheduler: Scheduler::Maglev,
+            maglev_size: Some(251),
+            backends: vec![],
+        };
+        let err = refused(&mut c, add_service);
+        assert_eq!(err.invalid_kinds(), [InvalidKind::Limit], "{err}");
+        assert!(matches!(&err, ChangeError::Invalid(all) if all[0].field == "maglev_capacity"), "{err}");
+    }
+}

@@ -1,0 +1,59 @@
+//! Attaching XDP programs to interfaces: native mode with a fallback to generic, and the
+//! XDP_PASS program a native-XDP veth peer needs in test beds.
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    programs::{xdp::XdpLinkId, Xdp, XdpMode as AyaXdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{map_names, program_names};
+use log::warn;
+
+use super::object::EBPF_OBJECT;
+use crate::{config::XdpMode, sys::if_index};
+
+/// Attaches a loaded XDP program to `iface`. `None` tries native mode and falls back to
+/// generic with a warning. Returns the mode in use. Detached when the program is dropped.
+pub fn attach_xdp(prog: &mut Xdp, iface: &str, mode: Option<XdpMode>) -> Result<XdpMode> {
+    attach_xdp_link(prog, iface, mode).map(|(mode, _)| mode)
+}
+
+/// As [`attach_xdp`], with the link's id.
+pub(super) fn attach_xdp_link(prog: &mut Xdp, iface: &str, mode: Option<XdpMode>) -> Result<(XdpMode, XdpLinkId)> {
+    if if_index(iface).is_none() {
+        bail!("unknown interface {iface:?}");
+    }
+    let try_attach = |prog: &mut Xdp, mode: XdpMode| {
+        let flags = match mode {
+            XdpMode::Native => AyaXdpMode::Driver,
+            XdpMode::Generic => AyaXdpMode::Skb,
+        };
+        prog.attach(iface, flags).with_context(|| format!("cannot attach XDP in {mode:?} mode to {iface}"))
+    };
+    match mode {
+        Some(mode) => try_attach(prog, mode).map(|id| (mode, id)),
+        None => match try_attach(prog, XdpMode::Native) {
+            Ok(id) => Ok((XdpMode::Native, id)),
+            Err(e) => {
+                warn!("{e:#}; falling back to generic mode (slower: runs after the skb is built)");
+                try_attach(prog, XdpMode::Generic).map(|id| (XdpMode::Generic, id))
+            }
+        },
+    }
+}
+
+/// Attaches the XDP_PASS program to `iface`: a native-XDP veth only delivers XDP_TX frames to
+/// a peer that runs an XDP program. For test beds; a real NIC needs nothing of the kind.
+/// The program stays attached while the returned object lives.
+pub fn attach_pass_program(iface: &str) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(map_names::MAGLEV, 1)
+        .load(EBPF_OBJECT)
+        .context("cannot load the eBPF object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(program_names::PASS)
+        .ok_or_else(|| anyhow!("program {} missing", program_names::PASS))?
+        .try_into()?;
+    prog.load()?;
+    prog.attach(iface, AyaXdpMode::Driver).with_context(|| format!("cannot attach the pass program to {iface}"))?;
+    Ok(ebpf)
+}

@@ -1,0 +1,570 @@
+//! A typed facade over the eBPF object and its maps: load, attach, add services and backends,
+//! publish tables, read counters. The agent, the metrics and the tests all go through it;
+//! nothing outside this folder touches a map.
+//!
+//! - `object`: the embedded eBPF object and the shapes of its maps;
+//! - `ids`: who owns which service id, backend slot (and its generation) and MAGLEV range;
+//! - `pins`: pinning under bpffs, adoption of a previous agent's data path, takeover;
+//! - `attach`: attaching programs to interfaces;
+//! - `flows`: the one walker of the flow table (occupancy, active-flow reconciliation).
+mod attach;
+pub mod flows;
+pub mod ids;
+pub mod object;
+mod pins;
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, MapInfo, PerCpuArray},
+    programs::{links::FdLink, xdp::XdpLink, Xdp},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    addr_octets, addr_v4, addr_v6, global_names, limits, map_names, program_names, Addr, Backend, Counters, FlowEvent,
+    Reason, Service, ServiceKey, Settings, Vip, VipKey, AFFINITY_MASK, AFFINITY_SHIFT, BACKEND_F_VALID, FAMILY_V4,
+    FAMILY_V6, NO_BACKEND, SCHED_MASK, SCHED_SHIFT, SERVICE_F_IPIP,
+};
+use log::{info, warn};
+
+pub use self::{
+    attach::{attach_pass_program, attach_xdp},
+    flows::{FlowWalker, Walk, FLOW_WALK_PERIOD},
+    ids::{BackendId, IdPool, ServiceId},
+    object::EBPF_OBJECT,
+    pins::DEFAULT_PIN_DIR,
+};
+use self::{
+    attach::attach_xdp_link,
+    flows::FlowTableState,
+    ids::TableSpace,
+    object::{take_map, CONFIG_MAPS},
+    pins::{Pins, LINK_PIN, STAGED},
+};
+use crate::{
+    config::{Forward, XdpMode},
+    sys::{array_lookup_all, array_update_all},
+};
+
+fn forward_flags(forward: Forward) -> u32 {
+    match forward {
+        Forward::L2 => 0,
+        Forward::Ipip => SERVICE_F_IPIP,
+    }
+}
+
+/// An address as the maps hold it: its words and its family.
+pub fn map_addr(addr: IpAddr) -> (Addr, u8) {
+    match addr {
+        IpAddr::V4(a) => (addr_v4(a.octets()), FAMILY_V4),
+        IpAddr::V6(a) => (addr_v6(a.octets()), FAMILY_V6),
+    }
+}
+
+/// The address a map holds as its words and family.
+fn ip_of(addr: Addr, family: u8) -> IpAddr {
+    let octets = addr_octets(addr);
+    match family {
+        FAMILY_V6 => IpAddr::from(octets),
+        _ => IpAddr::from([octets[0], octets[1], octets[2], octets[3]]),
+    }
+}
+
+/// What the data path is loaded with; fixed until the program is reloaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub hash_seed: u32,
+    /// MAC of the interface the balancer is attached to: the source of rewritten frames.
+    pub iface_mac: [u8; 6],
+    /// Entries of the MAGLEV map: the sum of twice every service's table size, plus headroom.
+    pub maglev_capacity: u32,
+    /// Entries of the flow table.
+    pub flow_table_size: u32,
+}
+
+/// A service's place in the data path: its key and its two table copies.
+#[derive(Clone, Debug)]
+pub struct ServiceSlot {
+    pub key: ServiceKey,
+    pub id: u32,
+    /// Entries allocated to each copy of the table.
+    pub table_size: u32,
+    pub flags: u32,
+    bases: [u32; 2],
+    active: usize,
+    /// Entries of the active table (rr/wrr tables may use fewer than `table_size`).
+    active_size: u32,
+}
+
+impl ServiceSlot {
+    /// Changes how the service forwards; written with its next table.
+    pub fn set_forward(&mut self, forward: Forward) {
+        self.flags = (self.flags & (SCHED_MASK | AFFINITY_MASK)) | forward_flags(forward);
+    }
+
+    /// Changes the service's scheduler (`lb_common::SCHED_*`); written with its next table.
+    pub fn set_scheduler(&mut self, scheduler: u32) {
+        self.flags = (self.flags & !SCHED_MASK) | ((scheduler << SCHED_SHIFT) & SCHED_MASK);
+    }
+
+    /// Sets the affinity timeout of a source-hash service (seconds, at most
+    /// `lb_common::MAX_AFFINITY_TIMEOUT_SECS`; 0: off): new flows of a client go to its pinned
+    /// backend (`SOURCE_AFFINITY`) while it comes back within it. Written with its next table.
+    pub fn set_affinity_timeout(&mut self, secs: u32) {
+        let secs = secs.min(lb_common::MAX_AFFINITY_TIMEOUT_SECS);
+        self.flags = (self.flags & !AFFINITY_MASK) | (secs << AFFINITY_SHIFT);
+    }
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, VipKey, Vip>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    maglev: Array<MapData, u32>,
+    backends: Array<MapData, Backend>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    backend_flows: PerCpuArray<MapData, lb_common::BackendFlows>,
+    reason_stats: PerCpuArray<MapData, Counters>,
+    flow_stats: PerCpuArray<MapData, Counters>,
+    settings: Array<MapData, Settings>,
+    active_flows: Array<MapData, u64>,
+    backend_weights: Array<MapData, u32>,
+    tx_ports: aya::maps::DevMapHash<MapData>,
+    /// Service ids, backend slots and their generations.
+    ids: IdPool,
+    /// MAGLEV's entries, carved into the services' tables.
+    tables: TableSpace,
+    /// Shared with the flow-table walker.
+    flow_state: Arc<FlowTableState>,
+    /// Pinned under a directory of bpffs (the agent), or not at all (tests, benchmarks).
+    /// Declared last: dropped after the program, and its link last.
+    pins: Option<Pins>,
+}
+
+/// Sums a per-CPU counter.
+pub(crate) fn sum(values: &aya::maps::PerCpuValues<Counters>) -> Counters {
+    values
+        .iter()
+        .fold(Counters::default(), |acc, c| Counters { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes })
+}
+
+impl Dataplane {
+    /// Loads the eBPF object and the balancer program (verifier included); attaches nothing.
+    /// Nothing is pinned: the program and every map go when the Dataplane drops.
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        Self::load_with(opts, &[], None)
+    }
+
+    /// As [`Dataplane::load`], for an agent that keeps its data path pinned under
+    /// `<pin_root>/<iface>/` (bpffs) so that a restart or an upgrade is hitless. Takes the
+    /// directory's lock, so that a second agent on the interface is refused. When a previous
+    /// agent left pins there (a crash, a `kill -9` or `run --keep-on-exit`), they are adopted:
+    /// the state maps (the flow table and the counters) are reused as they are, the config maps
+    /// are loaded empty for the agent to fill, and [`Dataplane::attach`] then swaps program and
+    /// config maps in at once by replacing the program of the pinned link (bpf_link_update).
+    pub fn load_pinned(opts: &LoadOptions, pin_root: &Path, iface: &str) -> Result<Self> {
+        let mut pins = Pins::open(pin_root, iface)?;
+        let shapes = object::state_map_shapes(opts.flow_table_size)?;
+        let state = pins.prepare_state_maps(&shapes)?;
+        let mut dp = Self::load_with(opts, &state, Some(&pins.dir))?;
+        let seeded = dp.seed_backend_slots(&pins.dir.join(map_names::BACKENDS))?;
+        if pins.old_link.is_some() || !pins.adopted.is_empty() {
+            info!(
+                "adopting the data path pinned under {}: {}; maps kept: {}; {seeded} backend slots carried over",
+                pins.dir.display(),
+                if pins.old_link.is_some() { "its program is still attached" } else { "no program attached" },
+                if pins.adopted.is_empty() { "none".to_string() } else { pins.adopted.join(", ") },
+            );
+        }
+        dp.pins = Some(pins);
+        Ok(dp)
+    }
+
+    /// Loads the object with the maps of `pinned` opened from (or created and pinned at) their
+    /// paths. With `stage`, the config maps are pinned there as `new-NAME` until attach.
+    fn load_with(opts: &LoadOptions, pinned: &[(String, PathBuf)], stage: Option<&Path>) -> Result<Self> {
+        let seed = opts.hash_seed;
+        let mac = lb_common::mac_words(opts.iface_mac);
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(global_names::HASH_SEED, &seed, true)
+            .override_global(global_names::IFACE_MAC, &mac, true)
+            .map_max_entries(map_names::MAGLEV, opts.maglev_capacity.max(1))
+            .map_max_entries(map_names::FLOWS, opts.flow_table_size.max(1));
+        for (name, path) in pinned {
+            loader.map_pin_path(name.as_str(), path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("cannot load the eBPF object (are you root, with BPF enabled in the kernel?)")?;
+        if let Some(dir) = stage {
+            for name in CONFIG_MAPS {
+                let map = ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+                let path = dir.join(format!("{STAGED}{name}"));
+                map.pin(&path).with_context(|| format!("cannot pin map {name} at {}", path.display()))?;
+            }
+        }
+        let prog: &mut Xdp = ebpf
+            .program_mut(program_names::BALANCER)
+            .ok_or_else(|| anyhow!("program {} missing", program_names::BALANCER))?
+            .try_into()?;
+        prog.load().context("the kernel rejected the balancer program")?;
+        Ok(Self {
+            vips: take_map(&mut ebpf, map_names::VIPS)?,
+            services: take_map(&mut ebpf, map_names::SERVICES)?,
+            maglev: take_map(&mut ebpf, map_names::MAGLEV)?,
+            backends: take_map(&mut ebpf, map_names::BACKENDS)?,
+            service_stats: take_map(&mut ebpf, map_names::SERVICE_STATS)?,
+            backend_stats: take_map(&mut ebpf, map_names::BACKEND_STATS)?,
+            backend_flows: take_map(&mut ebpf, map_names::BACKEND_FLOW_STATS)?,
+            reason_stats: take_map(&mut ebpf, map_names::REASON_STATS)?,
+            flow_stats: take_map(&mut ebpf, map_names::FLOW_STATS)?,
+            settings: take_map(&mut ebpf, map_names::SETTINGS)?,
+            active_flows: take_map(&mut ebpf, map_names::ACTIVE_FLOWS)?,
+            backend_weights: take_map(&mut ebpf, map_names::BACKEND_WEIGHTS)?,
+            tx_ports: take_map(&mut ebpf, map_names::TX_PORTS)?,
+            ids: IdPool::default(),
+            tables: TableSpace::new(opts.maglev_capacity),
+            flow_state: FlowTableState::new(),
+            pins: None,
+            ebpf,
+        })
+    }
+
+    /// Carries the backend slots of the pinned BACKENDS map (the previous agent's) over into
+    /// ours, marked unusable: the flows pinned to a slot re-hash unless this agent gives the
+    /// slot to the same address again, and a slot given to another address gets a newer
+    /// generation, so an adopted flow never follows a slot to a backend it was not on.
+    fn seed_backend_slots(&mut self, old: &Path) -> Result<usize> {
+        let Ok(info) = MapInfo::from_pin(old) else { return Ok(0) };
+        if info.key_size() != 4 || info.value_size() as usize != core::mem::size_of::<Backend>() {
+            warn!("pinned map {} has another layout: backend slots not carried over", old.display());
+            return Ok(0);
+        }
+        let data = MapData::from_pin(old).with_context(|| format!("cannot open {}", old.display()))?;
+        // One BPF_MAP_LOOKUP_BATCH instead of a lookup per slot (131072 of them).
+        let slots: Vec<(u32, Backend)> = array_lookup_all(&data, info.max_entries().min(self.backends.len()))
+            .context("cannot read the pinned BACKENDS")?;
+        let mut seeded = 0;
+        for (id, b) in slots {
+            if b.generation == 0 {
+                continue;
+            }
+            self.ids.adopt(id, b.generation, ip_of(b.addr, b.family));
+            self.backends.set(id, Backend { flags: 0, ..b }, 0).context("cannot write a backend slot")?;
+            seeded += 1;
+        }
+        Ok(seeded)
+    }
+
+    /// The directory the data path is pinned under, when it is.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.dir.as_path())
+    }
+
+    /// Whether [`Dataplane::attach`] took over a program a previous agent left attached.
+    pub fn adopted_link(&self) -> bool {
+        self.pins.as_ref().is_some_and(|p| p.adopted_link)
+    }
+
+    /// Clean exit: removes every pin of the interface and drops the link, which detaches the
+    /// program (nothing else holds it). Without pins, nothing to do: the drop detaches.
+    pub fn unpin(&mut self) -> Result<()> {
+        match self.pins.as_mut() {
+            Some(pins) => pins.remove_all(),
+            None => Ok(()),
+        }
+    }
+
+    /// The balancer program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn balancer(&mut self) -> &mut Xdp {
+        self.program(program_names::BALANCER).expect("loaded in Dataplane::load")
+    }
+
+    /// One of the object's programs, loaded on first use (the baselines of the benchmarks).
+    pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        let prog: &mut Xdp =
+            self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
+        if prog.fd().is_err() {
+            prog.load().with_context(|| format!("the kernel rejected program {name}"))?;
+        }
+        Ok(prog)
+    }
+
+    /// Attaches the balancer to `iface`. `None` tries native mode and falls back to generic
+    /// with a warning. Returns the mode in use. Detached when the Dataplane is dropped, unless
+    /// it is pinned ([`Dataplane::load_pinned`]): then the link is pinned too and stays until
+    /// [`Dataplane::unpin`]. A pinned link left by a previous agent is not detached: its
+    /// program is replaced atomically (bpf_link_update), in the mode it was attached in.
+    pub fn attach(&mut self, iface: &str, mode: Option<XdpMode>) -> Result<XdpMode> {
+        let Some(mut pins) = self.pins.take() else {
+            return attach_xdp(self.balancer(), iface, mode);
+        };
+        let result = self.attach_pinned(&mut pins, iface, mode);
+        self.pins = Some(pins);
+        result
+    }
+
+    fn attach_pinned(&mut self, pins: &mut Pins, iface: &str, want: Option<XdpMode>) -> Result<XdpMode> {
+        let prog = self.balancer();
+        let pinned_mode = pins.pinned_mode();
+        let (mode, id, fresh) = match pins.old_link.take() {
+            Some(old) if want.is_none() || want == pinned_mode => {
+                let link = XdpLink::try_from(FdLink::from(old)).context("the pinned link is not an XDP link")?;
+                let id = prog
+                    .attach_to_link(link)
+                    .context("cannot replace the program of the pinned XDP link (bpf_link_update)")?;
+                pins.adopted_link = true;
+                (pinned_mode.unwrap_or(XdpMode::Native), id, false)
+            }
+            old => {
+                if let Some(old) = old {
+                    warn!(
+                        "the pinned program runs in {} mode, {want:?} was asked for: detaching it first (packets \
+                         reach the stack unbalanced until the new program is attached)",
+                        pinned_mode.map_or("an unknown".to_string(), |m| format!("{m:?}"))
+                    );
+                    old.unpin().context("cannot remove the pinned link")?;
+                }
+                let (mode, id) = attach_xdp_link(prog, iface, want)?;
+                (mode, id, true)
+            }
+        };
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .context("XDP was attached through netlink, not a bpf link, which cannot be pinned (kernel < 5.9?)")?;
+        let link = if fresh {
+            FdLink::from(link.pin(pins.dir.join(LINK_PIN)).context("cannot pin the XDP link")?)
+        } else {
+            link
+        };
+        pins.link = Some(link);
+        pins.commit(mode)?;
+        Ok(mode)
+    }
+
+    /// Adds a service with an empty table (its packets are dropped as `drop_no_backend` until
+    /// a table is published). Fails when the MAGLEV map has no room for two more tables of
+    /// `table_size`, or the service id is out of range.
+    pub fn add_service(
+        &mut self,
+        vip: IpAddr,
+        port: u16,
+        proto: u8,
+        id: u32,
+        table_size: u32,
+        forward: Forward,
+    ) -> Result<ServiceSlot> {
+        if id >= limits::MAX_SERVICES {
+            bail!("service id {id} out of range (max {})", limits::MAX_SERVICES - 1);
+        }
+        let needed = 2 * u64::from(table_size);
+        let Some(base) = u32::try_from(needed).ok().and_then(|n| self.tables.allocate(n)) else {
+            bail!(
+                "MAGLEV map full: {} of {} entries free, the service needs {needed} in one range; raise \
+                 maglev_capacity",
+                self.tables.available(),
+                self.tables.capacity()
+            );
+        };
+        let bases = [base, base + table_size];
+        let (addr, family) = map_addr(vip);
+        let key = ServiceKey { addr, port: port.to_be(), proto, family };
+        let mut slot = ServiceSlot {
+            key,
+            id,
+            table_size,
+            flags: forward_flags(forward),
+            bases,
+            active: 0,
+            active_size: table_size,
+        };
+        self.write_table(slot.bases[0], &vec![NO_BACKEND; table_size as usize])?;
+        self.flip(&mut slot, 0)?;
+        let vip_key = VipKey { addr, family, _pad: [0; 3] };
+        let services = self.vips.get(&vip_key, 0).map_or(0, |v| v.services);
+        self.vips
+            .insert(vip_key, Vip { services: services + 1 }, 0)
+            .with_context(|| format!("cannot add VIP {vip}"))?;
+        Ok(slot)
+    }
+
+    /// Whether services with tables of these sizes could all be added once the services of
+    /// `removed` are gone.
+    pub fn tables_fit(&self, removed: &[&ServiceSlot], table_sizes: &[u32]) -> bool {
+        let lengths: Option<Vec<u32>> = table_sizes.iter().map(|&n| n.checked_mul(2)).collect();
+        lengths.is_some_and(|l| self.space_after(removed).fits(&l))
+    }
+
+    /// MAGLEV entries free once the services of `removed` are gone.
+    pub fn tables_available(&self, removed: &[&ServiceSlot]) -> u64 {
+        self.space_after(removed).available()
+    }
+
+    fn space_after(&self, removed: &[&ServiceSlot]) -> TableSpace {
+        let mut space = self.tables.clone();
+        for slot in removed {
+            space.release(slot.bases[0].min(slot.bases[1]), 2 * slot.table_size);
+        }
+        space
+    }
+
+    /// Removes a service: its packets become `drop_unknown_service` (or pass, when it was the
+    /// VIP's last service). Its two tables go back to MAGLEV's free space.
+    pub fn remove_service(&mut self, slot: &ServiceSlot) -> Result<()> {
+        self.services.remove(&slot.key).context("cannot remove the service")?;
+        self.tables.release(slot.bases[0].min(slot.bases[1]), 2 * slot.table_size);
+        let vip_key = VipKey { addr: slot.key.addr, family: slot.key.family, _pad: [0; 3] };
+        match self.vips.get(&vip_key, 0).map_or(0, |v| v.services) {
+            0 | 1 => self.vips.remove(&vip_key).context("cannot remove the VIP")?,
+            n => self.vips.insert(vip_key, Vip { services: n - 1 }, 0).context("cannot update the VIP")?,
+        }
+        Ok(())
+    }
+
+    /// Writes a backend's slot. `usable` false keeps the slot but makes the data path re-hash
+    /// the flows pinned to it (a dead or removed backend); a draining backend stays usable and
+    /// simply leaves the Maglev table. A slot that gets another address gets a new generation,
+    /// so flows pinned to its former owner never follow it. `mac` is needed for L2 DSR only.
+    pub fn set_backend(&mut self, id: u32, addr: IpAddr, mac: Option<[u8; 6]>, usable: bool) -> Result<()> {
+        let generation = self.ids.generation(id, addr);
+        let (words, family) = map_addr(addr);
+        let backend = Backend {
+            addr: words,
+            mac: lb_common::mac_words(mac.unwrap_or_default()),
+            flags: if usable { BACKEND_F_VALID } else { 0 },
+            family,
+            generation,
+        };
+        self.backends.set(id, backend, 0).with_context(|| format!("cannot write backend {id} ({addr})"))?;
+        self.flow_state.backend_id_limit.fetch_max(id.saturating_add(1), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes a backend's weight, which wlc divides its active flows by.
+    pub fn set_backend_weight(&mut self, id: u32, weight: u32) -> Result<()> {
+        self.backend_weights.set(id, weight, 0).with_context(|| format!("cannot write the weight of backend {id}"))
+    }
+
+    /// Service ids and backend slots: the one place they are handed out.
+    pub fn ids(&mut self) -> &mut IdPool {
+        &mut self.ids
+    }
+
+    /// The active flows of a backend as the data path counts them (flows pinned to it and not
+    /// closed; reconciled with the flow table by the [`FlowWalker`]).
+    pub fn active_flows(&self, id: u32) -> Result<u64> {
+        Ok(self.active_flows.get(&id, 0)?)
+    }
+
+    /// Overwrites a backend's active-flow count (what drift, or a racing reconciliation, does).
+    pub fn set_active_flows(&mut self, id: u32, count: u64) -> Result<()> {
+        self.active_flows.set(id, count, 0).with_context(|| format!("cannot write the active flows of backend {id}"))
+    }
+
+    /// The walker of the flow table, to run off the main loop ([`FlowWalker::spawn`]).
+    pub fn flow_walker(&self) -> Result<FlowWalker> {
+        use aya::maps::IterableMap as _;
+        Ok(FlowWalker {
+            flows: self.flow_table_info()?.id(),
+            backends: self.backends.map().info()?.id(),
+            active_flows: self.active_flows.map().info()?.id(),
+            state: self.flow_state.clone(),
+        })
+    }
+
+    /// Entries in the flow table at the walker's last walk; None before the first.
+    pub fn flow_table_entries(&self) -> Option<u64> {
+        self.flow_state.entries()
+    }
+
+    /// Replaces the run-time settings (flow expiry, new-flow rate, encapsulation sources).
+    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+        self.settings.set(0, settings, 0).context("cannot write the settings")
+    }
+
+    /// Lets the data path redirect encapsulated packets out of `ifindex` (XDP_REDIRECT).
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("cannot add interface {ifindex} to TX_PORTS"))
+    }
+
+    /// Makes `entries` the service's table: writes the inactive copy, then flips the service
+    /// to it, so the data path sees the old table or the new one, never a mix. A table may be
+    /// shorter than the allocated size (rr/wrr: whole cycles only), not empty.
+    pub fn publish_table(&mut self, slot: &mut ServiceSlot, entries: &[u32]) -> Result<()> {
+        if entries.is_empty() || entries.len() > slot.table_size as usize {
+            bail!("table has {} entries, the service expects 1 to {}", entries.len(), slot.table_size);
+        }
+        let next = 1 - slot.active;
+        self.write_table(slot.bases[next], entries)?;
+        slot.active_size = entries.len() as u32;
+        self.flip(slot, next)
+    }
+
+    fn write_table(&mut self, base: u32, entries: &[u32]) -> Result<()> {
+        use aya::maps::IterableMap as _;
+        // One BPF_MAP_UPDATE_BATCH rather than a syscall per entry (65537 of them by default):
+        // it takes most of the time of a start-up, a reload or a takeover.
+        if array_update_all(self.maglev.map(), base, entries).is_ok() {
+            return Ok(());
+        }
+        for (i, &backend) in entries.iter().enumerate() {
+            self.maglev.set(base + i as u32, backend, 0).context("cannot write the Maglev table")?;
+        }
+        Ok(())
+    }
+
+    fn flip(&mut self, slot: &mut ServiceSlot, to: usize) -> Result<()> {
+        let service =
+            Service { id: slot.id, flags: slot.flags, table_base: slot.bases[to], table_size: slot.active_size };
+        self.services.insert(slot.key, service, 0).context("cannot write the service")?;
+        slot.active = to;
+        Ok(())
+    }
+
+    /// Frames and bytes per verdict reason, summed over CPUs.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, Counters)>> {
+        Reason::ALL.iter().map(|&r| Ok((r, sum(&self.reason_stats.get(&(r as u32), 0)?)))).collect()
+    }
+
+    /// Flow-table events, summed over CPUs (packets only).
+    pub fn flow_counters(&self) -> Result<Vec<(FlowEvent, u64)>> {
+        FlowEvent::ALL.iter().map(|&e| Ok((e, sum(&self.flow_stats.get(&(e as u32), 0)?).packets))).collect()
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        Ok(sum(&self.service_stats.get(&id, 0)?))
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        Ok(sum(&self.backend_stats.get(&id, 0)?))
+    }
+
+    /// The flow table's capacity.
+    pub fn flow_table_size(&self) -> Result<u32> {
+        Ok(self.flow_table_info()?.max_entries())
+    }
+
+    fn flow_table_info(&self) -> Result<MapInfo> {
+        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(map_names::FLOWS) else {
+            bail!("map {} missing from the eBPF object", map_names::FLOWS);
+        };
+        Ok(data.info()?)
+    }
+
+    /// New flows and SYN retransmissions of a backend, summed over CPUs (since load).
+    pub fn backend_flows(&self, id: u32) -> Result<lb_common::BackendFlows> {
+        let values = self.backend_flows.get(&id, 0)?;
+        Ok(values.iter().fold(lb_common::BackendFlows::default(), |a, c| lb_common::BackendFlows {
+            new_flows: a.new_flows + c.new_flows,
+            syn_retransmits: a.syn_retransmits + c.syn_retransmits,
+        }))
+    }
+}

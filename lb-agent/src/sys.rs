@@ -1,0 +1,209 @@
+//! Every system call the agent makes that no safe wrapper covers: the bpf(2) commands aya
+//! 0.14 lacks (batch lookups and updates, the interface of a pinned link), and the few libc
+//! calls nix covers only in part. The rest of the crate has no `unsafe` (lib.rs denies it).
+#![allow(unsafe_code, reason = "the raw syscalls of the agent live here, each with its SAFETY note")]
+
+use std::{
+    net::IpAddr,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::MapData;
+
+/// Whether this process runs as root (tests that need it skip otherwise).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The interface's index, or None when it does not exist in this network namespace.
+pub fn if_index(iface: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(iface).ok().filter(|&i| i != 0)
+}
+
+/// (interface name, address) of every IPv4 and IPv6 address in this network namespace.
+pub fn interface_addresses() -> Result<Vec<(String, IpAddr)>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("getifaddrs")?;
+    Ok(addrs
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+                (Some(v4), _) => IpAddr::V4(v4.ip()),
+                (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                _ => return None,
+            };
+            Some((ifa.interface_name, ip))
+        })
+        .collect())
+}
+
+/// The magic number of a bpf filesystem in statfs(2)'s f_type.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` is on a bpf filesystem.
+pub fn is_bpffs(path: &Path) -> Result<bool> {
+    let fs = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Mounts a bpf filesystem (mode 0700) on `path`.
+pub fn mount_bpffs(path: &Path) -> Result<()> {
+    nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700"))
+        .with_context(|| format!("cannot mount a bpf filesystem on {}", path.display()))
+}
+
+fn c_path(path: &Path) -> Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).with_context(|| format!("bad path {}", path.display()))
+}
+
+/// The interface index a pinned XDP link is attached to (0: defunct, its device is gone).
+/// aya's LinkInfo does not expose it: BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD by hand.
+pub fn pinned_link_ifindex(path: &Path) -> Result<u32> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let c = c_path(path)?;
+    let get = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    // SAFETY: bpf(2) reads the attribute struct we own; the path outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &get, std::mem::size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET");
+    }
+    // SAFETY: a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then a union (8-aligned) whose xdp member is
+    // the ifindex, at byte 16.
+    let mut info = [0u8; 256];
+    let attr = InfoByFd { bpf_fd: fd.as_raw_fd() as u32, info_len: info.len() as u32, info: info.as_mut_ptr() as u64 };
+    // SAFETY: the kernel writes at most info_len bytes into `info`, which outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr, std::mem::size_of::<InfoByFd>()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET_INFO_BY_FD");
+    }
+    let word = |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+    if word(0) != BPF_LINK_TYPE_XDP {
+        bail!("pinned object is not an XDP link (link type {})", word(0));
+    }
+    Ok(word(16))
+}
+
+/// The `batch` member of `union bpf_attr` (aya 0.14 has no batch operations).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Runs one batch command on `map` over the `u32` keys and `V` values at `keys` and `values`
+/// (`count` of each); returns the syscall's result and the count the kernel wrote back.
+///
+/// # Safety
+/// `keys` and `values` must point to buffers of at least `count` elements, writable for a
+/// lookup, that outlive the call; `out_batch` (if not 0) must point to a `u32`.
+unsafe fn map_batch<V>(
+    cmd: libc::c_long,
+    map: &MapData,
+    keys: *const u32,
+    values: *const V,
+    count: u32,
+    out_batch: u64,
+) -> Result<(libc::c_long, u32)> {
+    let info = map.info()?;
+    if info.key_size() != 4 || info.value_size() as usize != std::mem::size_of::<V>() {
+        bail!("unexpected key or value size");
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch,
+        keys: keys as u64,
+        values: values as u64,
+        count,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the caller vouches for the buffers; key and value sizes were checked above.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &mut attr, std::mem::size_of::<BatchAttr>()) };
+    Ok((rc, attr.count))
+}
+
+/// Every entry of an array map whose values are `V`, in one BPF_MAP_LOOKUP_BATCH:
+/// (index, value).
+pub fn array_lookup_all<V: aya::Pod + Default>(map: &MapData, max_entries: u32) -> Result<Vec<(u32, V)>> {
+    let n = max_entries as usize;
+    let mut keys = vec![0u32; n];
+    let mut values = vec![V::default(); n];
+    let mut token = 0u32;
+    // SAFETY: both buffers hold `max_entries` elements and outlive the call; the batch token
+    // (the key size) goes into `token`.
+    let (rc, got) = unsafe {
+        map_batch(
+            BPF_MAP_LOOKUP_BATCH,
+            map,
+            keys.as_mut_ptr(),
+            values.as_mut_ptr(),
+            max_entries,
+            &mut token as *mut u32 as u64,
+        )?
+    };
+    let err = std::io::Error::last_os_error();
+    // ENOENT: the batch reached the end of the map, which it always does here.
+    if rc != 0 && err.raw_os_error() != Some(libc::ENOENT) {
+        return Err(err).context("BPF_MAP_LOOKUP_BATCH");
+    }
+    Ok(keys.into_iter().zip(values).take((got as usize).min(n)).collect())
+}
+
+/// Writes `values` at indexes `base..` of an array map of `V`s in one BPF_MAP_UPDATE_BATCH.
+pub fn array_update_all<V: aya::Pod>(map: &MapData, base: u32, values: &[V]) -> Result<()> {
+    let count = u32::try_from(values.len())?;
+    if u64::from(base) + u64::from(count) > u64::from(map.info()?.max_entries()) {
+        bail!("writing {count} entries at {base} goes past the end of the map");
+    }
+    let keys: Vec<u32> = (base..base + count).collect();
+    // SAFETY: `keys` and `values` hold `count` elements each and outlive the call.
+    let (rc, _) = unsafe { map_batch(BPF_MAP_UPDATE_BATCH, map, keys.as_ptr(), values.as_ptr(), count, 0)? };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_MAP_UPDATE_BATCH");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_found_and_unknown_interfaces_are_not() {
+        assert_eq!(if_index("lo"), Some(1));
+        assert_eq!(if_index("nosuchif0"), None);
+        assert_eq!(if_index("bad/name"), None);
+        let addrs = interface_addresses().unwrap();
+        assert!(addrs.iter().any(|(name, a)| name == "lo" && a.is_loopback()), "{addrs:?}");
+    }
+}
