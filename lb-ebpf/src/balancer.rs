@@ -35,12 +35,26 @@ struct Packet {
     df: bool,
 }
 
+impl Packet {
+    const EMPTY: Self = Self {
+        key: FlowKey { src: [0; 4], dst: [0; 4], ports: 0, proto: 0, family: 0, _pad: 0 },
+        l3: 0,
+        tcp_flags: 0,
+        ip_len: 0,
+        tos: 0,
+        df: false,
+    };
+}
+
 /// Decides the fate of one frame and carries it out; the caller counts the reason.
 #[inline(always)]
 pub fn balance(ctx: &XdpContext) -> Reason {
     let packet = match parse::l3(ctx) {
         L3::Ipv4(l3) => ipv4_packet(ctx, l3),
-        L3::Ipv6(l3) => ipv6_packet(ctx, l3),
+        L3::Ipv6(l3) => {
+            let mut packet = Packet::EMPTY;
+            ipv6_packet(ctx, l3, &mut packet).map(|()| packet)
+        }
         L3::Other => return Reason::PassNotIp,
         L3::Truncated => return Reason::PassMalformed,
     };
@@ -106,9 +120,11 @@ fn ipv4_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     })
 }
 
-/// Not inlined, to keep its header copy off the IPv4 path's stack.
+/// Not inlined, to keep its header copy off the IPv4 path's stack. It fills `packet` rather
+/// than returning a `Result<Packet, _>`: the BTF of a function's signature reaches the kernel,
+/// which rejects the layout Rust gives such an enum (its tag inside a union member).
 #[inline(never)]
-fn ipv6_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+fn ipv6_packet(ctx: &XdpContext, l3: usize, packet: &mut Packet) -> Result<(), Reason> {
     let ip: &Ipv6Hdr = parse::ref_at(ctx, l3).ok_or(Reason::PassMalformed)?;
     if ip.vcf[0] >> 4 != 6 {
         return Err(Reason::PassMalformed);
@@ -128,14 +144,15 @@ fn ipv6_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     if !length_fits(ctx, l3, l4, proto, payload_len as usize + IPV6_HDR) {
         return Err(Reason::DropTruncatedL4);
     }
-    Ok(Packet {
+    *packet = Packet {
         key: FlowKey { src: addr_v6(ip.src_addr), dst, ports, proto, family: FAMILY_V6, _pad: 0 },
         l3,
         tcp_flags,
         ip_len: payload_len.saturating_add(IPV6_HDR as u16),
         tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
         df: true,
-    })
+    };
+    Ok(())
 }
 
 /// Whether the IP length field (`ip_len`, IP header included) describes a packet the frame

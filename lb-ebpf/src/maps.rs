@@ -1,8 +1,10 @@
-//! The BPF maps of the balancer; names, key and value types live in lb-common.
+//! The BPF maps of the balancer; names, key and value types live in lb-common. Declared as
+//! BTF maps (`.maps`), so the kernel knows their key and value types: `bpftool map dump` shows
+//! them field by field.
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
-    macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
 };
 use lb_common::{
     limits::{
@@ -14,71 +16,70 @@ use lb_common::{
 };
 
 /// Destination addresses we balance; anything else passes untouched after one lookup.
-#[map]
-pub static VIPS: HashMap<VipKey, Vip> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[btf_map]
+pub static VIPS: HashMap<VipKey, Vip, { MAX_VIPS as usize }> = HashMap::new();
 
 /// (VIP, port, protocol) → service and where its Maglev table is.
-#[map]
-pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, Service, { MAX_SERVICES as usize }> = HashMap::new();
 
 /// Every service's Maglev tables, back to back; the agent sizes it at load time.
-#[map]
-pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_CAPACITY, 0);
+#[btf_map]
+pub static MAGLEV: Array<u32, { DEFAULT_MAGLEV_CAPACITY as usize }> = Array::new();
 
 /// Backend id → address, MAC and generation.
-#[map]
-pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
 /// 5-tuple → pinned backend. LRU lists per CPU (a flow stays on the CPU its NIC queue maps to),
 /// so eviction takes no shared lock; the agent sizes it at load time.
-#[map]
-pub static FLOWS: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+#[btf_map]
+pub static FLOWS: LruHashMap<FlowKey, Flow, { DEFAULT_FLOW_TABLE_SIZE as usize }, { BPF_F_NO_COMMON_LRU as usize }> = LruHashMap::new();
 
 /// (service, client) → the backend a source-hash service with an affinity timeout pinned the
 /// client to. One LRU list for all CPUs: a client's flows arrive on any CPU.
-#[map]
-pub static SOURCE_AFFINITY: LruHashMap<AffinityKey, Affinity> = LruHashMap::with_max_entries(MAX_SOURCE_AFFINITY, 0);
+#[btf_map]
+pub static SOURCE_AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_SOURCE_AFFINITY as usize }> = LruHashMap::new();
 
 /// Run-time knobs: one entry.
-#[map]
-pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+#[btf_map]
+pub static SETTINGS: Array<Settings, 1> = Array::new();
 
 /// New flows this second, per CPU.
-#[map]
-pub static NEW_FLOW_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+#[btf_map]
+pub static NEW_FLOW_RATE: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
 
 /// Round-robin cursor per service id, per CPU (rr and wrr services).
-#[map]
-pub static RR_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[btf_map]
+pub static RR_CURSOR: PerCpuArray<u32, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
 /// Flows pinned to each backend id and not closed: global, updated with atomic adds (lc/wlc
 /// compare them; every scheduler keeps them, so a switch to lc starts from the right counts).
-#[map]
-pub static ACTIVE_FLOWS: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+pub static ACTIVE_FLOWS: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Weight of each backend id (wlc).
-#[map]
-pub static BACKEND_WEIGHTS: Array<u32> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+pub static BACKEND_WEIGHTS: Array<u32, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Egress interfaces other than the ingress one, for XDP_REDIRECT.
-#[map]
-pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+#[btf_map]
+pub static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();
 
-#[map]
-pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<Counters, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
-#[map]
-pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
-#[map]
-pub static BACKEND_FLOW_STATS: PerCpuArray<BackendFlows> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[btf_map]
+pub static BACKEND_FLOW_STATS: PerCpuArray<BackendFlows, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
-#[map]
-pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+#[btf_map]
+pub static REASON_STATS: PerCpuArray<Counters, { Reason::COUNT as usize }> = PerCpuArray::new();
 
-#[map]
-pub static FLOW_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(FlowEvent::COUNT, 0);
+#[btf_map]
+pub static FLOW_STATS: PerCpuArray<Counters, { FlowEvent::COUNT as usize }> = PerCpuArray::new();
 
 /// Seed of the flow hash, set by the agent at load time (read-only data).
 #[no_mangle]
@@ -105,9 +106,9 @@ pub fn iface_mac() -> [u16; 3] {
 // The backend side of L3 DSR (program xlb_decap). Names and types in lb-common.
 
 /// Outer destinations this host decapsulates (value unused); anything else passes untouched.
-#[map]
-pub static DECAP_ADDRS: HashMap<VipKey, u32> = HashMap::with_max_entries(lb_common::limits::MAX_DECAP_ADDRS, 0);
+#[btf_map]
+pub static DECAP_ADDRS: HashMap<VipKey, u32, { lb_common::limits::MAX_DECAP_ADDRS as usize }> = HashMap::new();
 
 /// Per-CPU counters per `lb_common::reason::DecapReason`.
-#[map]
-pub static DECAP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(lb_common::reason::DecapReason::COUNT, 0);
+#[btf_map]
+pub static DECAP_STATS: PerCpuArray<Counters, { lb_common::reason::DecapReason::COUNT as usize }> = PerCpuArray::new();

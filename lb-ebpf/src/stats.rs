@@ -1,11 +1,11 @@
 //! Per-CPU counters: one per verdict reason, per flow-table event, per service and per backend.
-use aya_ebpf::maps::PerCpuArray;
+use aya_ebpf::btf_maps::PerCpuArray;
 use lb_common::{Counters, FlowEvent, Reason};
 
 use crate::maps::{BACKEND_FLOW_STATS, BACKEND_STATS, FLOW_STATS, REASON_STATS, SERVICE_STATS};
 
 #[inline(always)]
-fn add(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
+fn add<const N: usize>(map: &PerCpuArray<Counters, N>, index: u32, bytes: u64) {
     if let Some(c) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, valid for the program's run; no other writer on this CPU.
         unsafe {

@@ -1,0 +1,45 @@
+//! The kernel has the program's BTF: the object's type information loads (no "object BTF
+//! couldn't be loaded" at start), and a map dumped by bpftool shows its keys and values field
+//! by field. Needs root and bpftool (`cargo xtask setup` installs it).
+use std::{net::Ipv4Addr, process::Command};
+
+use lb_agent::{
+    config::Forward,
+    dataplane::{Dataplane, LoadOptions},
+};
+
+fn bpftool(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("bpftool").arg("--json").args(args).output().expect("bpftool (cargo xtask setup)");
+    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
+}
+
+#[test]
+fn maps_and_program_carry_their_types() {
+    let mut dp = Dataplane::load(&LoadOptions {
+        hash_seed: 1,
+        iface_mac: [2, 0, 0, 0, 0, 1],
+        maglev_capacity: 2 * 251,
+        flow_table_size: 1024,
+    })
+    .expect("load the balancer (run the tests as root)");
+    dp.add_service(Ipv4Addr::new(10, 99, 0, 100).into(), 80, 6, 7, 251, Forward::L2).unwrap();
+    let info = dp.balancer().info().unwrap();
+    assert!(info.btf_id().is_some_and(|id| id > 0), "the program was loaded without its BTF");
+
+    let prog = bpftool(&["prog", "show", "id", &info.id().to_string()]);
+    let map_ids: Vec<u64> = prog["map_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let services = map_ids
+        .iter()
+        .map(|id| bpftool(&["map", "show", "id", &id.to_string()]))
+        .find(|m| m["name"] == "SERVICES")
+        .expect("the balancer uses SERVICES");
+    assert!(services["btf_id"].as_u64().is_some_and(|id| id > 0), "{services}");
+    let dump = bpftool(&["map", "dump", "id", &services["id"].to_string()]);
+    let entry = &dump.as_array().unwrap()[0]["formatted"];
+    // Typed: the key and value by field name, in the data path's byte order.
+    assert_eq!(entry["key"]["port"], u16::to_be(80), "{dump}");
+    assert_eq!(entry["key"]["proto"], 6, "{dump}");
+    assert_eq!(entry["value"]["id"], 7, "{dump}");
+    assert_eq!(entry["value"]["table_size"], 251, "{dump}");
+}
