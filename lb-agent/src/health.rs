@@ -112,8 +112,10 @@ impl Jitter {
     fn new(target: Target, addr: IpAddr) -> Self {
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let seed =
-            nanos ^ u64::from(std::process::id()) << 32 ^ crate::tables::maglev::address_key(addr) ^ u64::from(target.0) << 17;
+        let seed = nanos
+            ^ u64::from(std::process::id()) << 32
+            ^ crate::tables::maglev::address_key(addr)
+            ^ u64::from(target.0) << 17;
         Self(seed | 1)
     }
 

@@ -2,13 +2,14 @@
 //! and forward (L2 DSR, or encapsulation towards the FIB's next hop).
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, VipKey, FAMILY_V4,
-    FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_IPIP,
+    addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags, VipKey,
+    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF,
+    SERVICE_F_IPIP, TCP_HDR, UDP_HDR,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    encap::{self, IPV4_HDR, IPV6_HDR},
+    encap,
     fib::{self, Route},
     icmp,
     maps::{self, SERVICES, SETTINGS, TX_PORTS, VIPS},
@@ -17,15 +18,11 @@ use crate::{
     stats,
 };
 
-const IP_DF: u16 = 0x4000;
-const TCP_HDR: usize = 20;
-const UDP_HDR: usize = 8;
-
 /// A packet to a VIP, as far as the balancer needs it.
 struct Packet {
     key: FlowKey,
     l3: usize,
-    tcp_flags: u8,
+    tcp_flags: TcpFlags,
     /// Length of the IP packet by its header's length field, header included; checked to cover
     /// the transport header and to end inside the frame. Bytes after it are padding.
     ip_len: u16,
@@ -39,7 +36,7 @@ impl Packet {
     const EMPTY: Self = Self {
         key: FlowKey { src: [0; 4], dst: [0; 4], ports: 0, proto: 0, family: 0, _pad: 0 },
         l3: 0,
-        tcp_flags: 0,
+        tcp_flags: TcpFlags(0),
         ip_len: 0,
         tos: 0,
         df: false,

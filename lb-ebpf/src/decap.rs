@@ -9,12 +9,11 @@
 //! already guards the frame. A congestion mark (ECN CE) on the outer header is copied to an
 //! ECN-capable inner packet, as RFC 6040 asks of a decapsulator.
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{reason::DecapReason, VipKey, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6};
+use lb_common::{reason::DecapReason, VipKey, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR, IPV6_HDR};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     csum,
-    encap::{IPV4_HDR, IPV6_HDR},
     maps::{DECAP_ADDRS, DECAP_STATS},
     parse::{self, L3},
 };

@@ -1,12 +1,10 @@
 //! Encapsulation for L3 DSR: IPv4 in IPv4 (protocol 4) and IPv6 in IPv6 (next header 41),
 //! written in front of the client's packet with bpf_xdp_adjust_head.
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Addr, IPPROTO_IPIP, IPPROTO_IPV6};
+use lb_common::{Addr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR, IPV6_HDR};
 
 use crate::{csum, parse};
 
-pub const IPV4_HDR: usize = 20;
-pub const IPV6_HDR: usize = 40;
 const TTL: u8 = 64;
 
 /// Grows the frame's head by `grow` bytes and moves the L2 header (`l2_len` bytes: 14, or 18

@@ -5,13 +5,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{Addr, FAMILY_V4, IPPROTO_ICMP, IPPROTO_ICMPV6};
+use lb_common::{Addr, FAMILY_V4, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HDR, IPV6_HDR};
 
-use crate::{
-    csum,
-    encap::{ipv4_header, IPV4_HDR, IPV6_HDR},
-    parse,
-};
+use crate::{csum, encap::ipv4_header, parse};
 
 const ICMP_HDR: usize = 8;
 /// Bytes of the client's transport header quoted back (RFC 792: at least 64 bits).

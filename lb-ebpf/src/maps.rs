@@ -34,7 +34,8 @@ pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 /// 5-tuple → pinned backend. LRU lists per CPU (a flow stays on the CPU its NIC queue maps to),
 /// so eviction takes no shared lock; the agent sizes it at load time.
 #[btf_map]
-pub static FLOWS: LruHashMap<FlowKey, Flow, { DEFAULT_FLOW_TABLE_SIZE as usize }, { BPF_F_NO_COMMON_LRU as usize }> = LruHashMap::new();
+pub static FLOWS: LruHashMap<FlowKey, Flow, { DEFAULT_FLOW_TABLE_SIZE as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
+    LruHashMap::new();
 
 /// (service, client) → the backend a source-hash service with an affinity timeout pinned the
 /// client to. One LRU list for all CPUs: a client's flows arrive on any CPU.

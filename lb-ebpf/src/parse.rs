@@ -2,12 +2,9 @@
 //! IPv6 (with its extension headers), TCP/UDP. Raw pointer arithmetic happens only in `ptr_at`.
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
-use lb_common::{limits::MAX_IPV6_EXT_HEADERS, IPPROTO_TCP};
+use lb_common::{limits::MAX_IPV6_EXT_HEADERS, TcpFlags, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP};
 use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
 
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
 /// IPv4 more-fragments flag and fragment offset, in the header's (big-endian) layout: any
 /// bit set means a fragment.
 pub const IP_MF_OFFSET_MASK: u16 = 0x3fff;
@@ -113,15 +110,15 @@ pub fn ipv6_next(ctx: &XdpContext, mut next: u8, mut offset: usize) -> Ipv6Next 
 /// The L4 header's first four bytes (source and destination port, as on the wire) and the
 /// TCP flags (0 for UDP), if the frame holds the protocol's whole header at `offset`.
 #[inline(always)]
-pub fn l4_ports(ctx: &XdpContext, offset: usize, proto: u8) -> Option<(u32, u8)> {
+pub fn l4_ports(ctx: &XdpContext, offset: usize, proto: u8) -> Option<(u32, TcpFlags)> {
     if proto == IPPROTO_TCP {
         let tcp = ptr_at::<TcpHdr>(ctx, offset)? as *const u8;
         // SAFETY: the whole TCP header is inside the frame: bytes 0..4 are the ports, 13 the flags.
-        unsafe { Some(((tcp as *const u32).read_unaligned(), *tcp.add(13))) }
+        unsafe { Some(((tcp as *const u32).read_unaligned(), TcpFlags(*tcp.add(13)))) }
     } else {
         let udp = ptr_at::<UdpHdr>(ctx, offset)? as *const u32;
         // SAFETY: the whole UDP header is inside the frame.
-        unsafe { Some((udp.read_unaligned(), 0)) }
+        unsafe { Some((udp.read_unaligned(), TcpFlags(0))) }
     }
 }
 

@@ -5,8 +5,8 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed};
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
     affinity_timeout_of, hash::source_hash, scheduler_of, Addr, Affinity, AffinityKey, Backend, Flow, FlowEvent,
-    FlowKey, Service, AFFINITY_MASK, BACKEND_F_VALID, FLOW_TCP_CLOSED, IPPROTO_UDP, NO_BACKEND, SCHED_LC, SCHED_MASK,
-    SCHED_RR, SCHED_SHIFT, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
+    FlowKey, Service, TcpFlags, AFFINITY_MASK, BACKEND_F_VALID, FLOW_TCP_CLOSED, IPPROTO_UDP, NO_BACKEND, SCHED_LC,
+    SCHED_MASK, SCHED_RR, SCHED_SHIFT, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
 };
 
 use crate::{
@@ -17,10 +17,6 @@ use crate::{
     stats,
 };
 
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// A usable backend: its id and its slot.
@@ -51,11 +47,11 @@ fn maglev(service: &Service, hash: u32) -> Option<u32> {
 /// new-flow rate): such a flow is placed by its hash over the same table, so that its later
 /// packets, which will not find a pin either, land on the same backend.
 #[inline(never)]
-fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: u8, now: u64) -> u32 {
+fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: TcpFlags, now: u64) -> u32 {
     match (service.flags & SCHED_MASK) >> SCHED_SHIFT {
         SCHED_SOURCE_HASH => source_hash(src, maps::hash_seed()),
         SCHED_RR | SCHED_WRR => {
-            let pinned = tcp_flags & TCP_RST == 0 && !over_new_flow_limit(now);
+            let pinned = !tcp_flags.is_rst() && !over_new_flow_limit(now);
             let Some(cursor) = RR_CURSOR.get_ptr_mut(service.id) else {
                 return hash;
             };
@@ -73,7 +69,7 @@ fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: u8, now:
         SCHED_LC | SCHED_WLC => {
             // A flow that will not be pinned is placed by its hash: its later packets find no
             // pin either, and must land on the same backend.
-            if tcp_flags & TCP_RST != 0 || over_new_flow_limit(now) {
+            if tcp_flags.is_rst() || over_new_flow_limit(now) {
                 return hash;
             }
             least_loaded(service)
@@ -90,7 +86,7 @@ fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: u8, now:
 /// spoofed sources cannot flush the pins). Not inlined, as [`scheduled_index`], and called
 /// beside it, not from it: the verifier adds up the stacks of a call chain.
 #[inline(never)]
-fn source_affinity(service: &Service, key: &FlowKey, tcp_flags: u8, now: u64) -> u32 {
+fn source_affinity(service: &Service, key: &FlowKey, tcp_flags: TcpFlags, now: u64) -> u32 {
     let timeout_ns = u64::from(affinity_timeout_of(service.flags)) * NS_PER_SEC;
     let client = AffinityKey { addr: key.src, service: service.id, family: key.family, _pad: [0; 3] };
     if let Some(pin) = SOURCE_AFFINITY.get_ptr_mut(&client) {
@@ -106,7 +102,7 @@ fn source_affinity(service: &Service, key: &FlowKey, tcp_flags: u8, now: u64) ->
     }
     let Some(id) = maglev(service, source_hash(&key.src, maps::hash_seed())) else { return NO_BACKEND };
     let Some(backend) = usable(id, None) else { return NO_BACKEND };
-    if tcp_flags & TCP_RST == 0 && !over_new_flow_limit(now) {
+    if !tcp_flags.is_rst() && !over_new_flow_limit(now) {
         let pin = Affinity { backend: id, generation: backend.generation, last_seen_ns: now };
         let _ = SOURCE_AFFINITY.insert(&client, &pin, 0);
     }
@@ -183,16 +179,16 @@ fn active_sub(id: u32) {
 /// a second FIN does not count again), a new SYN on a closed pin (the 5-tuple reused)
 /// reopens it.
 #[inline(never)]
-fn track_tcp(flow: *mut Flow, tcp_flags: u8) {
+fn track_tcp(flow: *mut Flow, tcp_flags: TcpFlags) {
     // SAFETY: the entry stays valid for the program's run (RCU).
     unsafe {
         let closed = (*flow).last_seen_ns == FLOW_TCP_CLOSED;
-        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if tcp_flags.closes() {
             if !closed {
                 (*flow).last_seen_ns = FLOW_TCP_CLOSED;
                 active_sub((*flow).backend);
             }
-        } else if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        } else if closed && tcp_flags.is_syn_only() {
             (*flow).last_seen_ns = bpf_ktime_get_ns();
             active_add((*flow).backend);
         }
@@ -248,7 +244,7 @@ fn under_new_flow_limit(now: u64, limit: u32) -> bool {
 /// The backend for this packet: its pinned one while that is still in the service (and, for
 /// UDP, not idle too long); otherwise its scheduler's, pinned unless over the new-flow rate.
 #[inline(always)]
-pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Option<Chosen> {
+pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: u32) -> Option<Chosen> {
     let settings = SETTINGS.get(0)?;
     let udp = key.proto == IPPROTO_UDP;
     // The clock only matters to UDP pins and new pins: a TCP hit does without it.
@@ -264,10 +260,10 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
         }
         let idle = udp && now.wrapping_sub(f.last_seen_ns) > settings.udp_idle_ns;
         if let (false, Some(backend)) = (idle, usable(f.backend, Some(f.generation))) {
-            if !udp && tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0 {
+            if !udp && tcp_flags.changes_state() {
                 track_tcp(flow, tcp_flags);
             }
-            if tcp_flags & TCP_RST != 0 {
+            if tcp_flags.is_rst() {
                 let _ = FLOWS.remove(key);
                 stats::count_flow(FlowEvent::Closed);
             } else {
@@ -278,7 +274,7 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 stats::count_flow(FlowEvent::Hit);
-                if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                if tcp_flags.is_syn_only() {
                     stats::count_syn_retransmit(f.backend);
                 }
             }
@@ -302,7 +298,7 @@ pub fn select(key: &FlowKey, tcp_flags: u8, service: &Service, hash: u32) -> Opt
     };
     let backend = usable(id, None)?;
     stats::count_new_flow(id);
-    if tcp_flags & TCP_RST == 0 {
+    if !tcp_flags.is_rst() {
         if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) {
             let flow = Flow { backend: id, generation: backend.generation, last_seen_ns: now };
             if FLOWS.insert(key, &flow, 0).is_ok() {

@@ -30,10 +30,10 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 use lb_agent::{
-    tables::maglev::address_key,
     config::Forward,
     dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
     sys::if_index,
+    tables::maglev::address_key,
     tables::maglev::{self, Member},
 };
 use lb_common::{addr_v6, hash::flow_hash, Counters, FlowEvent, Reason, Settings, IPPROTO_TCP, IPPROTO_UDP};

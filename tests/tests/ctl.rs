@@ -62,6 +62,24 @@ fn ctl_changes_the_running_balancer() {
     let after = tcp_requests(&s.bed.client, vip(), 100).unwrap();
     assert!(failures(&after) == 0 && !after.contains_key(&backend_name(0)), "{after:?}");
 
+    // Past a limit: a service whose tables the MAGLEV map cannot hold is refused by the same
+    // validator as the file, and nothing changes.
+    let (_, before, _) = ctl(&s, &["--json", "list"]);
+    let big = ["add-service", "10.99.0.100", "8080", "tcp", "--maglev-size", "655373", "--backend", &b3];
+    let (ok, _, err) = ctl(&s, &big);
+    assert!(!ok && err.contains("maglev_capacity"), "{err}");
+    let (_, unchanged, _) = ctl(&s, &["--json", "list"]);
+    // Services and their backends' addresses and weights (the counters move on).
+    let shape = |json: &str| {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let services = v["services"].as_array().unwrap().iter();
+        let backends = |s: &serde_json::Value| -> Vec<String> {
+            s["backends"].as_array().unwrap().iter().map(|b| format!("{}={}", b["address"], b["weight"])).collect()
+        };
+        services.map(|s| (s["name"].to_string(), s["port"].to_string(), backends(s))).collect::<Vec<_>>()
+    };
+    assert_eq!(shape(&before), shape(&unchanged), "{unchanged}");
+
     // Remove the UDP service by VIP:PORT/PROTOCOL: its datagrams are dropped now.
     let udp = format!("{VIP}:{PORT}/udp");
     assert!(ctl(&s, &["remove-service", &udp]).0);
@@ -100,4 +118,6 @@ fn ctl_changes_the_running_balancer() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
     let log = s.agent.stop().unwrap();
     assert!(log.contains("api: demo-tcp: backend 10.99.0.14 added"), "{log}");
+    // The kernel took the object's BTF: aya warns at load when it does not.
+    assert!(!log.contains("BTF"), "{log}");
 }

@@ -30,8 +30,8 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_agent::{
     config::Forward,
     dataplane::{map_addr, Dataplane, LoadOptions},
-    sys::if_index,
     decap::Decap,
+    sys::if_index,
     tables::maglev::{self, Member},
 };
 use lb_common::{addr_v6, hash::flow_hash, reason::DecapReason, Reason, Settings, NO_BACKEND};

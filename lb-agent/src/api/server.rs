@@ -167,35 +167,37 @@ fn new_service(
 }
 
 fn list(agent: &Agent) -> Result<Vec<ServiceView>> {
-    agent.services().map(|s| {
-        let c = agent.dataplane.service_counters(s.id.0)?;
-        let backends = s
-            .backends
-            .iter()
-            .map(|b| {
-                let c = agent.dataplane.backend_counters(b.id.0)?;
-                Ok(BackendView {
-                    address: b.config.address,
-                    weight: b.config.weight,
-                    state: s.backend_state(b).to_string(),
-                    packets: c.packets,
-                    bytes: c.bytes,
+    agent
+        .services()
+        .map(|s| {
+            let c = agent.dataplane.service_counters(s.id.0)?;
+            let backends = s
+                .backends
+                .iter()
+                .map(|b| {
+                    let c = agent.dataplane.backend_counters(b.id.0)?;
+                    Ok(BackendView {
+                        address: b.config.address,
+                        weight: b.config.weight,
+                        state: s.backend_state(b).to_string(),
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    })
                 })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(ServiceView {
+                name: s.config.name.clone(),
+                vip: s.config.vip,
+                port: s.config.port,
+                protocol: s.config.protocol.to_string(),
+                forward: format!("{:?}", s.config.forward).to_lowercase(),
+                scheduler: s.config.scheduler,
+                packets: c.packets,
+                bytes: c.bytes,
+                backends,
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ServiceView {
-            name: s.config.name.clone(),
-            vip: s.config.vip,
-            port: s.config.port,
-            protocol: s.config.protocol.to_string(),
-            forward: format!("{:?}", s.config.forward).to_lowercase(),
-            scheduler: s.config.scheduler,
-            packets: c.packets,
-            bytes: c.bytes,
-            backends,
         })
-    })
-    .collect()
+        .collect()
 }
 
 /// Serves the socket at `path` (replacing a stale one) until the main loop goes away.
@@ -303,7 +305,10 @@ address = "fd00::11"
         let mut scratch = c.clone();
         assert_eq!(refused(&mut scratch, add("web", "fd00::12")).invalid_kinds(), [InvalidKind::WrongFamily]);
         assert!(matches!(refused(&mut c, add("nope", "10.0.0.13")), ChangeError::NoService(s) if s == "nope"));
-        assert!(edit(&mut c, add("fd00::100:53/udp", "fd00::12")).is_ok(), "services can be named by VIP:PORT/PROTOCOL");
+        assert!(
+            edit(&mut c, add("fd00::100:53/udp", "fd00::12")).is_ok(),
+            "services can be named by VIP:PORT/PROTOCOL"
+        );
         let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.12"), weight: 70_000 };
         let mut scratch = c.clone();
         assert_eq!(refused(&mut scratch, w).invalid_kinds(), [InvalidKind::BadValue]);

@@ -342,7 +342,6 @@ fn parse_prefix<A: std::str::FromStr + Copy + Into<IpAddr>>(
     }
 }
 
-
 fn read_service(i: usize, raw: &Spanned<RawService>, defaults: &RawHealth, errors: &mut Errors<'_>) -> ServiceConfig {
     let path = format!("service[{i}]");
     let s = raw.get_ref();
@@ -361,7 +360,12 @@ fn read_service(i: usize, raw: &Spanned<RawService>, defaults: &RawHealth, error
     });
     let health = merge_health(&path, defaults, &s.health, port, errors);
     if s.backend.is_empty() {
-        errors.at_kind(raw.span(), format!("{path}.backend"), InvalidKind::Missing, "expected at least one [[service.backend]]");
+        errors.at_kind(
+            raw.span(),
+            format!("{path}.backend"),
+            InvalidKind::Missing,
+            "expected at least one [[service.backend]]",
+        );
     }
     let mut backends = Vec::new();
     for (j, b) in s.backend.iter().enumerate() {
@@ -494,7 +498,6 @@ fn merge_health(
     }
     h
 }
-
 
 /// An address, or the unspecified one (reported) when the value is none; whether it may be
 /// used where it stands is the validator's question.

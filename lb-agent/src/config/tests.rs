@@ -158,8 +158,7 @@ fn schedulers_parse_and_rr_on_several_hosts_warns() {
         ("lc", Scheduler::Lc),
         ("wlc", Scheduler::Wlc),
     ] {
-        let c =
-            Config::parse(&GOOD.replace("port = 80\n", &format!("port = 80\nscheduler = \"{text}\"\n"))).unwrap();
+        let c = Config::parse(&GOOD.replace("port = 80\n", &format!("port = 80\nscheduler = \"{text}\"\n"))).unwrap();
         assert_eq!(c.services[0].scheduler, want);
         assert_eq!(want.to_string(), text);
         // One host: no warning, whatever the scheduler.

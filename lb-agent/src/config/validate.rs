@@ -43,7 +43,8 @@ pub fn validate(config: &Config) -> Vec<Invalid> {
             bad(format!("{path}.name"), InvalidKind::Duplicate, format!("a service is already named {:?}", s.name));
         }
         if !(s.maglev_size <= MAX_MAGLEV_SIZE && is_prime(s.maglev_size)) {
-            let message = format!("expected a prime number up to {MAX_MAGLEV_SIZE} (e.g. 65537), got {}", s.maglev_size);
+            let message =
+                format!("expected a prime number up to {MAX_MAGLEV_SIZE} (e.g. 65537), got {}", s.maglev_size);
             bad(format!("{path}.maglev_size"), InvalidKind::BadValue, message);
         } else if (s.maglev_size as usize) < s.backends.len() {
             let message = format!(
@@ -147,19 +148,22 @@ mod tests {
 
         let mut c = config_with_vips(2);
         c.maglev_capacity = 4 * 251 - 1;
-        assert_eq!(validate(&c).iter().map(|e| (e.field.as_str(), e.kind)).collect::<Vec<_>>(), [(
-            "maglev_capacity",
-            InvalidKind::Limit
-        )]);
+        assert_eq!(
+            validate(&c).iter().map(|e| (e.field.as_str(), e.kind)).collect::<Vec<_>>(),
+            [("maglev_capacity", InvalidKind::Limit)]
+        );
 
         let mut c = config_with_vips(2);
         c.services[1].name = "s0".into();
         c.services[0].backends.push(BackendConfig { address: "fd00::1".parse().unwrap(), weight: 1, mac: None });
         c.services[1].protocol = Protocol::Udp;
         let kinds: Vec<_> = validate(&c).into_iter().map(|e| (e.field, e.kind)).collect();
-        assert_eq!(kinds, [
-            ("service[0].backend[1].address".to_string(), InvalidKind::WrongFamily),
-            ("service[1].name".to_string(), InvalidKind::Duplicate),
-        ]);
+        assert_eq!(
+            kinds,
+            [
+                ("service[0].backend[1].address".to_string(), InvalidKind::WrongFamily),
+                ("service[1].name".to_string(), InvalidKind::Duplicate),
+            ]
+        );
     }
 }

@@ -66,8 +66,7 @@ impl FlowWalker {
     /// per entry: call it off the main loop. Flows pinned or closed during the walk may be lost
     /// to the write (a few, fixed by the next walk).
     pub fn walk(&self) -> Result<Walk> {
-        let flows: HashMap<MapData, FlowKey, Flow> =
-            HashMap::try_from(Map::LruHashMap(MapData::from_id(self.flows)?))?;
+        let flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(MapData::from_id(self.flows)?))?;
         let backends: Array<MapData, Backend> = Array::try_from(Map::Array(MapData::from_id(self.backends)?))?;
         let mut active: Array<MapData, u64> = Array::try_from(Map::Array(MapData::from_id(self.active_flows)?))?;
         let mut counts: StdHashMap<(u32, u32), u64> = StdHashMap::new();

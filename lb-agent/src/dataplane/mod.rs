@@ -32,19 +32,19 @@ use lb_common::{
 };
 use log::{info, warn};
 
-pub use self::{
-    attach::{attach_pass_program, attach_xdp},
-    flows::{FlowWalker, Walk, FLOW_WALK_PERIOD},
-    ids::{BackendId, IdPool, ServiceId},
-    object::EBPF_OBJECT,
-    pins::DEFAULT_PIN_DIR,
-};
 use self::{
     attach::attach_xdp_link,
     flows::FlowTableState,
     ids::TableSpace,
     object::{take_map, CONFIG_MAPS},
     pins::{Pins, LINK_PIN, STAGED},
+};
+pub use self::{
+    attach::{attach_pass_program, attach_xdp},
+    flows::{FlowWalker, Walk, FLOW_WALK_PERIOD},
+    ids::{BackendId, IdPool, ServiceId},
+    object::EBPF_OBJECT,
+    pins::DEFAULT_PIN_DIR,
 };
 use crate::{
     config::{Forward, XdpMode},

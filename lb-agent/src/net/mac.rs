@@ -10,7 +10,8 @@ pub fn iface_mac(iface: &str) -> Result<[u8; 6]> {
     }
     let path = format!("/sys/class/net/{iface}/address");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    parse_mac(text.trim()).ok_or_else(|| anyhow!("interface {iface} has no Ethernet unicast address ({:?})", text.trim()))
+    parse_mac(text.trim())
+        .ok_or_else(|| anyhow!("interface {iface} has no Ethernet unicast address ({:?})", text.trim()))
 }
 
 /// "aa:bb:cc:dd:ee:ff" → bytes; None unless it is a unicast address.

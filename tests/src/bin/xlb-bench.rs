@@ -46,10 +46,10 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_agent::{
-    tables::maglev::address_key,
     config::Forward,
     dataplane::{map_addr, Dataplane, LoadOptions},
     sys::if_index,
+    tables::maglev::address_key,
     tables::maglev::{self, Member},
 };
 use lb_common::{

@@ -1,0 +1,297 @@
+//! Map names, keys and values, as the eBPF object declares them and the agent fills them.
+use crate::{Addr, IPPROTO_TCP};
+
+/// Map names, as the eBPF object declares them and the agent looks them up.
+pub mod map_names {
+    /// [`crate::VipKey`] → [`crate::Vip`]: is this destination ours at all?
+    pub const VIPS: &str = "VIPS";
+    /// [`crate::ServiceKey`] → [`crate::Service`].
+    pub const SERVICES: &str = "SERVICES";
+    /// All services' Maglev tables, back to back: entry → backend id.
+    pub const MAGLEV: &str = "MAGLEV";
+    /// Backend id → [`crate::Backend`].
+    pub const BACKENDS: &str = "BACKENDS";
+    /// Per-CPU [`crate::Counters`] per service id.
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    /// Per-CPU [`crate::Counters`] per backend id.
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    /// Per-CPU [`crate::Counters`] per [`crate::Reason`].
+    pub const REASON_STATS: &str = "REASON_STATS";
+    /// Per-CPU [`crate::BackendFlows`] per backend id: the passive health signal.
+    pub const BACKEND_FLOW_STATS: &str = "BACKEND_FLOW_STATS";
+    /// Per-CPU [`crate::Counters`] per [`crate::FlowEvent`] (packets only).
+    pub const FLOW_STATS: &str = "FLOW_STATS";
+    /// [`crate::FlowKey`] → [`crate::Flow`]: LRU hash with per-CPU LRU lists.
+    pub const FLOWS: &str = "FLOWS";
+    /// One [`crate::Settings`].
+    pub const SETTINGS: &str = "SETTINGS";
+    /// Per-CPU [`crate::RateWindow`].
+    pub const NEW_FLOW_RATE: &str = "NEW_FLOW_RATE";
+    /// Devmap of egress interfaces for XDP_REDIRECT (ifindex → ifindex).
+    pub const TX_PORTS: &str = "TX_PORTS";
+    /// [`crate::VipKey`] → `u32` (1, unused): outer destinations this host decapsulates (the
+    /// backend side of L3 DSR, program [`crate::program_names::DECAP`]).
+    pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+    /// Per-CPU [`crate::Counters`] per [`crate::reason::DecapReason`] (bytes as received).
+    pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// Per-CPU `u32` per service id: the round-robin cursor of rr/wrr services (the next entry
+    /// of the service's table a new flow takes on this CPU).
+    pub const RR_CURSOR: &str = "RR_CURSOR";
+    /// `u64` per backend id, global (not per CPU): the flows pinned to the backend and not yet
+    /// closed, kept by the data path with atomic adds and reconciled by the agent with
+    /// [`FLOWS`] every few seconds. What lc/wlc compare.
+    pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
+    /// `u32` per backend id: its configured weight, which wlc divides its active flows by.
+    pub const BACKEND_WEIGHTS: &str = "BACKEND_WEIGHTS";
+    /// [`crate::AffinityKey`] → [`crate::Affinity`]: LRU hash of the client pins of
+    /// source-hash services with an affinity timeout ([`crate::affinity_timeout_of`]).
+    pub const SOURCE_AFFINITY: &str = "SOURCE_AFFINITY";
+}
+
+/// Global variables of the eBPF object, set by the agent at load time.
+pub mod global_names {
+    /// `u32`: seed of the flow hash; equal on every balancer host that shares a VIP.
+    pub const HASH_SEED: &str = "HASH_SEED";
+    /// `[u16; 3]` (see [`crate::mac_words`]): MAC address of the interface the program is attached to.
+    pub const IFACE_MAC: &str = "IFACE_MAC";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// The balancer.
+    pub const BALANCER: &str = "xlb_balancer";
+    /// XDP_PASS only: needed on the peer of a native-XDP veth in test beds, and the bench baseline.
+    pub const PASS: &str = "xlb_pass";
+    /// Swaps the Ethernet addresses and bounces the frame: the minimal XDP_TX baseline.
+    pub const MAC_SWAP: &str = "xlb_mac_swap";
+    /// Backend side of L3 DSR: strips the outer IPv4/IPv6 header of IPIP/IP6IP6 packets sent to
+    /// one of this host's addresses and passes the inner packet up the stack.
+    pub const DECAP: &str = "xlb_decap";
+}
+
+/// Key of [`map_names::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: Addr,
+    /// [`FAMILY_V4`](crate::FAMILY_V4) or [`FAMILY_V6`](crate::FAMILY_V6).
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Value of [`map_names::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vip {
+    /// Number of services on this address (informational; the data path only tests presence).
+    pub services: u32,
+}
+const _: () = assert!(core::mem::size_of::<Vip>() == 4);
+
+/// Key of [`map_names::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Port, network byte order.
+    pub port: u16,
+    /// IP protocol number ([`IPPROTO_TCP`] or [`IPPROTO_UDP`](crate::IPPROTO_UDP)).
+    pub proto: u8,
+    /// [`FAMILY_V4`](crate::FAMILY_V4) or [`FAMILY_V6`](crate::FAMILY_V6).
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+
+/// Value of [`map_names::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into the per-service statistics.
+    pub id: u32,
+    /// [`SERVICE_F_IPIP`] or 0 (L2 DSR), the scheduler in bits 8..15 ([`SCHED_SHIFT`],
+    /// [`SCHED_MASK`]) and, for source-hash, the affinity timeout in seconds in bits 16..31
+    /// ([`AFFINITY_SHIFT`], [`AFFINITY_MASK`]; 0: off).
+    pub flags: u32,
+    /// Where the active Maglev table starts in [`map_names::MAGLEV`]. The agent writes the
+    /// inactive copy and then flips this one aligned word, so a packet never sees half a table.
+    pub table_base: u32,
+    /// Number of entries of the active table: the allocated size (a prime, fixed for the
+    /// service's lifetime), or for rr/wrr the whole number of weighted cycles that fit in it.
+    pub table_size: u32,
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 16);
+
+/// The service forwards by encapsulation (IPv4 in IPv4, IPv6 in IPv6) instead of L2 DSR.
+pub const SERVICE_F_IPIP: u32 = 1;
+
+/// Where the scheduler id sits in [`Service::flags`].
+pub const SCHED_SHIFT: u32 = 8;
+pub const SCHED_MASK: u32 = 0xff << SCHED_SHIFT;
+/// New flows by the flow hash over the Maglev table (the default).
+pub const SCHED_MAGLEV: u32 = 0;
+/// New flows by a per-CPU cursor over a table of backends in turn.
+pub const SCHED_RR: u32 = 1;
+/// As [`SCHED_RR`] over a smooth weighted round-robin sequence.
+pub const SCHED_WRR: u32 = 2;
+/// New flows by a hash of the client address alone over the Maglev table.
+pub const SCHED_SOURCE_HASH: u32 = 3;
+/// Least connections: of two backends drawn at random from the service's Maglev table (so
+/// weights and health shape the draw), the one with fewer [`map_names::ACTIVE_FLOWS`].
+pub const SCHED_LC: u32 = 4;
+/// Weighted least connections: as [`SCHED_LC`], comparing active flows / weight
+/// ([`map_names::BACKEND_WEIGHTS`]).
+pub const SCHED_WLC: u32 = 5;
+
+/// Where a source-hash service's affinity timeout (seconds; 0: no pin) sits in
+/// [`Service::flags`]: bits 16..31, so at most [`MAX_AFFINITY_TIMEOUT_SECS`].
+pub const AFFINITY_SHIFT: u32 = 16;
+pub const AFFINITY_MASK: u32 = 0xffff << AFFINITY_SHIFT;
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = AFFINITY_MASK >> AFFINITY_SHIFT;
+
+/// The affinity timeout (seconds) of a service's flags.
+pub const fn affinity_timeout_of(flags: u32) -> u32 {
+    (flags & AFFINITY_MASK) >> AFFINITY_SHIFT
+}
+
+/// The scheduler id of a service's flags.
+pub const fn scheduler_of(flags: u32) -> u32 {
+    (flags & SCHED_MASK) >> SCHED_SHIFT
+}
+
+/// Value of [`map_names::BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// MAC address the frame is rewritten to (L2 DSR), as [`mac_words`] gives it.
+    pub mac: [u16; 3],
+    /// [`BACKEND_F_VALID`] when the slot holds a backend.
+    pub flags: u8,
+    /// [`FAMILY_V4`](crate::FAMILY_V4) or [`FAMILY_V6`](crate::FAMILY_V6).
+    pub family: u8,
+    /// Bumped whenever the slot is given to another backend: a flow pinned to an older
+    /// generation is re-hashed instead of following the slot's new owner.
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 28);
+
+pub const BACKEND_F_VALID: u8 = 1;
+
+/// A Maglev entry that names no backend: the service has no usable backend.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Key of [`map_names::FLOWS`]: the 5-tuple as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// The L4 header's first four bytes: source and destination port, as on the wire.
+    pub ports: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of [`map_names::FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub backend: u32,
+    /// The backend slot's generation when the flow was pinned.
+    pub generation: u32,
+    /// UDP: bpf_ktime_get_ns() of the last packet (refreshed once a second, or every half idle
+    /// time when that is shorter). TCP: the time the flow was pinned, or [`FLOW_TCP_CLOSED`]
+    /// once a FIN was seen (the flow no longer counts in [`map_names::ACTIVE_FLOWS`]).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+
+/// [`Flow::last_seen_ns`] of a TCP flow that saw a FIN: pinned still (its last packets must
+/// reach the same backend), but no longer active. The clock never reads 0, so an entry pinned
+/// by an older data path (which stored the pin time) reads as open. A new SYN reopens it.
+pub const FLOW_TCP_CLOSED: u64 = 0;
+
+impl Flow {
+    /// Whether the flow counts in [`map_names::ACTIVE_FLOWS`] (of the FLOWS entry's protocol).
+    pub const fn active(&self, proto: u8) -> bool {
+        proto != IPPROTO_TCP || self.last_seen_ns != FLOW_TCP_CLOSED
+    }
+}
+
+/// Key of [`map_names::SOURCE_AFFINITY`]: a client of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub addr: Addr,
+    /// The service id.
+    pub service: u32,
+    /// [`FAMILY_V4`](crate::FAMILY_V4) or [`FAMILY_V6`](crate::FAMILY_V6).
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
+
+/// Value of [`map_names::SOURCE_AFFINITY`]: the backend a client's new flows go to while it
+/// stays usable (valid, same generation) and the client comes back within the timeout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub backend: u32,
+    /// The backend slot's generation when the client was pinned.
+    pub generation: u32,
+    /// bpf_ktime_get_ns() of the client's last new flow.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Affinity>() == 16);
+
+/// The single entry of [`map_names::SETTINGS`]: knobs the agent may change at run time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// A UDP flow idle longer than this is re-hashed on its next packet.
+    pub udp_idle_ns: u64,
+    /// New flows per second and CPU that get a flow-table entry; past it (a SYN flood) the
+    /// Maglev answer is used without inserting, so the flood cannot flush the table. 0: no limit.
+    pub new_flows_per_cpu_sec: u32,
+    /// Outer source of IPv4 encapsulation: `ipip_src_v4 | (flow hash & ipip_src_v4_host)`.
+    pub ipip_src_v4: u32,
+    pub ipip_src_v4_host: u32,
+    /// As for IPv4; the host part varies in the last word only.
+    pub ipip_src_v6_host: u32,
+    pub ipip_src_v6: Addr,
+}
+const _: () = assert!(core::mem::size_of::<Settings>() == 40);
+
+/// Value of [`map_names::NEW_FLOW_RATE`]: this CPU's count of new flows in the current second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    pub start_ns: u64,
+    pub count: u64,
+}
+const _: () = assert!(core::mem::size_of::<RateWindow>() == 16);
+
+/// Value of [`map_names::BACKEND_FLOW_STATS`]: what the balancer sees of a backend's health
+/// without seeing its replies. A client whose SYN got no answer sends it again, and the
+/// retransmission hits the flow pinned by the first one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendFlows {
+    /// Flows given to the backend (pinned or not).
+    pub new_flows: u64,
+    /// TCP SYNs (without ACK) of flows already pinned to the backend.
+    pub syn_retransmits: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendFlows>() == 16);
+
+/// Per-CPU counter pair, summed over CPUs by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 16);
