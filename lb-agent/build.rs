@@ -1,5 +1,5 @@
 //! Builds the eBPF object (lb-ebpf, on the nightly toolchain) into OUT_DIR, where
-//! src/loader.rs embeds it.
+//! src/dataplane/object.rs embeds it.
 use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {

@@ -3,17 +3,21 @@
 //! tunnel device to do it), fed with the host's addresses (`net::addr`).
 use std::net::IpAddr;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{Context as _, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::Xdp,
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use lb_common::{limits::MAX_DECAP_ADDRS, map_names, program_names, reason::DecapReason, Counters, VipKey};
 
 use crate::{
     config::XdpMode,
-    dataplane::{attach_xdp, map_addr, object::take_map, sum, EBPF_OBJECT},
+    dataplane::{
+        attach_xdp, map_addr,
+        object::{load_object, take_map, xdp_program},
+        sum,
+    },
 };
 
 /// The loaded decapsulating program and its maps. Detached when dropped.
@@ -27,16 +31,8 @@ impl Decap {
     /// Loads the eBPF object and the decap program (verifier included); attaches nothing and
     /// accepts no address yet. The object's balancer maps are created too, at their smallest.
     pub fn load() -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::MAGLEV, 1)
-            .map_max_entries(map_names::FLOWS, 1)
-            .load(EBPF_OBJECT)
-            .context("cannot load the eBPF object (are you root, with BPF enabled in the kernel?)")?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(program_names::DECAP)
-            .ok_or_else(|| anyhow!("program {} missing", program_names::DECAP))?
-            .try_into()?;
-        prog.load().context("the kernel rejected the decap program")?;
+        let mut ebpf = load_object(&[map_names::MAGLEV, map_names::FLOWS])?;
+        xdp_program(&mut ebpf, program_names::DECAP)?;
         Ok(Self {
             addrs: take_map(&mut ebpf, map_names::DECAP_ADDRS)?,
             stats: take_map(&mut ebpf, map_names::DECAP_STATS)?,

@@ -1,14 +1,14 @@
 //! Attaching XDP programs to interfaces: native mode with a fallback to generic, and the
 //! XDP_PASS program a native-XDP veth peer needs in test beds.
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use aya::{
     programs::{xdp::XdpLinkId, Xdp, XdpMode as AyaXdpMode},
-    Ebpf, EbpfLoader,
+    Ebpf,
 };
 use lb_common::{map_names, program_names};
 use log::warn;
 
-use super::object::EBPF_OBJECT;
+use super::object::{load_object, xdp_program};
 use crate::{config::XdpMode, sys::if_index};
 
 /// Attaches a loaded XDP program to `iface`. `None` tries native mode and falls back to
@@ -45,15 +45,8 @@ pub(super) fn attach_xdp_link(prog: &mut Xdp, iface: &str, mode: Option<XdpMode>
 /// a peer that runs an XDP program. For test beds; a real NIC needs nothing of the kind.
 /// The program stays attached while the returned object lives.
 pub fn attach_pass_program(iface: &str) -> Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(map_names::MAGLEV, 1)
-        .load(EBPF_OBJECT)
-        .context("cannot load the eBPF object")?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(program_names::PASS)
-        .ok_or_else(|| anyhow!("program {} missing", program_names::PASS))?
-        .try_into()?;
-    prog.load()?;
+    let mut ebpf = load_object(&[map_names::MAGLEV])?;
+    let prog = xdp_program(&mut ebpf, program_names::PASS)?;
     prog.attach(iface, AyaXdpMode::Driver).with_context(|| format!("cannot attach the pass program to {iface}"))?;
     Ok(ebpf)
 }

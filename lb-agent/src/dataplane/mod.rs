@@ -210,11 +210,7 @@ impl Dataplane {
                 map.pin(&path).with_context(|| format!("cannot pin map {name} at {}", path.display()))?;
             }
         }
-        let prog: &mut Xdp = ebpf
-            .program_mut(program_names::BALANCER)
-            .ok_or_else(|| anyhow!("program {} missing", program_names::BALANCER))?
-            .try_into()?;
-        prog.load().context("the kernel rejected the balancer program")?;
+        object::xdp_program(&mut ebpf, program_names::BALANCER)?;
         Ok(Self {
             vips: take_map(&mut ebpf, map_names::VIPS)?,
             services: take_map(&mut ebpf, map_names::SERVICES)?,
@@ -289,12 +285,7 @@ impl Dataplane {
 
     /// One of the object's programs, loaded on first use (the baselines of the benchmarks).
     pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
-        let prog: &mut Xdp =
-            self.ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
-        if prog.fd().is_err() {
-            prog.load().with_context(|| format!("the kernel rejected program {name}"))?;
-        }
-        Ok(prog)
+        object::xdp_program(&mut self.ebpf, name)
     }
 
     /// Attaches the balancer to `iface`. `None` tries native mode and falls back to generic

@@ -2,7 +2,7 @@
 //! hold state that outlives an agent, and the shapes those maps are created with (read from the
 //! object by aya-obj, so a pinned map can be checked against this build before it is reused).
 use anyhow::{anyhow, Context as _, Result};
-use aya::{maps::MapInfo, Ebpf};
+use aya::{maps::MapInfo, programs::Xdp, Ebpf, EbpfLoader};
 use lb_common::map_names;
 
 /// The eBPF object built by build.rs from lb-ebpf.
@@ -26,6 +26,25 @@ pub(crate) const UNUSED_MAPS: [&str; 2] = [map_names::DECAP_ADDRS, map_names::DE
 /// global data (`.rodata`: the hash seed and the interface's MAC come from the new config).
 pub(crate) fn is_state_map(name: &str) -> bool {
     !name.contains('.') && !CONFIG_MAPS.contains(&name) && !UNUSED_MAPS.contains(&name)
+}
+
+/// Loads the object for a program that leaves `unused` maps alone: they are created with one
+/// entry instead of their full size.
+pub(crate) fn load_object(unused: &[&str]) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for name in unused {
+        loader.map_max_entries(name, 1);
+    }
+    loader.load(EBPF_OBJECT).context("cannot load the eBPF object (are you root, with BPF enabled in the kernel?)")
+}
+
+/// The object's XDP program `name`, loaded into the kernel (the verifier runs) on first use.
+pub(crate) fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let prog: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
+    if prog.fd().is_err() {
+        prog.load().with_context(|| format!("the kernel rejected program {name}"))?;
+    }
+    Ok(prog)
 }
 
 /// Takes a map of the loaded object out as its typed aya wrapper.
