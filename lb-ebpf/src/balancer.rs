@@ -11,10 +11,10 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use crate::{
     encap,
     fib::{self, Route},
+    flow::{self, Chosen},
     icmp,
     maps::{self, SERVICES, SETTINGS, TX_PORTS, VIPS},
     parse::{self, Ipv6Next, L3},
-    select::{self, Chosen},
     stats,
 };
 
@@ -66,7 +66,7 @@ pub fn balance(ctx: &XdpContext) -> Reason {
         return Reason::DropUnknownService;
     };
     let hash = flow_hash(&k.src, &k.dst, k.ports, k.proto, maps::hash_seed());
-    let Some(chosen) = select::select(k, packet.tcp_flags, &service, hash) else {
+    let Some(chosen) = flow::select(k, packet.tcp_flags, &service, hash) else {
         return Reason::DropNoBackend;
     };
     let bytes = parse::frame_len(ctx);

@@ -1,7 +1,7 @@
 //! Entry points of the XDP programs. Each module holds one concern; this file only assembles them.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 // The atomic intrinsics: core::sync::atomic has no read-modify-write operations on this target,
-// but LLVM lowers these to BPF_ATOMIC instructions (select.rs: ACTIVE_FLOWS).
+// but LLVM lowers these to BPF_ATOMIC instructions (flow.rs and sched.rs: ACTIVE_FLOWS).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics), allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
@@ -15,13 +15,15 @@ mod encap;
 #[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
+mod flow;
+#[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
-mod select;
+mod sched;
 #[cfg(target_arch = "bpf")]
 mod stats;
 

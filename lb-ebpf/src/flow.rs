@@ -1,0 +1,186 @@
+//! The flow table (FLOWS): a packet's pinned backend while it is still in the service (for UDP,
+//! not idle too long); otherwise the scheduler's choice (`sched`), pinned unless over the
+//! new-flow rate. Also the per-backend active-flow counts that follow the pins.
+use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed};
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{Backend, Flow, FlowEvent, FlowKey, Service, TcpFlags, BACKEND_F_VALID, FLOW_TCP_CLOSED, IPPROTO_UDP};
+
+use crate::{
+    maps::{ACTIVE_FLOWS, BACKENDS, FLOWS, NEW_FLOW_RATE, SETTINGS},
+    sched, stats,
+};
+
+pub(crate) const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// A usable backend: its id and its slot.
+pub struct Chosen {
+    pub id: u32,
+    pub backend: &'static Backend,
+}
+
+/// The backend in slot `id` when it is valid (and, given a generation, still the same one).
+#[inline(always)]
+pub(crate) fn usable(id: u32, generation: Option<u32>) -> Option<&'static Backend> {
+    let backend = BACKENDS.get(id)?;
+    let valid = backend.flags & BACKEND_F_VALID != 0;
+    (valid && generation.is_none_or(|g| g == backend.generation)).then_some(backend)
+}
+
+/// One more active flow on backend `id` (an atomic add: the counts are global).
+#[inline(never)]
+fn active_add(id: u32) {
+    if let Some(p) = ACTIVE_FLOWS.get_ptr_mut(id) {
+        // SAFETY: an aligned u64 of the map, valid for the program's run, only ever accessed
+        // atomically by the data path. The result unused: a plain BPF_ATOMIC_ADD.
+        unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, 1) };
+    }
+}
+
+/// One fewer active flow on backend `id`, never below 0: a compare-and-swap, retried a few
+/// times under contention (giving up leaves the count high, which reconciliation fixes).
+#[inline(never)]
+fn active_sub(id: u32) {
+    let Some(p) = ACTIVE_FLOWS.get_ptr_mut(id) else { return };
+    // SAFETY: as in active_add (an aligned 64-bit load is atomic; then BPF_CMPXCHG).
+    let mut v = unsafe { core::ptr::read_volatile(p) };
+    for _ in 0..4 {
+        if v == 0 {
+            return;
+        }
+        // SAFETY: as above.
+        let (seen, swapped) = unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(p, v, v - 1) };
+        if swapped {
+            return;
+        }
+        v = seen;
+    }
+}
+
+/// A pinned TCP flow's FIN, RST or SYN: the first FIN or RST closes it (one fewer active flow;
+/// a second FIN does not count again), a new SYN on a closed pin (the 5-tuple reused)
+/// reopens it.
+#[inline(never)]
+fn track_tcp(flow: *mut Flow, tcp_flags: TcpFlags) {
+    // SAFETY: the entry stays valid for the program's run (RCU).
+    unsafe {
+        let closed = (*flow).last_seen_ns == FLOW_TCP_CLOSED;
+        if tcp_flags.closes() {
+            if !closed {
+                (*flow).last_seen_ns = FLOW_TCP_CLOSED;
+                active_sub((*flow).backend);
+            }
+        } else if closed && tcp_flags.is_syn_only() {
+            (*flow).last_seen_ns = bpf_ktime_get_ns();
+            active_add((*flow).backend);
+        }
+    }
+}
+
+/// A stale entry (an idle UDP flow, or a backend gone) about to be replaced: its flow no longer
+/// counts, unless the backend slot has changed hands since (the count is the new owner's).
+#[inline(never)]
+fn release_stale(backend: u32, generation: u32, active: bool) {
+    if active && BACKENDS.get(backend).is_some_and(|b| b.generation == generation) {
+        active_sub(backend);
+    }
+}
+
+/// Whether this CPU's new-flow window is already full (as [`under_new_flow_limit`] will find
+/// it), without counting this flow.
+#[inline(always)]
+pub(crate) fn over_new_flow_limit(now: u64) -> bool {
+    let Some(settings) = SETTINGS.get(0) else {
+        return false;
+    };
+    let limit = settings.new_flows_per_cpu_sec;
+    if limit == 0 {
+        return false;
+    }
+    let Some(w) = NEW_FLOW_RATE.get(0) else {
+        return true;
+    };
+    now.wrapping_sub(w.start_ns) <= NS_PER_SEC && w.count >= u64::from(limit)
+}
+
+/// Whether this CPU may pin one more new flow this second.
+#[inline(always)]
+fn under_new_flow_limit(now: u64, limit: u32) -> bool {
+    if limit == 0 {
+        return true;
+    }
+    let Some(w) = NEW_FLOW_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot, valid for the program's run.
+    unsafe {
+        if now.wrapping_sub((*w).start_ns) > NS_PER_SEC {
+            (*w).start_ns = now;
+            (*w).count = 0;
+        }
+        (*w).count += 1;
+        (*w).count <= u64::from(limit)
+    }
+}
+
+/// The backend for this packet: its pinned one while that is still in the service (and, for
+/// UDP, not idle too long); otherwise its scheduler's, pinned unless over the new-flow rate.
+#[inline(always)]
+pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: u32) -> Option<Chosen> {
+    let settings = SETTINGS.get(0)?;
+    let udp = key.proto == IPPROTO_UDP;
+    // The clock only matters to UDP pins and new pins: a TCP hit does without it.
+    // SAFETY: a helper without arguments.
+    let clock = || unsafe { bpf_ktime_get_ns() };
+    let mut now = 0;
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: the entry stays valid for the program's run (RCU); racing writers only
+        // ever store whole, equally valid values.
+        let f = unsafe { *flow };
+        if udp {
+            now = clock();
+        }
+        let idle = udp && now.wrapping_sub(f.last_seen_ns) > settings.udp_idle_ns;
+        if let (false, Some(backend)) = (idle, usable(f.backend, Some(f.generation))) {
+            if !udp && tcp_flags.changes_state() {
+                track_tcp(flow, tcp_flags);
+            }
+            if tcp_flags.is_rst() {
+                let _ = FLOWS.remove(key);
+                stats::count_flow(FlowEvent::Closed);
+            } else {
+                // Refreshed well before it could expire, but not on every packet.
+                let refresh = if settings.udp_idle_ns < 2 * NS_PER_SEC { settings.udp_idle_ns / 2 } else { NS_PER_SEC };
+                if udp && now.wrapping_sub(f.last_seen_ns) > refresh {
+                    // SAFETY: as above.
+                    unsafe { (*flow).last_seen_ns = now };
+                }
+                stats::count_flow(FlowEvent::Hit);
+                if tcp_flags.is_syn_only() {
+                    stats::count_syn_retransmit(f.backend);
+                }
+            }
+            return Some(Chosen { id: f.backend, backend });
+        }
+        release_stale(f.backend, f.generation, f.active(key.proto));
+        stats::count_flow(FlowEvent::Stale);
+    }
+    if now == 0 {
+        now = clock();
+    }
+    let id = sched::new_flow_backend(service, key, tcp_flags, hash, now)?;
+    let backend = usable(id, None)?;
+    stats::count_new_flow(id);
+    if !tcp_flags.is_rst() {
+        if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) {
+            let flow = Flow { backend: id, generation: backend.generation, last_seen_ns: now };
+            if FLOWS.insert(key, &flow, 0).is_ok() {
+                active_add(id);
+            }
+            stats::count_flow(FlowEvent::New);
+        } else {
+            stats::count_flow(FlowEvent::RateLimited);
+        }
+    }
+    Some(Chosen { id, backend })
+}
