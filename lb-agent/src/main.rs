@@ -292,7 +292,7 @@ async fn run(
                 let _ = reply.send(api::handle(&mut agent, request, path));
             }
             Some(metrics::Scrape(reply)) = scrapes.recv() => {
-                let _ = reply.send(metrics::render(&agent).unwrap_or_else(|e| format!("# error: {e:#}\n")));
+                let _ = reply.send(metrics::snapshot(&agent).map_err(|e| format!("{e:#}")));
             }
             _ = stats_tick.tick(), if stats_interval > 0 => info!("counters:\n{}", agent.stats_table()?),
         }

@@ -1,111 +1,195 @@
-//! The Prometheus text endpoint: counters of the data path and the state of every backend.
-//! The HTTP task asks the main loop for a rendering, so the agent's state has one owner.
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+//! The Prometheus endpoint: counters of the data path and the state of every backend, in the
+//! OpenMetrics text format (prometheus-client), served over HTTP/1 by hyper. The HTTP task asks
+//! the main loop for a snapshot, so the agent's state keeps one owner; the snapshot is encoded
+//! off the main loop.
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
+use http_body_util::Full;
+use hyper::{body::Bytes, header::CONTENT_TYPE, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use log::{info, warn};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
     sync::{mpsc, oneshot},
 };
 
-use crate::agent::Agent;
+use crate::agent::{Agent, ServiceState};
 
-/// A scrape waiting for the main loop's rendering.
-pub struct Scrape(pub oneshot::Sender<String>);
+/// A scrape waiting for the main loop's snapshot.
+pub struct Scrape(pub oneshot::Sender<Result<Snapshot, String>>);
 
-/// Renders every metric in the Prometheus text format (version 0.0.4).
-pub fn render(agent: &Agent) -> Result<String> {
-    let mut out = String::new();
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric family: its samples as read at the scrape.
+#[derive(Debug)]
+struct Family {
+    /// Without the `_total` a counter's samples carry.
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    samples: Vec<(Labels, u64)>,
+}
+
+/// Every metric's value at one scrape.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    families: Vec<Family>,
+}
+
+impl Snapshot {
+    fn family(&mut self, name: &'static str, kind: MetricType, help: &'static str) -> &mut Vec<(Labels, u64)> {
+        self.families.push(Family { name, help, kind, samples: Vec::new() });
+        &mut self.families.last_mut().expect("just pushed").samples
+    }
+
+    /// The OpenMetrics text of the snapshot.
+    pub fn encode(self) -> Result<String> {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).context("cannot encode the metrics")?;
+        Ok(out)
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for f in &self.families {
+            let mut family = encoder.encode_descriptor(f.name, f.help, None, f.kind)?;
+            for (labels, value) in &f.samples {
+                // prometheus-client writes label values as they are: a service name is the
+                // operator's text, and must not break the exposition.
+                let labels: Labels = labels.iter().map(|(k, v)| (*k, escape(v))).collect();
+                let sample = family.encode_family(&labels)?;
+                match f.kind {
+                    MetricType::Counter => ConstCounter::new(*value).encode(sample)?,
+                    _ => ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX)).encode(sample)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A label value with backslash, double quote and newline escaped, as the text format wants.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn service_labels(s: &ServiceState) -> Labels {
+    let c = &s.config;
+    vec![
+        ("service", c.name.clone()),
+        ("vip", c.vip.to_string()),
+        ("port", c.port.to_string()),
+        ("protocol", c.protocol.to_string()),
+    ]
+}
+
+/// Reads every metric of the data path and the agent (on the main loop: it owns the agent).
+pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
+    use MetricType::{Counter, Gauge};
     let dp = &agent.dataplane;
+    let mut snap = Snapshot::default();
     let reasons = dp.reason_counters()?;
-    family(&mut out, "xlb_frames_total", "counter", "Frames by the reason of the data path's verdict.");
-    for (reason, c) in &reasons {
-        writeln!(out, "xlb_frames_total{{reason=\"{}\"}} {}", reason.name(), c.packets)?;
-    }
-    family(&mut out, "xlb_frame_bytes_total", "counter", "Bytes of frames by the reason of the verdict.");
-    for (reason, c) in &reasons {
-        writeln!(out, "xlb_frame_bytes_total{{reason=\"{}\"}} {}", reason.name(), c.bytes)?;
-    }
-    family(&mut out, "xlb_flow_events_total", "counter", "Flow-table events (hit, new, rate_limited, stale, closed).");
-    for (event, n) in dp.flow_counters()? {
-        writeln!(out, "xlb_flow_events_total{{event=\"{}\"}} {n}", event.name())?;
-    }
+    let frames = snap.family("xlb_frames", Counter, "Frames by the reason of the data path's verdict.");
+    frames.extend(reasons.iter().map(|(r, c)| (vec![("reason", r.name().to_string())], c.packets)));
+    let bytes = snap.family("xlb_frame_bytes", Counter, "Bytes of frames by the reason of the verdict.");
+    bytes.extend(reasons.iter().map(|(r, c)| (vec![("reason", r.name().to_string())], c.bytes)));
+    let events = snap.family("xlb_flow_events", Counter, "Flow-table events (hit, new, rate_limited, stale, closed).");
+    events.extend(dp.flow_counters()?.into_iter().map(|(e, n)| (vec![("event", e.name().to_string())], n)));
     if let Some(entries) = dp.flow_table_entries() {
-        family(&mut out, "xlb_flow_table_entries", "gauge", "Flows in the flow table (counted every few seconds).");
-        writeln!(out, "xlb_flow_table_entries {entries}")?;
-        family(&mut out, "xlb_flow_table_size", "gauge", "Capacity of the flow table.");
-        writeln!(out, "xlb_flow_table_size {}", dp.flow_table_size()?)?;
+        snap.family("xlb_flow_table_entries", Gauge, "Flows in the flow table (counted every few seconds).")
+            .push((Vec::new(), entries));
+        snap.family("xlb_flow_table_size", Gauge, "Capacity of the flow table.")
+            .push((Vec::new(), u64::from(dp.flow_table_size()?)));
     }
-    family(&mut out, "xlb_service_packets_total", "counter", "Packets forwarded per service.");
-    let mut bytes = String::new();
-    family(&mut bytes, "xlb_service_bytes_total", "counter", "Bytes forwarded per service.");
+
+    let mut service_packets = Vec::new();
+    let mut service_bytes = Vec::new();
+    let mut fail_open = Vec::new();
+    let (mut packets, mut bytes, mut up, mut weight) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut new_flows, mut retransmits, mut active) = (Vec::new(), Vec::new(), Vec::new());
     for s in agent.services() {
         let c = dp.service_counters(s.id.0)?;
         let labels = service_labels(s);
-        writeln!(out, "xlb_service_packets_total{{{labels}}} {}", c.packets)?;
-        writeln!(bytes, "xlb_service_bytes_total{{{labels}}} {}", c.bytes)?;
-    }
-    out += &bytes;
-    family(
-        &mut out,
-        "xlb_service_fail_open",
-        "gauge",
-        "1 while fewer than min_healthy backends are up and failing ones stay in.",
-    );
-    for s in agent.services() {
-        writeln!(out, "xlb_service_fail_open{{{}}} {}", service_labels(s), u8::from(s.fail_open))?;
-    }
-    let (mut packets, mut bytes, mut up, mut weight) = (String::new(), String::new(), String::new(), String::new());
-    let (mut new_flows, mut retransmits, mut active) = (String::new(), String::new(), String::new());
-    family(
-        &mut active,
-        "xlb_backend_active_flows",
-        "gauge",
-        "Flows pinned to the backend and not closed, as the data path counts them for lc/wlc \
-         (reconciled with the flow table every few seconds).",
-    );
-    family(&mut new_flows, "xlb_backend_new_flows_total", "counter", "Flows given to the backend.");
-    family(
-        &mut retransmits,
-        "xlb_backend_syn_retransmits_total",
-        "counter",
-        "SYNs sent again on flows pinned to the backend (the passive health signal).",
-    );
-    family(&mut packets, "xlb_backend_packets_total", "counter", "Packets forwarded per backend.");
-    family(&mut bytes, "xlb_backend_bytes_total", "counter", "Bytes forwarded per backend.");
-    family(&mut up, "xlb_backend_up", "gauge", "1 when the backend passes its health checks.");
-    family(&mut weight, "xlb_backend_weight", "gauge", "Configured weight (0: draining).");
-    for s in agent.services() {
+        service_packets.push((labels.clone(), c.packets));
+        service_bytes.push((labels.clone(), c.bytes));
+        fail_open.push((labels.clone(), u64::from(s.fail_open)));
         for b in &s.backends {
-            let labels = format!("{},backend=\"{}\"", service_labels(s), b.config.address);
+            let mut labels = labels.clone();
+            labels.push(("backend", b.config.address.to_string()));
             let c = dp.backend_counters(b.id.0)?;
-            writeln!(packets, "xlb_backend_packets_total{{{labels}}} {}", c.packets)?;
-            writeln!(bytes, "xlb_backend_bytes_total{{{labels}}} {}", c.bytes)?;
-            writeln!(up, "xlb_backend_up{{{labels}}} {}", u8::from(b.up))?;
-            writeln!(weight, "xlb_backend_weight{{{labels}}} {}", b.config.weight)?;
             let flows = dp.backend_flows(b.id.0)?;
-            writeln!(new_flows, "xlb_backend_new_flows_total{{{labels}}} {}", flows.new_flows)?;
-            writeln!(retransmits, "xlb_backend_syn_retransmits_total{{{labels}}} {}", flows.syn_retransmits)?;
-            writeln!(active, "xlb_backend_active_flows{{{labels}}} {}", dp.active_flows(b.id.0)?)?;
+            packets.push((labels.clone(), c.packets));
+            bytes.push((labels.clone(), c.bytes));
+            up.push((labels.clone(), u64::from(b.up)));
+            weight.push((labels.clone(), u64::from(b.config.weight)));
+            new_flows.push((labels.clone(), flows.new_flows));
+            retransmits.push((labels.clone(), flows.syn_retransmits));
+            active.push((labels, dp.active_flows(b.id.0)?));
         }
     }
-    Ok(out + &packets + &bytes + &up + &weight + &new_flows + &retransmits + &active)
+    *snap.family("xlb_service_packets", Counter, "Packets forwarded per service.") = service_packets;
+    *snap.family("xlb_service_bytes", Counter, "Bytes forwarded per service.") = service_bytes;
+    *snap.family("xlb_service_fail_open", Gauge, "1 while fewer than min_healthy backends are up and failing ones stay in.") =
+        fail_open;
+    *snap.family("xlb_backend_packets", Counter, "Packets forwarded per backend.") = packets;
+    *snap.family("xlb_backend_bytes", Counter, "Bytes forwarded per backend.") = bytes;
+    *snap.family("xlb_backend_up", Gauge, "1 when the backend passes its health checks.") = up;
+    *snap.family("xlb_backend_weight", Gauge, "Configured weight (0: draining).") = weight;
+    *snap.family("xlb_backend_new_flows", Counter, "Flows given to the backend.") = new_flows;
+    *snap.family(
+        "xlb_backend_syn_retransmits",
+        Counter,
+        "SYNs sent again on flows pinned to the backend (the passive health signal).",
+    ) = retransmits;
+    *snap.family(
+        "xlb_backend_active_flows",
+        Gauge,
+        "Flows pinned to the backend and not closed, as the data path counts them for lc/wlc (reconciled with the \
+         flow table every few seconds).",
+    ) = active;
+    Ok(snap)
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-fn service_labels(s: &crate::agent::ServiceState) -> String {
-    let c = &s.config;
-    format!("service=\"{}\",vip=\"{}\",port=\"{}\",protocol=\"{}\"", escape(&c.name), c.vip, c.port, c.protocol)
-}
-
-/// Label values escape backslash, double quote and newline.
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+/// Answers one request: GET /metrics (or /) with a fresh snapshot, 404 otherwise.
+async fn respond(request: Request<hyper::body::Incoming>, scrapes: mpsc::Sender<Scrape>) -> Response<Full<Bytes>> {
+    let status = |code: StatusCode, text: &str| {
+        let mut r = Response::new(Full::new(Bytes::from(text.to_string())));
+        *r.status_mut() = code;
+        r
+    };
+    if request.method() != hyper::Method::GET || !matches!(request.uri().path(), "/metrics" | "/") {
+        return status(StatusCode::NOT_FOUND, "only GET /metrics here\n");
+    }
+    let (tx, rx) = oneshot::channel();
+    if scrapes.send(Scrape(tx)).await.is_err() {
+        return status(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n");
+    }
+    let encoded = match rx.await {
+        Ok(Ok(snapshot)) => tokio::task::spawn_blocking(move || snapshot.encode()).await,
+        Ok(Err(e)) => return status(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the maps: {e}\n")),
+        Err(_) => return status(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n"),
+    };
+    match encoded {
+        Ok(Ok(text)) => {
+            let mut r = Response::new(Full::new(Bytes::from(text)));
+            r.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static(OPENMETRICS));
+            r
+        }
+        Ok(Err(e)) => status(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e:#}\n")),
+        Err(e) => status(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+    }
 }
 
 /// Serves GET /metrics on `addr` until the main loop goes away.
@@ -113,7 +197,7 @@ pub async fn serve(addr: SocketAddr, scrapes: mpsc::Sender<Scrape>) -> Result<()
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?;
     info!("metrics on http://{addr}/metrics");
     loop {
-        let (mut conn, peer) = match listener.accept().await {
+        let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 warn!("metrics: accept failed: {e}");
@@ -122,25 +206,17 @@ pub async fn serve(addr: SocketAddr, scrapes: mpsc::Sender<Scrape>) -> Result<()
         };
         let scrapes = scrapes.clone();
         tokio::spawn(async move {
-            let mut request = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut request)).await;
-            let Ok(Ok(n)) = read else { return };
-            let line = String::from_utf8_lossy(&request[..n]);
-            let response = if line.starts_with("GET /metrics ") || line.starts_with("GET / ") {
-                let (tx, rx) = oneshot::channel();
-                if scrapes.send(Scrape(tx)).await.is_err() {
-                    return;
-                }
-                let Ok(body) = rx.await else { return };
-                format!(
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                warn!("metrics: {peer} asked for something else than GET /metrics");
-                "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string()
-            };
-            let _ = conn.write_all(response.as_bytes()).await;
+            let service = service_fn(move |request| {
+                let scrapes = scrapes.clone();
+                async move { Ok::<_, Infallible>(respond(request, scrapes).await) }
+            });
+            let conn = http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(5))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(conn), service);
+            if let Err(e) = conn.await {
+                log::debug!("metrics: connection from {peer}: {e}");
+            }
         });
     }
 }
@@ -150,8 +226,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
-        assert_eq!(escape("x\ny"), "x\\ny");
+    fn snapshots_encode_as_openmetrics_with_escaped_labels() {
+        let mut snap = Snapshot::default();
+        snap.family("xlb_frames", MetricType::Counter, "Frames.").push((vec![("reason", "tx".into())], 5));
+        snap.family("xlb_backend_up", MetricType::Gauge, "Up.").push((vec![("service", "a\"b\\c\nd".into())], 1));
+        let text = snap.encode().unwrap();
+        assert!(text.contains("# TYPE xlb_frames counter\n"), "{text}");
+        assert!(text.contains("xlb_frames_total{reason=\"tx\"} 5\n"), "{text}");
+        assert!(text.contains("xlb_backend_up{service=\"a\\\"b\\\\c\\nd\"} 1\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -59,7 +59,8 @@ fn l2_dsr_balances_tcp_and_udp_and_evicts_a_dead_backend() {
 
     // The counters as an operator scrapes them.
     let metrics = AgentProcess::scrape(&s.bed.lb, METRICS).unwrap();
-    assert!(metrics.starts_with("HTTP/1.0 200 OK"), "{metrics}");
+    assert!(metrics.lines().next().is_some_and(|l| l.ends_with(" 200 OK")), "{metrics}");
+    assert!(metrics.contains("application/openmetrics-text") && metrics.ends_with("# EOF\n"), "{metrics}");
     let forwarded = metric(&metrics, "xlb_frames_total{reason=\"tx_forwarded\"}");
     assert!(forwarded >= 4 * FLOWS as u64, "{metrics}");
     let per_backend: u64 = (0..BACKENDS)
