@@ -1,41 +1,120 @@
-//! Backend MAC addresses from the kernel's neighbour tables (ARP for IPv4, NDP for IPv6).
+//! Backend MAC addresses from the kernel's neighbour tables (ARP for IPv4, NDP for IPv6), read
+//! with one rtnetlink dump (RTM_GETNEIGH) for both families.
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket},
-    process::Command,
     time::{Duration, Instant},
 };
 
-use crate::net::mac::parse_mac;
+use anyhow::{bail, Context as _, Result};
+use log::debug;
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_route::{
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    RouteNetlinkMessage,
+};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use crate::sys::if_index;
+
+/// Datagrams a dump may take before it is given up on: a table of ~100 entries per datagram.
+const MAX_DUMP_DATAGRAMS: usize = 10_000;
+
+/// Whether an entry in this state holds a usable link-layer address (what ARP calls complete).
+fn complete(state: NeighbourState) -> bool {
+    matches!(
+        state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+    )
+}
+
+/// The complete entries of every neighbour table on interface `ifindex`: address → MAC.
+fn dump(ifindex: u32) -> Result<HashMap<IpAddr, [u8; 6]>> {
+    let mut socket = Socket::new(NETLINK_ROUTE).context("cannot open a netlink socket")?;
+    socket.bind_auto().context("cannot bind the netlink socket")?;
+    socket.connect(&SocketAddr::new(0, 0)).context("cannot connect the netlink socket")?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_DUMP | NLM_F_REQUEST;
+    let mut request = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default())),
+    );
+    request.finalize();
+    let mut buf = vec![0; request.header.length as usize];
+    request.serialize(&mut buf[..]);
+    socket.send(&buf, 0).context("cannot ask for the neighbour tables")?;
+
+    let mut found = HashMap::new();
+    let mut datagram = vec![0u8; 64 * 1024];
+    for _ in 0..MAX_DUMP_DATAGRAMS {
+        let size = socket.recv(&mut &mut datagram[..], 0).context("cannot read the neighbour tables")?;
+        let mut at = 0;
+        while at < size {
+            let message: NetlinkMessage<RouteNetlinkMessage> =
+                NetlinkMessage::deserialize(&datagram[at..size]).context("a malformed neighbour message")?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(e) => bail!("the kernel refused the neighbour dump: {e:?}"),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(entry)) => {
+                    if entry.header.ifindex == ifindex && complete(entry.header.state) {
+                        if let Some((addr, mac)) = entry_of(&entry) {
+                            found.insert(addr, mac);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            at += length;
+        }
+    }
+    bail!("the neighbour dump did not end after {MAX_DUMP_DATAGRAMS} datagrams")
+}
+
+/// The address and the 6-byte link-layer address of an entry, if it has both.
+fn entry_of(entry: &NeighbourMessage) -> Option<(IpAddr, [u8; 6])> {
+    let mut addr = None;
+    let mut mac = None;
+    for attribute in &entry.attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(IpAddr::V4(*a)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => addr = Some(IpAddr::V6(*a)),
+            NeighbourAttribute::LinkLayerAddress(bytes) => mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    Some((addr?, mac?))
+}
+
+/// The complete neighbour entries of `addrs` on `iface`, in their order.
+fn lookup_all(addrs: &[IpAddr], iface: &str) -> Vec<Option<[u8; 6]>> {
+    let table = match if_index(iface).map(dump) {
+        Some(Ok(table)) => table,
+        Some(Err(e)) => {
+            debug!("neighbours of {iface}: {e:#}");
+            HashMap::new()
+        }
+        None => HashMap::new(),
+    };
+    addrs.iter().map(|a| table.get(a).copied()).collect()
+}
 
 /// The complete neighbour entry of `addr` on `iface`, if the kernel has one.
 pub fn lookup(addr: IpAddr, iface: &str) -> Option<[u8; 6]> {
-    match addr {
-        IpAddr::V4(a) => parse_arp_table(&std::fs::read_to_string("/proc/net/arp").ok()?, a, iface),
-        IpAddr::V6(a) => lookup_v6(a, iface),
-    }
-}
-
-/// IPv6 has no /proc table: ask iproute2.
-fn lookup_v6(addr: Ipv6Addr, iface: &str) -> Option<[u8; 6]> {
-    let out = Command::new("ip").args(["-6", "neigh", "show", &addr.to_string(), "dev", iface]).output().ok()?;
-    parse_ip_neigh(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// `fd00::11 lladdr 02:00:00:00:00:0b REACHABLE` → the MAC, unless the entry failed.
-fn parse_ip_neigh(text: &str) -> Option<[u8; 6]> {
-    let line = text.lines().next()?;
-    if line.contains("FAILED") || line.contains("INCOMPLETE") {
-        return None;
-    }
-    let mut words = line.split_whitespace();
-    words.by_ref().find(|w| *w == "lladdr")?;
-    parse_mac(words.next()?)
+    lookup_all(&[addr], iface)[0]
 }
 
 /// Looks every address up and, for those missing, makes the kernel resolve them (one datagram
 /// each to the discard port), then waits up to `wait` in all for the entries.
 pub fn resolve_all(addrs: &[IpAddr], iface: &str, wait: Duration) -> Vec<Option<[u8; 6]>> {
-    let mut macs: Vec<_> = addrs.iter().map(|&a| lookup(a, iface)).collect();
+    let mut macs = lookup_all(addrs, iface);
     if macs.iter().all(Option::is_some) {
         return macs;
     }
@@ -50,49 +129,9 @@ pub fn resolve_all(addrs: &[IpAddr], iface: &str, wait: Duration) -> Vec<Option<
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline && macs.iter().any(Option::is_none) {
         std::thread::sleep(Duration::from_millis(20));
-        for (addr, mac) in addrs.iter().zip(macs.iter_mut()) {
-            if mac.is_none() {
-                *mac = lookup(*addr, iface);
-            }
+        for (mac, found) in macs.iter_mut().zip(lookup_all(addrs, iface)) {
+            *mac = mac.or(found);
         }
     }
     macs
-}
-
-const ATF_COM: u32 = 0x2;
-
-fn parse_arp_table(table: &str, addr: Ipv4Addr, iface: &str) -> Option<[u8; 6]> {
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let [ip, _hw_type, flags, mac, _mask, dev] = f[..] else { return None };
-        let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).ok()?;
-        (ip.parse() == Ok(addr) && dev == iface && flags & ATF_COM != 0).then(|| parse_mac(mac))?
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_complete_entries_on_the_interface_only() {
-        let table = "IP address       HW type     Flags       HW address            Mask     Device
-10.0.0.11        0x1         0x2         02:00:00:00:00:0b     *        eth0
-10.0.0.12        0x1         0x0         00:00:00:00:00:00     *        eth0
-10.0.0.13        0x1         0x2         02:00:00:00:00:0d     *        eth1
-";
-        let a = |s: &str| s.parse().unwrap();
-        assert_eq!(parse_arp_table(table, a("10.0.0.11"), "eth0"), Some([2, 0, 0, 0, 0, 0x0b]));
-        assert_eq!(parse_arp_table(table, a("10.0.0.12"), "eth0"), None);
-        assert_eq!(parse_arp_table(table, a("10.0.0.13"), "eth0"), None);
-        assert_eq!(parse_arp_table(table, a("10.0.0.14"), "eth0"), None);
-    }
-
-    #[test]
-    fn reads_iproute2_neighbour_lines() {
-        assert_eq!(parse_ip_neigh("fd00::11 lladdr 02:00:00:00:00:0b REACHABLE\n"), Some([2, 0, 0, 0, 0, 0x0b]));
-        assert_eq!(parse_ip_neigh("fd00::11 lladdr 02:00:00:00:00:0b router STALE\n"), Some([2, 0, 0, 0, 0, 0x0b]));
-        assert_eq!(parse_ip_neigh("fd00::11  FAILED\n"), None);
-        assert_eq!(parse_ip_neigh(""), None);
-    }
 }
