@@ -32,6 +32,12 @@ impl Netns {
         sh(&["ip", "netns", "add", &name])?;
         let ns = Self { name };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        // No duplicate address detection on interfaces created here or moved in: a link-local
+        // address stays tentative for a second or more otherwise, and neighbour discovery over
+        // it (the first packets to an IPv6 next hop) waits that long.
+        for key in ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"] {
+            ns.exec(&["sysctl", "-qw", key])?;
+        }
         Ok(ns)
     }
 

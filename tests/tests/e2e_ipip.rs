@@ -72,6 +72,8 @@ fn ipip_services_reach_backends_behind_a_router_and_replies_bypass_the_balancer(
 
     let log = agent.stop().unwrap();
     assert!(log.contains("tx_encap"), "{log}");
+    // Health checks to every backend passed from the start: a flap would have moved flows.
+    assert!(!log.contains(" DOWN "), "{log}");
     for d in &mut decaps {
         let log = d.stop().unwrap();
         assert!(log.contains("decapsulated"), "{log}");
