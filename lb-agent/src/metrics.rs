@@ -6,7 +6,9 @@ use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use http_body_util::Full;
-use hyper::{body::Bytes, header::CONTENT_TYPE, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper::{
+    body::Bytes, header::CONTENT_TYPE, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use log::{info, warn};
 use prometheus_client::{
@@ -139,8 +141,11 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
     }
     *snap.family("xlb_service_packets", Counter, "Packets forwarded per service.") = service_packets;
     *snap.family("xlb_service_bytes", Counter, "Bytes forwarded per service.") = service_bytes;
-    *snap.family("xlb_service_fail_open", Gauge, "1 while fewer than min_healthy backends are up and failing ones stay in.") =
-        fail_open;
+    *snap.family(
+        "xlb_service_fail_open",
+        Gauge,
+        "1 while fewer than min_healthy backends are up and failing ones stay in.",
+    ) = fail_open;
     *snap.family("xlb_backend_packets", Counter, "Packets forwarded per backend.") = packets;
     *snap.family("xlb_backend_bytes", Counter, "Bytes forwarded per backend.") = bytes;
     *snap.family("xlb_backend_up", Gauge, "1 when the backend passes its health checks.") = up;

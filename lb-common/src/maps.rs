@@ -44,7 +44,7 @@ pub mod map_names {
     /// `u32` per backend id: its configured weight, which wlc divides its active flows by.
     pub const BACKEND_WEIGHTS: &str = "BACKEND_WEIGHTS";
     /// [`crate::AffinityKey`] → [`crate::Affinity`]: LRU hash of the client pins of
-    /// source-hash services with an affinity timeout ([`crate::affinity_timeout_of`]).
+    /// source-hash services with an affinity timeout ([`Service::affinity_timeout_secs`]).
     pub const SOURCE_AFFINITY: &str = "SOURCE_AFFINITY";
 }
 
@@ -109,55 +109,58 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 pub struct Service {
     /// Index into the per-service statistics.
     pub id: u32,
-    /// [`SERVICE_F_IPIP`] or 0 (L2 DSR), the scheduler in bits 8..15 ([`SCHED_SHIFT`],
-    /// [`SCHED_MASK`]) and, for source-hash, the affinity timeout in seconds in bits 16..31
-    /// ([`AFFINITY_SHIFT`], [`AFFINITY_MASK`]; 0: off).
-    pub flags: u32,
-    /// Where the active Maglev table starts in [`map_names::MAGLEV`]. The agent writes the
-    /// inactive copy and then flips this one aligned word, so a packet never sees half a table.
+    /// Where the active table starts in [`map_names::MAGLEV`]. The agent writes the inactive
+    /// copy and then replaces this value whole, so a packet never sees half a table.
     pub table_base: u32,
     /// Number of entries of the active table: the allocated size (a prime, fixed for the
     /// service's lifetime), or for rr/wrr the whole number of weighted cycles that fit in it.
     pub table_size: u32,
+    /// How packets reach the backend: [`FORWARD_L2`] or [`FORWARD_IPIP`].
+    pub forward: u8,
+    /// How a new flow picks its backend: one of the `SCHED_*` ids.
+    pub scheduler: u8,
+    /// Source-hash only: seconds a client's new flows keep the backend of its earlier ones
+    /// ([`map_names::SOURCE_AFFINITY`]); 0: off.
+    pub affinity_timeout_secs: u16,
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 16);
 
-/// The service forwards by encapsulation (IPv4 in IPv4, IPv6 in IPv6) instead of L2 DSR.
-pub const SERVICE_F_IPIP: u32 = 1;
+impl Service {
+    /// Whether the service encapsulates (IPv4 in IPv4, IPv6 in IPv6) instead of L2 DSR.
+    #[inline(always)]
+    pub const fn is_ipip(&self) -> bool {
+        self.forward == FORWARD_IPIP
+    }
 
-/// Where the scheduler id sits in [`Service::flags`].
-pub const SCHED_SHIFT: u32 = 8;
-pub const SCHED_MASK: u32 = 0xff << SCHED_SHIFT;
+    /// Whether new flows of a source-hash service keep their client's backend for a while.
+    #[inline(always)]
+    pub const fn has_affinity(&self) -> bool {
+        self.scheduler == SCHED_SOURCE_HASH && self.affinity_timeout_secs != 0
+    }
+}
+
+/// L2 DSR: the frame's destination MAC becomes the backend's.
+pub const FORWARD_L2: u8 = 0;
+/// L3 DSR: IPv4 in IPv4 or IPv6 in IPv6 to the backend.
+pub const FORWARD_IPIP: u8 = 1;
+
 /// New flows by the flow hash over the Maglev table (the default).
-pub const SCHED_MAGLEV: u32 = 0;
+pub const SCHED_MAGLEV: u8 = 0;
 /// New flows by a per-CPU cursor over a table of backends in turn.
-pub const SCHED_RR: u32 = 1;
+pub const SCHED_RR: u8 = 1;
 /// As [`SCHED_RR`] over a smooth weighted round-robin sequence.
-pub const SCHED_WRR: u32 = 2;
+pub const SCHED_WRR: u8 = 2;
 /// New flows by a hash of the client address alone over the Maglev table.
-pub const SCHED_SOURCE_HASH: u32 = 3;
+pub const SCHED_SOURCE_HASH: u8 = 3;
 /// Least connections: of two backends drawn at random from the service's Maglev table (so
 /// weights and health shape the draw), the one with fewer [`map_names::ACTIVE_FLOWS`].
-pub const SCHED_LC: u32 = 4;
+pub const SCHED_LC: u8 = 4;
 /// Weighted least connections: as [`SCHED_LC`], comparing active flows / weight
 /// ([`map_names::BACKEND_WEIGHTS`]).
-pub const SCHED_WLC: u32 = 5;
+pub const SCHED_WLC: u8 = 5;
 
-/// Where a source-hash service's affinity timeout (seconds; 0: no pin) sits in
-/// [`Service::flags`]: bits 16..31, so at most [`MAX_AFFINITY_TIMEOUT_SECS`].
-pub const AFFINITY_SHIFT: u32 = 16;
-pub const AFFINITY_MASK: u32 = 0xffff << AFFINITY_SHIFT;
-pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = AFFINITY_MASK >> AFFINITY_SHIFT;
-
-/// The affinity timeout (seconds) of a service's flags.
-pub const fn affinity_timeout_of(flags: u32) -> u32 {
-    (flags & AFFINITY_MASK) >> AFFINITY_SHIFT
-}
-
-/// The scheduler id of a service's flags.
-pub const fn scheduler_of(flags: u32) -> u32 {
-    (flags & SCHED_MASK) >> SCHED_SHIFT
-}
+/// Longest affinity timeout of a source-hash service, in seconds.
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = u16::MAX as u32;
 
 /// Value of [`map_names::BACKENDS`].
 #[repr(C)]

@@ -3,8 +3,8 @@
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags, VipKey,
-    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF,
-    SERVICE_F_IPIP, TCP_HDR, UDP_HDR,
+    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF, TCP_HDR,
+    UDP_HDR,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -177,7 +177,7 @@ fn transport(proto: u8, icmp: u8) -> Result<u8, Reason> {
 
 #[inline(always)]
 fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen, hash: u32) -> Reason {
-    if service.flags & SERVICE_F_IPIP == 0 {
+    if !service.is_ipip() {
         return match parse::set_macs(ctx, chosen.backend.mac, maps::iface_mac()) {
             Some(()) => Reason::TxForwarded,
             None => Reason::PassMalformed,

@@ -4,8 +4,8 @@
 //! the service here and nowhere else.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    affinity_timeout_of, hash::source_hash, scheduler_of, Addr, Affinity, AffinityKey, FlowKey, Service, TcpFlags,
-    AFFINITY_MASK, NO_BACKEND, SCHED_LC, SCHED_MASK, SCHED_RR, SCHED_SHIFT, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
+    hash::source_hash, Addr, Affinity, AffinityKey, FlowKey, Service, TcpFlags, NO_BACKEND, SCHED_LC, SCHED_MAGLEV,
+    SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
 };
 
 use crate::{
@@ -17,11 +17,11 @@ use crate::{
 /// scheduler decides.
 #[inline(always)]
 pub fn new_flow_backend(service: &Service, key: &FlowKey, tcp_flags: TcpFlags, hash: u32, now: u64) -> Option<u32> {
-    if service.flags & AFFINITY_MASK != 0 && scheduler_of(service.flags) == SCHED_SOURCE_HASH {
+    if service.has_affinity() {
         return Some(source_affinity(service, key, tcp_flags, now));
     }
     let index =
-        if service.flags & SCHED_MASK == 0 { hash } else { scheduled_index(service, &key.src, hash, tcp_flags, now) };
+        if service.scheduler == SCHED_MAGLEV { hash } else { scheduled_index(service, &key.src, hash, tcp_flags, now) };
     maglev(service, index)
 }
 
@@ -41,7 +41,7 @@ fn maglev(service: &Service, hash: u32) -> Option<u32> {
 /// packets, which will not find a pin either, land on the same backend.
 #[inline(never)]
 fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: TcpFlags, now: u64) -> u32 {
-    match (service.flags & SCHED_MASK) >> SCHED_SHIFT {
+    match service.scheduler {
         SCHED_SOURCE_HASH => source_hash(src, maps::hash_seed()),
         SCHED_RR | SCHED_WRR => {
             let pinned = !tcp_flags.is_rst() && !over_new_flow_limit(now);
@@ -80,7 +80,7 @@ fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: TcpFlags
 /// beside it, not from it: the verifier adds up the stacks of a call chain.
 #[inline(never)]
 fn source_affinity(service: &Service, key: &FlowKey, tcp_flags: TcpFlags, now: u64) -> u32 {
-    let timeout_ns = u64::from(affinity_timeout_of(service.flags)) * NS_PER_SEC;
+    let timeout_ns = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
     let client = AffinityKey { addr: key.src, service: service.id, family: key.family, _pad: [0; 3] };
     if let Some(pin) = SOURCE_AFFINITY.get_ptr_mut(&client) {
         // SAFETY: the entry stays valid for the program's run (RCU); racing writers only ever
@@ -111,7 +111,7 @@ const LC_CANDIDATES: u32 = 2;
 /// minimum: no walk over the backends, and no herd of CPUs on one backend between updates.
 #[inline(always)]
 fn least_loaded(service: &Service) -> u32 {
-    let weighted = (service.flags & SCHED_MASK) >> SCHED_SHIFT == SCHED_WLC;
+    let weighted = service.scheduler == SCHED_WLC;
     // SAFETY: a helper without arguments.
     let mut best = unsafe { bpf_get_prandom_u32() };
     let mut best_load = load(service, best, weighted);

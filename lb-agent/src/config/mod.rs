@@ -78,8 +78,8 @@ pub enum Scheduler {
 }
 
 impl Scheduler {
-    /// The id the data path reads in the service's flags.
-    pub const fn id(self) -> u32 {
+    /// The id the data path reads in the service's `scheduler` field.
+    pub const fn id(self) -> u8 {
         match self {
             Scheduler::Maglev => lb_common::SCHED_MAGLEV,
             Scheduler::Rr => lb_common::SCHED_RR,

@@ -27,8 +27,8 @@ use aya::{
 };
 use lb_common::{
     addr_octets, addr_v4, addr_v6, global_names, limits, map_names, program_names, Addr, Backend, Counters, FlowEvent,
-    Reason, Service, ServiceKey, Settings, Vip, VipKey, AFFINITY_MASK, AFFINITY_SHIFT, BACKEND_F_VALID, FAMILY_V4,
-    FAMILY_V6, NO_BACKEND, SCHED_MASK, SCHED_SHIFT, SERVICE_F_IPIP,
+    Reason, Service, ServiceKey, Settings, Vip, VipKey, BACKEND_F_VALID, FAMILY_V4, FAMILY_V6, FORWARD_IPIP,
+    FORWARD_L2, NO_BACKEND, SCHED_MAGLEV,
 };
 use log::{info, warn};
 
@@ -51,10 +51,11 @@ use crate::{
     sys::{array_lookup_all, array_update_all},
 };
 
-fn forward_flags(forward: Forward) -> u32 {
+/// The data path's id of a forwarding mode: decoded in the data path, encoded here only.
+fn forward_id(forward: Forward) -> u8 {
     match forward {
-        Forward::L2 => 0,
-        Forward::Ipip => SERVICE_F_IPIP,
+        Forward::L2 => FORWARD_L2,
+        Forward::Ipip => FORWARD_IPIP,
     }
 }
 
@@ -94,7 +95,10 @@ pub struct ServiceSlot {
     pub id: u32,
     /// Entries allocated to each copy of the table.
     pub table_size: u32,
-    pub flags: u32,
+    /// What the next table is written with: forwarding, scheduler, affinity timeout.
+    pub forward: u8,
+    pub scheduler: u8,
+    pub affinity_timeout_secs: u16,
     bases: [u32; 2],
     active: usize,
     /// Entries of the active table (rr/wrr tables may use fewer than `table_size`).
@@ -104,20 +108,19 @@ pub struct ServiceSlot {
 impl ServiceSlot {
     /// Changes how the service forwards; written with its next table.
     pub fn set_forward(&mut self, forward: Forward) {
-        self.flags = (self.flags & (SCHED_MASK | AFFINITY_MASK)) | forward_flags(forward);
+        self.forward = forward_id(forward);
     }
 
     /// Changes the service's scheduler (`lb_common::SCHED_*`); written with its next table.
-    pub fn set_scheduler(&mut self, scheduler: u32) {
-        self.flags = (self.flags & !SCHED_MASK) | ((scheduler << SCHED_SHIFT) & SCHED_MASK);
+    pub fn set_scheduler(&mut self, scheduler: u8) {
+        self.scheduler = scheduler;
     }
 
     /// Sets the affinity timeout of a source-hash service (seconds, at most
     /// `lb_common::MAX_AFFINITY_TIMEOUT_SECS`; 0: off): new flows of a client go to its pinned
     /// backend (`SOURCE_AFFINITY`) while it comes back within it. Written with its next table.
     pub fn set_affinity_timeout(&mut self, secs: u32) {
-        let secs = secs.min(lb_common::MAX_AFFINITY_TIMEOUT_SECS);
-        self.flags = (self.flags & !AFFINITY_MASK) | (secs << AFFINITY_SHIFT);
+        self.affinity_timeout_secs = u16::try_from(secs).unwrap_or(u16::MAX);
     }
 }
 
@@ -370,7 +373,9 @@ impl Dataplane {
             key,
             id,
             table_size,
-            flags: forward_flags(forward),
+            forward: forward_id(forward),
+            scheduler: SCHED_MAGLEV,
+            affinity_timeout_secs: 0,
             bases,
             active: 0,
             active_size: table_size,
@@ -513,8 +518,14 @@ impl Dataplane {
     }
 
     fn flip(&mut self, slot: &mut ServiceSlot, to: usize) -> Result<()> {
-        let service =
-            Service { id: slot.id, flags: slot.flags, table_base: slot.bases[to], table_size: slot.active_size };
+        let service = Service {
+            id: slot.id,
+            table_base: slot.bases[to],
+            table_size: slot.active_size,
+            forward: slot.forward,
+            scheduler: slot.scheduler,
+            affinity_timeout_secs: slot.affinity_timeout_secs,
+        };
         self.services.insert(slot.key, service, 0).context("cannot write the service")?;
         slot.active = to;
         Ok(())

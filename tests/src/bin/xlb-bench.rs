@@ -609,7 +609,7 @@ fn run_bench(args: &Args) -> Result<Measured> {
     // function, the cursor update) costs the same with more backends.
     let one_backend: &[u32] = &dpbed::L2_V4[..1];
     // (VIP, port, protocol, forward, backends, scheduler)
-    type ServiceSpec<'a> = (IpAddr, u16, u8, Forward, &'a [u32], u32);
+    type ServiceSpec<'a> = (IpAddr, u16, u8, Forward, &'a [u32], u8);
     let services: Vec<ServiceSpec> = vec![
         (VIP4.into(), PORT_L2_TCP, IPPROTO_TCP, Forward::L2, &dpbed::L2_V4, SCHED_MAGLEV),
         (VIP4.into(), PORT_L2_UDP, IPPROTO_UDP, Forward::L2, &dpbed::L2_V4, SCHED_MAGLEV),
