@@ -104,9 +104,9 @@ fn parse_status(head: &[u8]) -> Option<u16> {
     words.next()?.parse().ok()
 }
 
-/// A small random generator for the probe jitter: xorshift64* seeded from the clock, the
-/// process and the backend, so that balancer hosts do not share a schedule.
-struct Jitter(u64);
+/// The probe jitter, seeded from the clock, the process and the backend, so that balancer
+/// hosts do not share a schedule.
+struct Jitter(fastrand::Rng);
 
 impl Jitter {
     fn new(target: Target, addr: IpAddr) -> Self {
@@ -116,15 +116,12 @@ impl Jitter {
             ^ u64::from(std::process::id()) << 32
             ^ crate::tables::maglev::address_key(addr)
             ^ u64::from(target.0) << 17;
-        Self(seed | 1)
+        Self(fastrand::Rng::with_seed(seed))
     }
 
     /// A duration within `base` × (1 ± `fraction`).
     fn around(&mut self, base: Duration, fraction: f64) -> Duration {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let unit = (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
+        let unit = self.0.f64();
         base.mul_f64((1.0 + fraction * (2.0 * unit - 1.0)).max(0.0))
     }
 }

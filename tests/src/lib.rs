@@ -9,6 +9,7 @@ pub mod dpbed;
 pub mod loadgen;
 pub mod netns;
 pub mod packet;
+pub mod rng;
 pub mod scenario;
 pub mod testrun;
 pub mod topology;

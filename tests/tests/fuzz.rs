@@ -38,6 +38,7 @@ use lb_common::{addr_v6, hash::flow_hash, reason::DecapReason, Reason, Settings,
 use xlb_tests::{
     netns::Netns,
     packet::{checksum, Frame},
+    rng::Rng,
 };
 
 const XDP_DROP: u32 = 1;
@@ -832,64 +833,8 @@ fn hex_short(b: &[u8]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Inputs: a deterministic PRNG, valid frames from the builder, and mutations of them.
+// Inputs: valid frames from the builder, drawn with the seeded PRNG (rng.rs), and mutations.
 // ---------------------------------------------------------------------------------------------
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed ^ 0x9e37_79b9_7f4a_7c15 | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() >> 11) as usize % n
-    }
-
-    /// In lo..=hi.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn percent(&mut self, p: usize) -> bool {
-        self.below(100) < p
-    }
-
-    fn pick<T: Copy>(&mut self, s: &[T]) -> T {
-        s[self.below(s.len())]
-    }
-
-    fn byte(&mut self) -> u8 {
-        (self.next() >> 32) as u8
-    }
-
-    fn u16(&mut self) -> u16 {
-        (self.next() >> 32) as u16
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let r = self.next().to_ne_bytes();
-            chunk.copy_from_slice(&r[..chunk.len()]);
-        }
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0; n];
-        self.fill(&mut v);
-        v
-    }
-}
 
 /// What a valid frame should look like; every field is drawn at random.
 #[derive(Clone, Copy)]

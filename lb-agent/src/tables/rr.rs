@@ -179,20 +179,6 @@ mod tests {
 mod least_connections_simulation {
     use crate::tables::maglev::{self, Member};
 
-    /// xorshift64*: deterministic, good enough for a simulation.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() >> 33) as usize % n
-        }
-    }
-
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Policy {
         /// The backend with the fewest active flows per weight (ties: the first drawn).
@@ -211,7 +197,7 @@ mod least_connections_simulation {
             .map(|(i, &w)| Member { id: i as u32, key: 1_000 + i as u64, weight: w })
             .collect();
         let table = maglev::build(&members, 65_537);
-        let mut rng = Rng(seed);
+        let mut rng = fastrand::Rng::with_seed(seed);
         let mut active = vec![0u64; weights.len()];
         let mut flows: Vec<usize> = Vec::with_capacity(live + 1);
         let load = |active: &[u64], b: usize| active[b] as f64 / f64::from(weights[b]);
@@ -219,7 +205,7 @@ mod least_connections_simulation {
         let (mut sum, mut worst, mut samples) = (0.0, 0.0f64, 0usize);
         for step in 0..steps {
             if flows.len() >= live {
-                let i = rng.below(flows.len());
+                let i = rng.usize(..flows.len());
                 let b = flows.swap_remove(i);
                 active[b] -= 1;
             }
@@ -229,9 +215,9 @@ mod least_connections_simulation {
                     .min_by(|&x, &y| load(&active, x).total_cmp(&load(&active, y)))
                     .unwrap(),
                 Policy::Sampled(n) => {
-                    let mut best = table[rng.below(table.len())] as usize;
+                    let mut best = table[rng.usize(..table.len())] as usize;
                     for _ in 1..n {
-                        let c = table[rng.below(table.len())] as usize;
+                        let c = table[rng.usize(..table.len())] as usize;
                         // As the data path compares: active_c * w_best < active_best * w_c.
                         if active[c] * u64::from(weights[best]) < active[best] * u64::from(weights[c]) {
                             best = c;

@@ -237,15 +237,6 @@ fn mib(bytes: f64) -> f64 {
     bytes / (1024.0 * 1024.0)
 }
 
-/// splitmix64: a deterministic stream for picking which backends fail, so a run reproduces.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Part 1: Maglev tables in userspace.
 
@@ -346,11 +337,8 @@ fn maglev_case(size: u32, n: usize, args: &Args) -> MaglevCase {
     let failing = n.div_ceil(10).max(1);
     let draws = if args.quick { 1 } else { 3 };
     for seed in 0..draws {
-        let mut state = 0x0bad_5eed + seed as u64;
         let mut ids: Vec<u32> = set.iter().map(|m| m.id).collect();
-        for i in (1..ids.len()).rev() {
-            ids.swap(i, (splitmix(&mut state) % (i as u64 + 1)) as usize);
-        }
+        xlb_tests::rng::Rng::new(0x0bad_5eed + seed as u64).shuffle(&mut ids);
         let gone: HashSet<u32> = ids[..failing].iter().copied().collect();
         case.fail_tenth.push(Disruption::measure(&table, &set, &gone, size));
     }
