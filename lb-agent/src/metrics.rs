@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use log::{info, warn};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::Registry,
 };
@@ -63,16 +63,22 @@ impl Snapshot {
 
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let value_of = |kind: MetricType, value: u64, sample: MetricEncoder| match kind {
+            MetricType::Counter => ConstCounter::new(value).encode(sample),
+            _ => ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(sample),
+        };
         for f in &self.families {
             let mut family = encoder.encode_descriptor(f.name, f.help, None, f.kind)?;
-            for (labels, value) in &f.samples {
-                // prometheus-client writes label values as they are: a service name is the
-                // operator's text, and must not break the exposition.
-                let labels: Labels = labels.iter().map(|(k, v)| (*k, escape(v))).collect();
-                let sample = family.encode_family(&labels)?;
-                match f.kind {
-                    MetricType::Counter => ConstCounter::new(*value).encode(sample)?,
-                    _ => ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX)).encode(sample)?,
+            match f.samples.as_slice() {
+                // One sample without labels: `name value`, not `name{} value`.
+                [(labels, value)] if labels.is_empty() => value_of(f.kind, *value, family)?,
+                samples => {
+                    for (labels, value) in samples {
+                        // prometheus-client writes label values as they are: a service name is
+                        // the operator's text, and must not break the exposition.
+                        let labels: Labels = labels.iter().map(|(k, v)| (*k, escape(v))).collect();
+                        value_of(f.kind, *value, family.encode_family(&labels)?)?;
+                    }
                 }
             }
         }
@@ -240,5 +246,10 @@ mod tests {
         assert!(text.contains("xlb_frames_total{reason=\"tx\"} 5\n"), "{text}");
         assert!(text.contains("xlb_backend_up{service=\"a\\\"b\\\\c\\nd\"} 1\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+
+        let mut snap = Snapshot::default();
+        snap.family("xlb_flow_table_size", MetricType::Gauge, "Size.").push((Vec::new(), 7));
+        let text = snap.encode().unwrap();
+        assert!(text.contains("\nxlb_flow_table_size 7\n"), "{text}");
     }
 }
