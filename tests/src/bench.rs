@@ -1,6 +1,6 @@
 //! What the three benchmark binaries share: the machine they ran on, CPU pinning, where their
 //! results go, and the few JSON encoders they need (their JSON is written by hand).
-use std::{fmt::Write as _, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 
@@ -67,30 +67,39 @@ pub fn bench_dir() -> PathBuf {
     target.unwrap_or_else(|| PathBuf::from("target")).join("bench")
 }
 
-/// A JSON string literal.
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
+/// A number rounded to `decimals` digits after the point, or null when missing or not finite.
+pub fn json_num(v: Option<f64>, decimals: i32) -> serde_json::Value {
+    let scale = 10f64.powi(decimals);
+    match v {
+        Some(v) if v.is_finite() => serde_json::json!((v * scale).round() / scale),
+        _ => serde_json::Value::Null,
     }
-    out.push('"');
-    out
 }
 
-/// A JSON number with `decimals` digits after the point, or null when missing or not finite.
-pub fn json_num(v: Option<f64>, decimals: usize) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
-        _ => "null".into(),
+/// The machine as the results record it.
+pub fn machine_json(machine: &Machine) -> serde_json::Value {
+    serde_json::json!({
+        "kernel": machine.kernel,
+        "cpu": machine.cpu,
+        "cores": machine.cores,
+        "clocksource": machine.clocksource,
+        "loadavg_1m": machine.loadavg,
+    })
+}
+
+/// Writes `results` as `<dir>/<name>-<unix_time>.json` and `<dir>/<name>-latest.json`; returns
+/// both paths.
+pub fn write_results(name: &str, unix_time: u64, results: &serde_json::Value) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use anyhow::Context as _;
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let text = serde_json::to_string_pretty(results)? + "\n";
+    let stamped = dir.join(format!("{name}-{unix_time}.json"));
+    let latest = dir.join(format!("{name}-latest.json"));
+    for path in [&stamped, &latest] {
+        std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    Ok((stamped, latest))
 }
 
 #[cfg(test)]
@@ -98,10 +107,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_encoders() {
-        assert_eq!(json_str("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
-        assert_eq!(json_num(Some(1.23456), 3), "1.235");
-        assert_eq!(json_num(Some(f64::NAN), 3), "null");
-        assert_eq!(json_num(None, 3), "null");
+    fn numbers_are_rounded_or_null() {
+        assert_eq!(json_num(Some(1.23456), 3), serde_json::json!(1.235));
+        assert_eq!(json_num(Some(f64::NAN), 3), serde_json::Value::Null);
+        assert_eq!(json_num(None, 3), serde_json::Value::Null);
     }
 }

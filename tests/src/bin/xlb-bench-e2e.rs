@@ -28,8 +28,8 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{bail, ensure, Context as _, Result};
-use xlb_tests::bench::{bench_dir, json_num, json_str, loadavg, machine};
+use anyhow::{ensure, Context as _, Result};
+use xlb_tests::bench::{json_num, loadavg, machine, machine_json, write_results};
 use xlb_tests::{
     agent::{AgentProcess, TempDir},
     loadgen::{
@@ -51,30 +51,6 @@ const PAGE_BYTES: usize = 612;
 const PACKAGES: &[&str] = &["haproxy", "nginx", "libnginx-mod-stream", "wrk", "iproute2", "ethtool"];
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
-const USAGE: &str = "\
-usage: xlb-bench-e2e [--quick] [--reps N] [--duration SECS] [--udp-duration SECS]
-                     [--connections N] [--threads N] [--backends N] [--udp-flows N]
-                     [--udp-rate PPS] [--only IDS] [--no-install]
-
-End-to-end throughput in network namespaces (needs root): xlb L2 DSR (a), xlb IPIP (b),
-HAProxy (c), nginx stream (d) and the client straight to the backends (e; e' through the L3
-bed's router), alternating in one run; medians over the repetitions.
-  --quick            3 repetitions, 2 s per wrk run, 2 s of UDP (about 2 minutes);
-                     default 5 repetitions, 5 s per wrk run, 3 s of UDP (about 7 minutes)
-  --reps N           repetitions of every scenario, 1..=20
-  --duration SECS    seconds per wrk run
-  --udp-duration SECS  seconds of UDP sending per run (0: no UDP)
-  --connections N    wrk connections (default 60)
-  --threads N        wrk threads (default: the number of backends; in the direct cases
-                     thread i connects to backend i mod n)
-  --backends N       backends per bed, 1..=8 (default 3)
-  --udp-flows N      UDP client sockets, i.e. flows (default 60)
-  --udp-rate PPS     UDP datagrams per second over all flows (default 0: as fast as the
-                     sender can; the kernel runs most of a datagram's way through the veths
-                     and the bridge inside the sender's send(), so the rate follows the path)
-  --only IDS         comma-separated subset of a,b,c,d,e,e' (default all)
-  --no-install       fail instead of installing missing Debian packages";
-
 struct Args {
     quick: bool,
     reps: usize,
@@ -89,58 +65,71 @@ struct Args {
     install: bool,
 }
 
+/// End-to-end throughput in network namespaces (needs root): xlb L2 DSR (a), xlb IPIP (b),
+/// HAProxy (c), nginx stream (d) and the client straight to the backends (e; e' through the L3
+/// bed's router), alternating in one run; medians over the repetitions.
+#[derive(clap::Parser, Debug)]
+#[command(name = "xlb-bench-e2e")]
+struct Cli {
+    /// 3 repetitions, 2 s per wrk run, 2 s of UDP (about 2 minutes); default 5 repetitions,
+    /// 5 s per wrk run, 3 s of UDP (about 7 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of every scenario.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=20))]
+    reps: Option<u64>,
+    /// Seconds per wrk run.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=60))]
+    duration: Option<u64>,
+    /// Seconds of UDP sending per run (0: no UDP).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=60))]
+    udp_duration: Option<u64>,
+    /// wrk connections (threads..=4000).
+    #[arg(long, default_value_t = 60)]
+    connections: usize,
+    /// wrk threads (default: the number of backends; in the direct cases thread i connects
+    /// to backend i mod n).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    threads: Option<u64>,
+    /// Backends per bed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=8))]
+    backends: u64,
+    /// UDP client sockets, i.e. flows.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    udp_flows: u64,
+    /// UDP datagrams per second over all flows (0: as fast as the sender can; the kernel runs
+    /// most of a datagram's way through the veths and the bridge inside the sender's send(), so
+    /// the rate follows the path).
+    #[arg(long, value_name = "PPS", default_value_t = 0)]
+    udp_rate: u64,
+    /// Comma-separated subset of a,b,c,d,e,e' (default all).
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Fail instead of installing missing Debian packages.
+    #[arg(long)]
+    no_install: bool,
+}
+
 fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        quick: false,
-        reps: 0,
-        duration: Duration::ZERO,
-        udp_duration: Duration::ZERO,
-        connections: 60,
-        threads: 0,
-        backends: 3,
-        udp_flows: 60,
-        udp_rate: 0,
-        only: None,
-        install: true,
+    let cli = <Cli as clap::Parser>::parse();
+    let backends = usize::try_from(cli.backends)?;
+    let a = Args {
+        quick: cli.quick,
+        reps: usize::try_from(cli.reps.unwrap_or(if cli.quick { 3 } else { 5 }))?,
+        duration: Duration::from_secs(cli.duration.unwrap_or(if cli.quick { 2 } else { 5 })),
+        udp_duration: Duration::from_secs(cli.udp_duration.unwrap_or(if cli.quick { 2 } else { 3 })),
+        connections: cli.connections,
+        threads: cli.threads.map_or(Ok(backends), usize::try_from)?,
+        backends,
+        udp_flows: usize::try_from(cli.udp_flows)?,
+        udp_rate: cli.udp_rate,
+        only: cli.only.map(|ids| ids.into_iter().map(|s| s.trim().to_string()).collect()),
+        install: !cli.no_install,
     };
-    let (mut duration, mut udp_duration, mut threads, mut reps) = (None, None, None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value\n\n{USAGE}"));
-        let num = |name: &str, v: String| v.parse::<u64>().with_context(|| format!("{name}: not a number: {v:?}"));
-        match arg.as_str() {
-            "--quick" => a.quick = true,
-            "--reps" => reps = Some(num("--reps", value("--reps")?)? as usize),
-            "--duration" => duration = Some(num("--duration", value("--duration")?)?),
-            "--udp-duration" => udp_duration = Some(num("--udp-duration", value("--udp-duration")?)?),
-            "--connections" => a.connections = num("--connections", value("--connections")?)? as usize,
-            "--threads" => threads = Some(num("--threads", value("--threads")?)? as usize),
-            "--backends" => a.backends = num("--backends", value("--backends")?)? as usize,
-            "--udp-flows" => a.udp_flows = num("--udp-flows", value("--udp-flows")?)? as usize,
-            "--udp-rate" => a.udp_rate = num("--udp-rate", value("--udp-rate")?)?,
-            "--only" => a.only = Some(value("--only")?.split(',').map(|s| s.trim().to_string()).collect()),
-            "--no-install" => a.install = false,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
-        }
-    }
-    a.duration = Duration::from_secs(duration.unwrap_or(if a.quick { 2 } else { 5 }));
-    a.udp_duration = Duration::from_secs(udp_duration.unwrap_or(if a.quick { 2 } else { 3 }));
-    a.threads = threads.unwrap_or(a.backends);
-    a.reps = reps.unwrap_or(if a.quick { 3 } else { 5 });
-    ensure!(a.reps >= 1 && a.reps <= 20, "--reps must be 1..=20");
-    ensure!(a.duration >= Duration::from_secs(1) && a.duration <= Duration::from_secs(60), "--duration: 1..=60");
-    ensure!(a.udp_duration <= Duration::from_secs(60), "--udp-duration: 0..=60");
-    ensure!((1..=8).contains(&a.backends), "--backends must be 1..=8");
-    ensure!(a.threads >= 1 && a.threads <= 64, "--threads must be 1..=64");
     ensure!(a.connections >= a.threads && a.connections <= 4000, "--connections must be threads..=4000");
-    ensure!((1..=1000).contains(&a.udp_flows), "--udp-flows must be 1..=1000");
     if let Some(only) = &a.only {
         for id in only {
-            ensure!(SCENARIOS.iter().any(|s| s.id == id), "--only: unknown scenario {id:?}\n\n{USAGE}");
+            ensure!(SCENARIOS.iter().any(|s| s.id == id), "--only: unknown scenario {id:?}");
         }
     }
     Ok(a)
@@ -895,120 +884,92 @@ fn main() -> Result<()> {
         if other_cpu > 0.05 { ": the figures are noisier than usual" } else { "" }
     );
 
-    // JSON
-    let mut j = String::new();
-    let _ = writeln!(j, "{{\n  \"bench\": \"e2e\",\n  \"unix_time\": {unix_time},");
-    let _ = writeln!(
-        j,
-        "  \"machine\": {{\"kernel\": {}, \"cpu\": {}, \"cores\": {}, \"loadavg_1m\": {}, \"loadavg_1m_end\": {}}},",
-        json_str(&m.kernel),
-        json_str(&m.cpu),
-        m.cores,
-        json_str(&m.loadavg),
-        json_str(&load_end)
-    );
-    let vers: Vec<String> = versions.iter().map(|(p, v)| format!("{}: {}", json_str(p), json_str(v))).collect();
-    let _ = writeln!(j, "  \"versions\": {{{}}},", vers.join(", "));
-    let inst: Vec<String> = installed.iter().map(|p| json_str(p)).collect();
-    let _ = writeln!(j, "  \"installed_now\": [{}],", inst.join(", "));
-    let _ = writeln!(
-        j,
-        "  \"settings\": {{\"quick\": {}, \"reps\": {}, \"wrk_seconds\": {}, \"wrk_threads\": {}, \"wrk_connections\": {}, \
-         \"backends\": {}, \"page_bytes\": {PAGE_BYTES}, \"udp_seconds\": {}, \"udp_flows\": {}, \"udp_rate\": {}, \
-         \"udp_payload_bytes\": {UDP_PAYLOAD}}},",
-        a.quick,
-        a.reps,
-        a.duration.as_secs(),
-        a.threads,
-        a.connections,
-        a.backends,
-        a.udp_duration.as_secs(),
-        a.udp_flows,
-        a.udp_rate
-    );
-    let _ = writeln!(
-        j,
-        "  \"total_seconds\": {:.1},\n  \"other_processes_cpu_share\": {},\n  \"scenarios\": [",
-        started.elapsed().as_secs_f64(),
-        json_num(Some(other_cpu), 4)
-    );
-    for (idx, (r, (vs_e, vs_c))) in rows.iter().zip(&ratios).enumerate() {
-        let http_json = |h: &Http, runs: &[WrkResult]| -> String {
-            let list: Vec<String> = runs
-                .iter()
-                .map(|w| {
-                    format!(
-                        "{{\"rps\": {}, \"p50_us\": {}, \"p99_us\": {}, \"requests\": {}, \"errors\": {}}}",
-                        json_num(Some(w.requests_per_sec), 4),
-                        json_num(Some(w.p50_us), 4),
-                        json_num(Some(w.p99_us), 4),
-                        w.requests,
-                        w.errors
-                    )
+    let mut machine = machine_json(&m);
+    machine["loadavg_1m_end"] = load_end.into();
+    let http_json = |h: &Http, runs: &[WrkResult]| {
+        let runs: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "rps": json_num(Some(w.requests_per_sec), 4),
+                    "p50_us": json_num(Some(w.p50_us), 4),
+                    "p99_us": json_num(Some(w.p99_us), 4),
+                    "requests": w.requests,
+                    "errors": w.errors,
                 })
-                .collect();
-            format!(
-                "{{\"rps\": {}, \"p50_us\": {}, \"p99_us\": {}, \"requests\": {}, \"errors\": {}, \"runs\": [{}]}}",
-                json_num(h.rps, 4),
-                json_num(h.p50, 4),
-                json_num(h.p99, 4),
-                h.requests,
-                h.errors,
-                list.join(", ")
-            )
-        };
-        let udp_json = match &r.udp {
-            None => "null".to_string(),
-            Some(u) => {
-                let list: Vec<String> = r
+            })
+            .collect();
+        serde_json::json!({
+            "rps": json_num(h.rps, 4),
+            "p50_us": json_num(h.p50, 4),
+            "p99_us": json_num(h.p99, 4),
+            "requests": h.requests,
+            "errors": h.errors,
+            "runs": runs,
+        })
+    };
+    let scenarios: Vec<serde_json::Value> = rows
+        .iter()
+        .zip(&ratios)
+        .map(|(r, (vs_e, vs_c))| {
+            let udp = r.udp.as_ref().map(|u| {
+                let runs: Vec<serde_json::Value> = r
                     .samples
                     .udp
                     .iter()
                     .map(|x| {
-                        format!(
-                            "{{\"sent\": {}, \"answered\": {}, \"send_errors\": {}, \"pps\": {}, \"loss\": {}}}",
-                            x.sent,
-                            x.answered,
-                            x.send_errors,
-                            json_num(Some(x.answers_per_sec), 4),
-                            json_num(Some(x.loss), 4)
-                        )
+                        serde_json::json!({
+                            "sent": x.sent,
+                            "answered": x.answered,
+                            "send_errors": x.send_errors,
+                            "pps": json_num(Some(x.answers_per_sec), 4),
+                            "loss": json_num(Some(x.loss), 4),
+                        })
                     })
                     .collect();
-                format!(
-                    "{{\"pps\": {}, \"loss\": {}, \"sent_pps\": {}, \"runs\": [{}]}}",
-                    json_num(u.pps, 4),
-                    json_num(u.loss, 4),
-                    json_num(u.sent_pps, 4),
-                    list.join(", ")
-                )
-            }
-        };
-        let _ = writeln!(
-            j,
-            "    {{\"id\": {}, \"key\": {}, \"name\": {},\n     \"keepalive\": {},\n     \"close\": {},\n     \"udp\": {},\n     \
-             \"vs_direct\": {{\"keepalive\": {}, \"close\": {}, \"udp\": {}}}, \"vs_haproxy\": {{\"keepalive\": {}, \"close\": {}}}}}{}",
-            json_str(r.s.id),
-            json_str(r.s.key),
-            json_str(r.s.name),
-            http_json(&r.ka, &r.samples.keepalive),
-            http_json(&r.close, &r.samples.close),
-            udp_json,
-            json_num(vs_e.0, 4),
-            json_num(vs_e.1, 4),
-            json_num(vs_e.2, 4),
-            json_num(vs_c.0, 4),
-            json_num(vs_c.1, 4),
-            if idx + 1 < rows.len() { "," } else { "" }
-        );
-    }
-    let _ = writeln!(j, "  ]\n}}");
-    let dir = bench_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stamped = dir.join(format!("e2e-{unix_time}.json"));
-    for path in [&stamped, &dir.join("e2e-latest.json")] {
-        write(path, &j)?;
-    }
+                serde_json::json!({
+                    "pps": json_num(u.pps, 4),
+                    "loss": json_num(u.loss, 4),
+                    "sent_pps": json_num(u.sent_pps, 4),
+                    "runs": runs,
+                })
+            });
+            serde_json::json!({
+                "id": r.s.id,
+                "key": r.s.key,
+                "name": r.s.name,
+                "keepalive": http_json(&r.ka, &r.samples.keepalive),
+                "close": http_json(&r.close, &r.samples.close),
+                "udp": udp,
+                "vs_direct": {"keepalive": json_num(vs_e.0, 4), "close": json_num(vs_e.1, 4), "udp": json_num(vs_e.2, 4)},
+                "vs_haproxy": {"keepalive": json_num(vs_c.0, 4), "close": json_num(vs_c.1, 4)},
+            })
+        })
+        .collect();
+    let results = serde_json::json!({
+        "bench": "e2e",
+        "unix_time": unix_time,
+        "machine": machine,
+        "versions": versions.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        "installed_now": installed,
+        "settings": {
+            "quick": a.quick,
+            "reps": a.reps,
+            "wrk_seconds": a.duration.as_secs(),
+            "wrk_threads": a.threads,
+            "wrk_connections": a.connections,
+            "backends": a.backends,
+            "page_bytes": PAGE_BYTES,
+            "udp_seconds": a.udp_duration.as_secs(),
+            "udp_flows": a.udp_flows,
+            "udp_rate": a.udp_rate,
+            "udp_payload_bytes": UDP_PAYLOAD,
+        },
+        "total_seconds": json_num(Some(started.elapsed().as_secs_f64()), 1),
+        "other_processes_cpu_share": json_num(Some(other_cpu), 4),
+        "scenarios": scenarios,
+    });
+    let (stamped, _) = write_results("e2e", unix_time, &results)?;
     println!("wrote {}", stamped.display());
     Ok(())
 }

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use lb_agent::{
     agent::Agent,
     config::Config,
@@ -30,18 +30,7 @@ use lb_agent::{
     tables::maglev::{self, Member},
 };
 use lb_common::limits::{DEFAULT_MAGLEV_SIZE, MAX_BACKENDS, MAX_MAGLEV_SIZE, MAX_SERVICES};
-use xlb_tests::bench::{bench_dir, json_num, json_str, machine, pin_to_cpu0, Machine};
-
-const USAGE: &str = "\
-usage: xlb-bench-maglev [--quick] [--builds N] [--no-agent] [--services N] [--backends N] [--agent-m PRIME]
-
-Maglev table quality (userspace) and the agent's memory and reload latency at scale (root).
-  --quick          fewer repetitions (under a minute)
-  --builds N       timed builds per Maglev case (default 9, --quick 5); the median is reported
-  --no-agent       only the userspace Maglev measurements (no root needed)
-  --services N     services of the agent measurement (default 1000)
-  --backends N     backends per service of the agent measurement (default 100)
-  --agent-m PRIME  Maglev table size of every service in the agent measurement (default 1021)";
+use xlb_tests::bench::{json_num, machine, machine_json, pin_to_cpu0, write_results, Machine};
 
 /// Table sizes and backend counts of the userspace measurements.
 const SIZES: [u32; 2] = [DEFAULT_MAGLEV_SIZE, MAX_MAGLEV_SIZE];
@@ -160,6 +149,30 @@ fn rss_bytes() -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Arguments, machine, output helpers (as in xlb-bench).
 
+/// Maglev table quality (userspace) and the agent's memory and reload latency at scale (root).
+#[derive(clap::Parser, Debug)]
+#[command(name = "xlb-bench-maglev")]
+struct Cli {
+    /// Fewer repetitions (under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Timed builds per Maglev case (default 9, --quick 5); the median is reported.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    builds: Option<u64>,
+    /// Only the userspace Maglev measurements (no root needed).
+    #[arg(long)]
+    no_agent: bool,
+    /// Services of the agent measurement.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    services: u64,
+    /// Backends per service of the agent measurement.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    backends: u64,
+    /// Maglev table size (a prime) of every service in the agent measurement.
+    #[arg(long, default_value_t = 1021)]
+    agent_m: u32,
+}
+
 struct Args {
     quick: bool,
     builds: usize,
@@ -170,28 +183,15 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { quick: false, builds: 0, agent: true, services: 1000, backends: 100, agent_m: 1021 };
-    let mut builds = None;
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value\n\n{USAGE}"));
-        match arg.as_str() {
-            "--quick" => args.quick = true,
-            "--builds" => builds = Some(value("--builds")?.parse::<usize>().context("--builds")?),
-            "--no-agent" => args.agent = false,
-            "--services" => args.services = value("--services")?.parse().context("--services")?,
-            "--backends" => args.backends = value("--backends")?.parse().context("--backends")?,
-            "--agent-m" => args.agent_m = value("--agent-m")?.parse().context("--agent-m")?,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
-        }
-    }
-    args.builds = builds.unwrap_or(if args.quick { 5 } else { 9 });
-    ensure!(args.builds > 0, "--builds must be at least 1");
-    ensure!(args.services > 0 && args.backends > 0, "--services and --backends must be at least 1");
+    let cli = <Cli as clap::Parser>::parse();
+    let args = Args {
+        quick: cli.quick,
+        builds: usize::try_from(cli.builds.unwrap_or(if cli.quick { 5 } else { 9 }))?,
+        agent: !cli.no_agent,
+        services: usize::try_from(cli.services)?,
+        backends: usize::try_from(cli.backends)?,
+        agent_m: cli.agent_m,
+    };
     ensure!(
         maglev::is_prime(args.agent_m) && args.agent_m <= MAX_MAGLEV_SIZE && args.agent_m as usize > args.backends,
         "--agent-m must be a prime up to {MAX_MAGLEV_SIZE} and above --backends"
@@ -199,12 +199,8 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-fn json_list(values: &[f64]) -> String {
-    format!("[{}]", values.iter().map(|&v| json_num(Some(v), 6)).collect::<Vec<_>>().join(", "))
-}
-
-fn json_opt_str(v: &Option<String>) -> String {
-    v.as_deref().map_or_else(|| "null".to_string(), json_str)
+fn json_list(values: &[f64]) -> Vec<serde_json::Value> {
+    values.iter().map(|&v| json_num(Some(v), 6)).collect()
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -505,14 +501,15 @@ struct ReloadSample {
     reload_ms: f64,
 }
 
-fn sample_json(samples: &[ReloadSample]) -> String {
-    format!(
-        "{{\"parse_ms\": {}, \"reload_ms\": {}, \"parse_ms_median\": {}, \"reload_ms_median\": {}}}",
-        json_list(&samples.iter().map(|s| s.parse_ms).collect::<Vec<_>>()),
-        json_list(&samples.iter().map(|s| s.reload_ms).collect::<Vec<_>>()),
-        json_num(Some(median(&samples.iter().map(|s| s.parse_ms).collect::<Vec<_>>())), 6),
-        json_num(Some(median(&samples.iter().map(|s| s.reload_ms).collect::<Vec<_>>())), 6),
-    )
+fn sample_json(samples: &[ReloadSample]) -> serde_json::Value {
+    let parse: Vec<f64> = samples.iter().map(|s| s.parse_ms).collect();
+    let reload: Vec<f64> = samples.iter().map(|s| s.reload_ms).collect();
+    serde_json::json!({
+        "parse_ms": json_list(&parse),
+        "reload_ms": json_list(&reload),
+        "parse_ms_median": json_num(Some(median(&parse)), 6),
+        "reload_ms_median": json_num(Some(median(&reload)), 6),
+    })
 }
 
 fn timed_reload(agent: &mut Agent, scale: Scale, size: u32, change: Change) -> Result<ReloadSample> {
@@ -785,14 +782,7 @@ fn main() -> Result<()> {
     let md = markdown(&args, &machine, &cases, &runs, &publish, limit_note.as_deref(), started.elapsed());
     print!("{md}");
     let json = to_json(&args, &machine, unix_time, &cases, &runs, &publish, limit_note.as_deref());
-
-    let dir = bench_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stamped = dir.join(format!("maglev-{unix_time}.json"));
-    let latest = dir.join("maglev-latest.json");
-    for path in [&stamped, &latest] {
-        std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    let (stamped, latest) = write_results("maglev", unix_time, &json)?;
     println!("\nresults: {} (and {})", stamped.display(), latest.display());
     Ok(())
 }
@@ -1023,20 +1013,17 @@ fn markdown(
     md
 }
 
-fn disruption_json(ds: &[Disruption]) -> String {
-    let items: Vec<String> = ds
-        .iter()
+fn disruption_json(ds: &[Disruption]) -> Vec<serde_json::Value> {
+    ds.iter()
         .map(|d| {
-            format!(
-                "{{\"removed\": {}, \"changed\": {}, \"ideal\": {}, \"beyond\": {}}}",
-                d.removed,
-                json_num(Some(d.changed), 6),
-                json_num(Some(d.ideal), 6),
-                json_num(Some(d.beyond()), 6)
-            )
+            serde_json::json!({
+                "removed": d.removed,
+                "changed": json_num(Some(d.changed), 6),
+                "ideal": json_num(Some(d.ideal), 6),
+                "beyond": json_num(Some(d.beyond()), 6),
+            })
         })
-        .collect();
-    format!("[{}]", items.join(", "))
+        .collect()
 }
 
 fn to_json(
@@ -1047,116 +1034,95 @@ fn to_json(
     runs: &[AgentRun],
     publish: &[PublishRow],
     limit_note: Option<&str>,
-) -> String {
-    let mut json = String::new();
-    let _ = writeln!(json, "{{");
-    let _ = writeln!(json, "  \"bench\": \"maglev\",");
-    let _ = writeln!(json, "  \"unix_time\": {unix_time},");
-    let _ = writeln!(
-        json,
-        "  \"machine\": {{\"kernel\": {}, \"cpu\": {}, \"cores\": {}, \"pinned_cpu\": 0, \"loadavg_1m\": {}}},",
-        json_str(&machine.kernel),
-        json_str(&machine.cpu),
-        machine.cores,
-        json_str(&machine.loadavg)
-    );
-    let _ = writeln!(json, "  \"quick\": {},", args.quick);
-    let _ = writeln!(json, "  \"builds\": {},", args.builds);
-    let _ = writeln!(
-        json,
-        "  \"paper\": {{\"build\": {}, \"balance\": {}, \"disruption\": {}}},",
-        json_str(PAPER_BUILD),
-        json_str(PAPER_BALANCE),
-        json_str(PAPER_DISRUPTION)
-    );
-    let _ = writeln!(json, "  \"maglev\": [");
-    for (i, c) in cases.iter().enumerate() {
-        let _ = write!(
-            json,
-            "    {{\"m\": {}, \"backends\": {}, \"skipped\": {}, \"build_ms_median\": {}, \"build_ms\": {}, \
-             \"table_bytes\": {}, \"builder_peak_extra_bytes\": {}, \"max_over_mean\": {}, \"min_over_mean\": {}, \
-             \"remove_one\": {}, \"fail_10pct\": {}}}",
-            c.size,
-            c.backends,
-            json_opt_str(&c.skipped),
-            json_num(Some(median(&c.build_ms)), 6),
-            json_list(&c.build_ms),
-            c.table_bytes,
-            c.peak_extra_bytes,
-            json_num(Some(c.max_over_mean), 6),
-            json_num(Some(c.min_over_mean), 6),
-            disruption_json(&c.remove_one),
-            disruption_json(&c.fail_tenth),
-        );
-        let _ = writeln!(json, "{}", if i + 1 < cases.len() { "," } else { "" });
-    }
-    let _ = writeln!(json, "  ],");
-    let _ = writeln!(json, "  \"max_backends\": {MAX_BACKENDS},");
-    let _ = writeln!(json, "  \"limit_note\": {},", limit_note.map_or_else(|| "null".to_string(), json_str));
-    let _ = writeln!(json, "  \"agent\": [");
-    for (i, r) in runs.iter().enumerate() {
-        let maps: Vec<String> = r
-            .maps
-            .iter()
-            .map(|m| {
-                format!(
-                    "{{\"map_id\": {}, \"map_type\": {}, \"max_entries\": {}, \"value_size\": {}, \"memlock\": {}}}",
-                    m.id, m.map_type, m.max_entries, m.value_size, m.memlock
-                )
+) -> serde_json::Value {
+    let mut machine = machine_json(machine);
+    machine["pinned_cpu"] = 0.into();
+    let maglev: Vec<serde_json::Value> = cases
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "m": c.size,
+                "backends": c.backends,
+                "skipped": c.skipped,
+                "build_ms_median": json_num(Some(median(&c.build_ms)), 6),
+                "build_ms": json_list(&c.build_ms),
+                "table_bytes": c.table_bytes,
+                "builder_peak_extra_bytes": c.peak_extra_bytes,
+                "max_over_mean": json_num(Some(c.max_over_mean), 6),
+                "min_over_mean": json_num(Some(c.min_over_mean), 6),
+                "remove_one": disruption_json(&c.remove_one),
+                "fail_10pct": disruption_json(&c.fail_tenth),
             })
-            .collect();
-        let _ = write!(
-            json,
-            "    {{\"services\": {}, \"backends_per_service\": {}, \"m\": {}, \"config_bytes\": {}, \
-             \"parse_ms\": {}, \"config_heap_bytes\": {}, \"dataplane_load_ms\": {}, \"agent_new_ms\": {}, \
-             \"agent_heap_bytes\": {}, \"agent_new_peak_heap_bytes\": {}, \"rss_before_load\": {}, \
-             \"rss_after_load\": {}, \"rss_after_agent\": {}, \"kernel_maps_memlock\": {}, \"maglev_map_memlock\": {}, \
-             \"maglev_map_bytes_per_entry\": {}, \"maps\": [{}], \
-             \"reload_weight\": {}, \"reload_add_one_each\": {}, \"reload_remove_one_each\": {}, \"add_skipped\": {}}}",
-            r.scale.services,
-            r.scale.backends,
-            r.size,
-            r.config_bytes,
-            json_num(Some(r.parse_ms), 6),
-            r.config_heap,
-            json_num(Some(r.load_ms), 6),
-            json_num(Some(r.new_ms), 6),
-            r.agent_heap,
-            r.agent_peak,
-            r.rss_before_load,
-            r.rss_after_load,
-            r.rss_after_agent,
-            r.maps.iter().map(|m| m.memlock).sum::<u64>(),
-            maglev_map(&r.maps).map_or(0, |m| m.memlock),
-            json_num(maglev_map(&r.maps).map(map_bytes_per_entry), 6),
-            maps.join(", "),
-            sample_json(&r.weight),
-            sample_json(&r.add),
-            sample_json(&r.remove),
-            json_opt_str(&r.add_skipped),
-        );
-        let _ = writeln!(json, "{}", if i + 1 < runs.len() { "," } else { "" });
-    }
-    let _ = writeln!(json, "  ],");
-    let _ = writeln!(json, "  \"publish\": [");
-    for (i, p) in publish.iter().enumerate() {
-        let _ = write!(
-            json,
-            "    {{\"m\": {}, \"backends\": {PUBLISH_BACKENDS}, \"build_ms_median\": {}, \"publish_ms_median\": {}, \
-             \"publish_ms\": {}, \"publish_ns_per_entry\": {}, \"update_each_ms_median\": {}, \
-             \"update_each_ms\": {}, \"raw_error\": {}}}",
-            p.size,
-            json_num(Some(p.build_ms), 6),
-            json_num(Some(median(&p.publish_ms)), 6),
-            json_list(&p.publish_ms),
-            json_num(Some(median(&p.publish_ms) * 1e6 / f64::from(p.size)), 6),
-            json_num((!p.each_ms.is_empty()).then(|| median(&p.each_ms)), 6),
-            json_list(&p.each_ms),
-            json_opt_str(&p.raw_error),
-        );
-        let _ = writeln!(json, "{}", if i + 1 < publish.len() { "," } else { "" });
-    }
-    let _ = writeln!(json, "  ]");
-    let _ = writeln!(json, "}}");
-    json
+        })
+        .collect();
+    let agent: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| {
+            let maps: Vec<serde_json::Value> = r
+                .maps
+                .iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "map_id": m.id,
+                        "map_type": m.map_type,
+                        "max_entries": m.max_entries,
+                        "value_size": m.value_size,
+                        "memlock": m.memlock,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "services": r.scale.services,
+                "backends_per_service": r.scale.backends,
+                "m": r.size,
+                "config_bytes": r.config_bytes,
+                "parse_ms": json_num(Some(r.parse_ms), 6),
+                "config_heap_bytes": r.config_heap,
+                "dataplane_load_ms": json_num(Some(r.load_ms), 6),
+                "agent_new_ms": json_num(Some(r.new_ms), 6),
+                "agent_heap_bytes": r.agent_heap,
+                "agent_new_peak_heap_bytes": r.agent_peak,
+                "rss_before_load": r.rss_before_load,
+                "rss_after_load": r.rss_after_load,
+                "rss_after_agent": r.rss_after_agent,
+                "kernel_maps_memlock": r.maps.iter().map(|m| m.memlock).sum::<u64>(),
+                "maglev_map_memlock": maglev_map(&r.maps).map_or(0, |m| m.memlock),
+                "maglev_map_bytes_per_entry": json_num(maglev_map(&r.maps).map(map_bytes_per_entry), 6),
+                "maps": maps,
+                "reload_weight": sample_json(&r.weight),
+                "reload_add_one_each": sample_json(&r.add),
+                "reload_remove_one_each": sample_json(&r.remove),
+                "add_skipped": r.add_skipped,
+            })
+        })
+        .collect();
+    let publish: Vec<serde_json::Value> = publish
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "m": p.size,
+                "backends": PUBLISH_BACKENDS,
+                "build_ms_median": json_num(Some(p.build_ms), 6),
+                "publish_ms_median": json_num(Some(median(&p.publish_ms)), 6),
+                "publish_ms": json_list(&p.publish_ms),
+                "publish_ns_per_entry": json_num(Some(median(&p.publish_ms) * 1e6 / f64::from(p.size)), 6),
+                "update_each_ms_median": json_num((!p.each_ms.is_empty()).then(|| median(&p.each_ms)), 6),
+                "update_each_ms": json_list(&p.each_ms),
+                "raw_error": p.raw_error,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "bench": "maglev",
+        "unix_time": unix_time,
+        "machine": machine,
+        "quick": args.quick,
+        "builds": args.builds,
+        "paper": {"build": PAPER_BUILD, "balance": PAPER_BALANCE, "disruption": PAPER_DISRUPTION},
+        "maglev": maglev,
+        "max_backends": MAX_BACKENDS,
+        "limit_note": limit_note,
+        "agent": agent,
+        "publish": publish,
+    })
 }

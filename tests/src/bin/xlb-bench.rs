@@ -56,7 +56,7 @@ use lb_common::{
     limits::DEFAULT_MAGLEV_SIZE, map_names, program_names, Flow, FlowEvent, FlowKey, Reason, IPPROTO_TCP, IPPROTO_UDP,
     SCHED_LC, SCHED_MAGLEV, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
 };
-use xlb_tests::bench::{bench_dir, json_num, json_str, machine, pin_to_cpu0};
+use xlb_tests::bench::{json_num, machine, machine_json, pin_to_cpu0, write_results};
 use xlb_tests::{
     dpbed::{
         self, DpBed, CLIENT4, CLIENT6, GW4_MAC, GW6_MAC, LB_MAC, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP, VIP4, VIP6,
@@ -86,14 +86,23 @@ const OUT_BUF: usize = 512;
 /// Per-call durations are histogrammed in whole ns up to this (the last bucket takes the rest).
 const HIST_NS: usize = 8192;
 
-const USAGE: &str = "\
-usage: xlb-bench [--quick] [--repeat N] [--calls N] [--rounds N]
-
-Measures the per-packet cost of the XDP data path with BPF_PROG_TEST_RUN (needs root).
-  --quick      repeat 100,000 and 20,000 calls instead of 1,000,000 and 200,000
-  --repeat N   runs per measurement of the repeat method (BPF_PROG_TEST_RUN repeat)
-  --calls N    calls (repeat = 1, each on a fresh frame) per measurement of the loop method
-  --rounds N   rounds, each measuring every case once in turn (default 5); the median is reported";
+/// Measures the per-packet cost of the XDP data path with BPF_PROG_TEST_RUN (needs root).
+#[derive(clap::Parser, Debug)]
+#[command(name = "xlb-bench")]
+struct Cli {
+    /// Repeat 100,000 and 20,000 calls instead of 1,000,000 and 200,000.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per measurement of the repeat method (BPF_PROG_TEST_RUN repeat).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: Option<u32>,
+    /// Calls (repeat = 1, each on a fresh frame) per measurement of the loop method.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    calls: Option<u32>,
+    /// Rounds, each measuring every case once in turn; the median is reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+}
 
 #[derive(Clone, Debug)]
 struct Args {
@@ -104,27 +113,13 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { quick: false, repeat: 0, calls: 0, rounds: 5 };
-    let (mut repeat, mut calls) = (None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value\n\n{USAGE}"));
-        match arg.as_str() {
-            "--quick" => args.quick = true,
-            "--repeat" => repeat = Some(value("--repeat")?.parse::<u32>().context("--repeat")?),
-            "--calls" => calls = Some(value("--calls")?.parse::<u32>().context("--calls")?),
-            "--rounds" => args.rounds = value("--rounds")?.parse::<usize>().context("--rounds")?,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
-        }
-    }
-    args.repeat = repeat.unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
-    args.calls = calls.unwrap_or(if args.quick { 20_000 } else { 200_000 });
-    ensure!(args.repeat > 0 && args.calls > 0 && args.rounds > 0, "--repeat, --calls and --rounds must be at least 1");
-    Ok(args)
+    let cli = <Cli as clap::Parser>::parse();
+    Ok(Args {
+        quick: cli.quick,
+        repeat: cli.repeat.unwrap_or(if cli.quick { 100_000 } else { 1_000_000 }),
+        calls: cli.calls.unwrap_or(if cli.quick { 20_000 } else { 200_000 }),
+        rounds: usize::try_from(cli.rounds)?,
+    })
 }
 
 /// Possible CPUs (/sys/devices/system/cpu/possible, e.g. "0-1"): a per-CPU LRU hash map
@@ -795,10 +790,6 @@ fn median_u64(values: &[u64]) -> Option<f64> {
     (!values.is_empty()).then(|| median(&values.iter().map(|&v| v as f64).collect::<Vec<_>>()))
 }
 
-fn json_opt<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map_or_else(|| "null".to_string(), |v| json_str(&v.to_string()))
-}
-
 fn main() -> Result<()> {
     let args = parse_args()?;
     let started = Instant::now();
@@ -921,85 +912,55 @@ fn main() -> Result<()> {
     );
     print!("{md}");
 
-    // JSON, formatted by hand: it is small and flat.
-    let mut json = String::new();
-    let _ = writeln!(json, "{{");
-    let _ = writeln!(json, "  \"bench\": \"pkt-cost\",");
-    let _ = writeln!(json, "  \"unix_time\": {unix_time},");
-    let _ = writeln!(
-        json,
-        "  \"machine\": {{\"kernel\": {}, \"cpu\": {}, \"cores\": {}, \"possible_cpus\": {possible_cpus}, \
-         \"pinned_cpu\": 0, \"clocksource\": {}, \"loadavg_1m\": {}}},",
-        json_str(&machine.kernel),
-        json_str(&machine.cpu),
-        machine.cores,
-        json_str(&machine.clocksource),
-        json_str(&machine.loadavg)
-    );
-    let _ = writeln!(json, "  \"quick\": {},", args.quick);
-    let _ = writeln!(json, "  \"repeat\": {},", args.repeat);
-    let _ = writeln!(json, "  \"loop_calls\": {},", args.calls);
-    let _ = writeln!(json, "  \"rounds\": {},", args.rounds);
-    let _ = writeln!(json, "  \"maglev_table\": {TABLE},");
-    let _ = writeln!(
-        json,
-        "  \"loop_clock_step_ns\": {},",
-        clock_step.map_or_else(|| "null".to_string(), |s| s.to_string())
-    );
-    let _ = writeln!(
-        json,
-        "  \"flow_table\": {{\"max_entries\": {}, \"memlock_bytes\": {}}},",
-        bench_table.max_entries, bench_table.memlock
-    );
-    let _ = writeln!(
-        json,
-        "  \"flow_table_memory\": {{\"requested_entries\": {}, \"max_entries\": {}, \"memlock_bytes\": {}, \
-         \"bytes_per_entry\": {}, \"mb_per_million_entries\": {}}},",
-        memory.requested,
-        memory.max_entries,
-        memory.memlock,
-        json_num(Some(memory.bytes_per_entry()), 3),
-        json_num(Some(memory.bytes_per_entry()), 3)
-    );
-    let _ = writeln!(json, "  \"cases\": [");
-    for (i, c) in cases.iter().enumerate() {
-        let samples = c.samples.iter().map(|s| format!("{s:.3}")).collect::<Vec<_>>().join(", ");
-        let call_medians = c.call_medians.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
-        let clock_steps = c.clock_steps.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
-        let _ = write!(
-            json,
-            "    {{\"case\": {}, \"method\": {}, \"runs\": {}, \"program\": {}, \"frame_bytes\": {}, \
-             \"verdict\": {}, \"reason\": {}, \"flow_event\": {}, \"ns_per_packet_median\": {}, \
-             \"minus_empty\": {}, \"div_mac_swap\": {}, \"instructions\": {}, \"jited_bytes\": {}, \
-             \"ns_per_packet_rounds\": [{samples}], \"call_median_ns\": {}, \"call_median_ns_rounds\": [{call_medians}], \
-             \"clock_step_ns_rounds\": [{clock_steps}]}}",
-            json_str(c.name),
-            json_str(c.method.name()),
-            if c.method == Method::Repeat { args.repeat } else { args.calls },
-            json_str(c.program),
-            c.frame_bytes,
-            json_str(verdict_name(c.verdict)),
-            json_opt(c.reason.map(Reason::name)),
-            json_opt(c.flow_event().map(FlowEvent::name)),
-            json_num(Some(medians[i]), 3),
-            json_num(minus_empty[i], 3),
-            json_num(div_mac_swap[i], 3),
-            stats[i].instructions.map_or_else(|| "null".to_string(), |n| n.to_string()),
-            stats[i].jited_bytes,
-            json_num(median_u64(&c.call_medians), 3),
-        );
-        let _ = writeln!(json, "{}", if i + 1 < cases.len() { "," } else { "" });
-    }
-    let _ = writeln!(json, "  ]");
-    let _ = writeln!(json, "}}");
-
-    let dir = bench_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stamped = dir.join(format!("pkt-cost-{unix_time}.json"));
-    let latest = dir.join("pkt-cost-latest.json");
-    for path in [&stamped, &latest] {
-        std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    let mut machine_json = machine_json(&machine);
+    machine_json["possible_cpus"] = possible_cpus.into();
+    machine_json["pinned_cpu"] = 0.into();
+    let cases_json: Vec<serde_json::Value> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            serde_json::json!({
+                "case": c.name,
+                "method": c.method.name(),
+                "runs": if c.method == Method::Repeat { args.repeat } else { args.calls },
+                "program": c.program,
+                "frame_bytes": c.frame_bytes,
+                "verdict": verdict_name(c.verdict),
+                "reason": c.reason.map(Reason::name),
+                "flow_event": c.flow_event().map(FlowEvent::name),
+                "ns_per_packet_median": json_num(Some(medians[i]), 3),
+                "minus_empty": json_num(minus_empty[i], 3),
+                "div_mac_swap": json_num(div_mac_swap[i], 3),
+                "instructions": stats[i].instructions,
+                "jited_bytes": stats[i].jited_bytes,
+                "ns_per_packet_rounds": c.samples.iter().map(|&v| json_num(Some(v), 3)).collect::<Vec<_>>(),
+                "call_median_ns": json_num(median_u64(&c.call_medians), 3),
+                "call_median_ns_rounds": c.call_medians,
+                "clock_step_ns_rounds": c.clock_steps,
+            })
+        })
+        .collect();
+    let results = serde_json::json!({
+        "bench": "pkt-cost",
+        "unix_time": unix_time,
+        "machine": machine_json,
+        "quick": args.quick,
+        "repeat": args.repeat,
+        "loop_calls": args.calls,
+        "rounds": args.rounds,
+        "maglev_table": TABLE,
+        "loop_clock_step_ns": clock_step,
+        "flow_table": {"max_entries": bench_table.max_entries, "memlock_bytes": bench_table.memlock},
+        "flow_table_memory": {
+            "requested_entries": memory.requested,
+            "max_entries": memory.max_entries,
+            "memlock_bytes": memory.memlock,
+            "bytes_per_entry": json_num(Some(memory.bytes_per_entry()), 3),
+            "mb_per_million_entries": json_num(Some(memory.bytes_per_entry()), 3),
+        },
+        "cases": cases_json,
+    });
+    let (stamped, latest) = write_results("pkt-cost", unix_time, &results)?;
     println!("\nresults: {} (and {})", stamped.display(), latest.display());
     Ok(())
 }
