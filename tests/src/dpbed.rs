@@ -22,23 +22,17 @@
 //! The route MTU is *locked*: `bpf_fib_lookup` ignores an unlocked route MTU (IPv4 unless
 //! `net.ipv4.ip_forward_use_pmtu`, IPv6 always) and checks against the device MTU instead.
 use std::{
-    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     panic,
 };
 
 use anyhow::{bail, Context as _, Result};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
-use lb_agent::{
-    config::Forward,
-    dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
-    sys::if_index,
-    tables::maglev::address_key,
-    tables::maglev::{self, Member},
-};
-use lb_common::{addr_v6, hash::flow_hash, Counters, FlowEvent, Reason, Settings, IPPROTO_TCP, IPPROTO_UDP};
+use lb_agent::{config::Forward, dataplane::map_addr, sys::if_index};
+use lb_common::{addr_v6, hash::flow_hash, Settings, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
+    bed::{self, xdp_md},
     netns::Netns,
     packet::{checksum, Frame, ETH_LEN, IPV4_LEN, IPV6_LEN, VLAN_LEN},
 };
@@ -210,24 +204,6 @@ where
     bed.run(f)
 }
 
-/// A service of the bed and the table last published for it.
-pub struct Svc {
-    pub vip: IpAddr,
-    pub port: u16,
-    pub proto: u8,
-    pub forward: Forward,
-    pub slot: ServiceSlot,
-    pub table: Vec<u32>,
-}
-
-/// What the bed last wrote to a backend slot.
-#[derive(Clone, Copy, Debug)]
-pub struct BackendInfo {
-    pub addr: IpAddr,
-    pub mac: Option<[u8; 6]>,
-    pub usable: bool,
-}
-
 /// Backend ids of the standard services.
 pub const L2_V4: [u32; 3] = [0, 1, 2];
 pub const IPIP_V4: [u32; 3] = [3, 4, 5];
@@ -315,18 +291,29 @@ pub fn default_settings() -> Settings {
     }
 }
 
-/// A loaded data path with the standard services, on a thread inside the bed's namespace.
+/// The shared data-path bed ([`crate::bed::Bed`]) loaded with the standard services, on a
+/// thread inside the namespace, and the namespace's interfaces.
 pub struct Bed {
-    pub dp: Dataplane,
+    pub bed: bed::Bed,
     pub topo: Topo,
-    pub services: Vec<Svc>,
-    pub backends: HashMap<u32, BackendInfo>,
-    pub settings: Settings,
+}
+
+impl std::ops::Deref for Bed {
+    type Target = bed::Bed;
+    fn deref(&self) -> &bed::Bed {
+        &self.bed
+    }
+}
+
+impl std::ops::DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut bed::Bed {
+        &mut self.bed
+    }
 }
 
 impl Bed {
-    /// Loads the data path and adds the standard backends and services. Must run on a thread
-    /// inside the bed's namespace (see [`DpBed::run`]).
+    /// Loads the data path and adds the standard backends and services, frames arriving on
+    /// veth0. Must run on a thread inside the bed's namespace (see [`DpBed::run`]).
     pub fn new() -> Result<Self> {
         let topo = Topo {
             ifindex: if_index(VETH).context("veth0 missing: not inside the bed's namespace?")?,
@@ -334,92 +321,17 @@ impl Bed {
             ifindex2: if_index(VETH2).context("veth2 missing")?,
             mac2: LB_MAC2,
         };
-        let services = standard_services();
-        let dp = Dataplane::load(&LoadOptions {
-            hash_seed: SEED,
-            iface_mac: LB_MAC,
-            maglev_capacity: 2 * TABLE * (services.len() as u32 + 4),
-            flow_table_size: FLOW_TABLE_SIZE,
-        })?;
-        let settings = default_settings();
-        let mut bed = Self { dp, topo, services: Vec::new(), backends: HashMap::new(), settings };
-        bed.set_settings(settings)?;
+        let mut builder = bed::Builder::new(SEED, LB_MAC, TABLE)
+            .flow_table_size(FLOW_TABLE_SIZE)
+            .settings(default_settings())
+            .ingress(topo.ifindex);
         for (id, addr, mac) in standard_backends() {
-            bed.set_backend(id, addr, mac, true)?;
+            builder = builder.backend(id, addr, mac);
         }
-        for (id, (vip, port, proto, forward, members)) in services.into_iter().enumerate() {
-            let mut slot = bed.dp.add_service(vip, port, proto, id as u32, TABLE, forward)?;
-            let table = bed.table_of(&members);
-            bed.dp.publish_table(&mut slot, &table)?;
-            bed.services.push(Svc { vip, port, proto, forward, slot, table });
+        for (vip, port, proto, forward, members) in standard_services() {
+            builder = builder.service(vip, port, proto, forward, &members);
         }
-        Ok(bed)
-    }
-
-    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
-        self.settings = settings;
-        self.dp.set_settings(settings)
-    }
-
-    /// Writes a backend slot through the facade and remembers it.
-    pub fn set_backend(&mut self, id: u32, addr: IpAddr, mac: Option<[u8; 6]>, usable: bool) -> Result<()> {
-        self.dp.set_backend(id, addr, mac, usable)?;
-        self.backends.insert(id, BackendInfo { addr, mac, usable });
-        Ok(())
-    }
-
-    pub fn backend(&self, id: u32) -> BackendInfo {
-        self.backends[&id]
-    }
-
-    /// The Maglev table of these backends (weight 1 each, keyed by their current address).
-    pub fn table_of(&self, ids: &[u32]) -> Vec<u32> {
-        let members: Vec<Member> =
-            ids.iter().map(|&id| Member { id, key: address_key(self.backends[&id].addr), weight: 1 }).collect();
-        maglev::build(&members, TABLE)
-    }
-
-    fn service_index(&self, vip: IpAddr, proto: u8, port: u16) -> usize {
-        self.services
-            .iter()
-            .position(|s| s.vip == vip && s.proto == proto && s.port == port)
-            .unwrap_or_else(|| panic!("no service {vip} {proto}/{port} in the bed"))
-    }
-
-    pub fn service(&self, vip: IpAddr, proto: u8, port: u16) -> &Svc {
-        &self.services[self.service_index(vip, proto, port)]
-    }
-
-    /// Publishes `table` for the service and remembers it.
-    pub fn publish(&mut self, vip: IpAddr, proto: u8, port: u16, table: Vec<u32>) -> Result<()> {
-        let i = self.service_index(vip, proto, port);
-        let svc = &mut self.services[i];
-        self.dp.publish_table(&mut svc.slot, &table)?;
-        svc.table = table;
-        Ok(())
-    }
-
-    /// The backend the service's current table gives this flow.
-    pub fn expected_backend(&self, f: &Frame) -> u32 {
-        let svc = self.service(f.dst, f.proto, f.dport);
-        svc.table[(frame_hash(f) % TABLE) as usize]
-    }
-
-    /// Runs one frame as if it arrived on veth0: (verdict, output frame).
-    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let ifindex = self.topo.ifindex;
-        self.run_on(ifindex, frame)
-    }
-
-    /// Runs one frame as if it arrived on `ifindex` (0: the namespace's loopback, as without a
-    /// context). Panics if the kernel refuses the run.
-    pub fn run_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.try_run_on(ifindex, frame).expect("BPF_PROG_TEST_RUN")
-    }
-
-    pub fn try_run_on(&mut self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let ctx = xdp_md(frame.len(), ifindex);
-        crate::testrun::run_xdp(self.dp.balancer(), frame, Some(&ctx))
+        Ok(Self { bed: builder.build()?, topo })
     }
 
     /// Runs one frame in "live frames" mode, arriving on veth0: XDP_PASS frames go up the
@@ -433,72 +345,6 @@ impl Bed {
         self.dp.balancer().test_run(opts)?;
         Ok(())
     }
-
-    pub fn reasons(&self) -> Vec<(Reason, Counters)> {
-        self.dp.reason_counters().expect("read REASON_STATS")
-    }
-
-    pub fn flows(&self) -> Vec<(FlowEvent, u64)> {
-        self.dp.flow_counters().expect("read FLOW_STATS")
-    }
-
-    /// Runs `frame` and checks the verdict is `reason`'s and that only `reason`'s counter
-    /// moved, by one frame of the output frame's size (the data path counts a frame at its
-    /// exit). Returns the output frame.
-    pub fn run_counted(&mut self, frame: &[u8], reason: Reason) -> Vec<u8> {
-        let before = self.reasons();
-        let (verdict, out) = self.run(frame);
-        let after = self.reasons();
-        // Counted at the exit: the bytes are the output frame's (grown by an encapsulation).
-        assert_reason_delta(&before, &after, reason, out.len());
-        assert_eq!(verdict, reason.action(), "verdict for {}", reason.name());
-        out
-    }
-
-    /// As [`Bed::run_counted`], and checks that the flow-table counters moved by exactly
-    /// `events` (each listed once per packet it should count).
-    pub fn run_flow(&mut self, frame: &[u8], reason: Reason, events: &[FlowEvent]) -> Vec<u8> {
-        let before = self.flows();
-        let out = self.run_counted(frame, reason);
-        let after = self.flows();
-        assert_flow_delta(&before, &after, events);
-        out
-    }
-
-    /// Runs an untouched-frame case: `reason`, and the output equals the input.
-    pub fn assert_untouched(&mut self, frame: &[u8], reason: Reason) {
-        let out = self.run_counted(frame, reason);
-        assert_eq!(out, frame, "{} leaves the frame as it was", reason.name());
-    }
-}
-
-/// The xdp_md context of a test run (net/bpf/test_run.c, xdp_convert_md_to_buff): data and
-/// data_meta 0, data_end the frame's length, egress_ifindex 0; a nonzero ingress_ifindex makes
-/// the kernel take that device's RX queue (in the calling thread's namespace) as the frame's.
-pub fn xdp_md(len: usize, ingress_ifindex: u32) -> [u8; 24] {
-    let fields = [0u32, len as u32, 0, ingress_ifindex, 0, 0];
-    let mut ctx = [0u8; 24];
-    for (i, v) in fields.iter().enumerate() {
-        ctx[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
-    }
-    ctx
-}
-
-/// Asserts that only `reason`'s counter moved, by one frame of `len` bytes.
-pub fn assert_reason_delta(before: &[(Reason, Counters)], after: &[(Reason, Counters)], reason: Reason, len: usize) {
-    crate::testrun::assert_one_counted(before, after, reason, len);
-}
-
-/// Asserts that the flow-event counters moved by exactly `events`.
-pub fn assert_flow_delta(before: &[(FlowEvent, u64)], after: &[(FlowEvent, u64)], events: &[FlowEvent]) {
-    let got: Vec<(FlowEvent, u64)> =
-        before.iter().zip(after).map(|((e, b), (_, a))| (*e, a - b)).filter(|(_, d)| *d > 0).collect();
-    let want: Vec<(FlowEvent, u64)> = FlowEvent::ALL
-        .iter()
-        .map(|e| (*e, events.iter().filter(|x| *x == e).count() as u64))
-        .filter(|(_, d)| *d > 0)
-        .collect();
-    assert_eq!(got, want, "flow-table events");
 }
 
 /// A frame from the client's router to the balancer's veth0.
@@ -516,7 +362,7 @@ pub fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u1
     to_lb(Frame::udp(src, sport, dst, dport))
 }
 
-/// The flow hash the data path computes for this frame (TCP or UDP).
+/// The flow hash the data path computes for this frame with the bed's seed.
 pub fn frame_hash(f: &Frame) -> u32 {
     let [s0, s1] = f.sport.to_be_bytes();
     let [d0, d1] = f.dport.to_be_bytes();

@@ -3,6 +3,7 @@
 //! agent as a real process. Everything it creates is removed when its guard drops, panics
 //! included. Shared by the integration tests and `cargo xtask demo`.
 pub mod agent;
+pub mod bed;
 pub mod bench;
 pub mod capture;
 pub mod dpbed;

@@ -2,15 +2,11 @@
 //! and the counter of every case. Needs root (CAP_BPF).
 use std::net::Ipv4Addr;
 
-use lb_agent::{
-    config::Forward,
-    dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
-    tables::maglev::{self, Member},
-};
-use lb_common::{hash::flow_hash, Counters, Reason, Settings};
+use lb_agent::config::Forward;
+use lb_common::Reason;
 use xlb_tests::{
+    bed::{Bed, Builder},
     packet::{Frame, ETH_LEN, IPV4_LEN},
-    testrun::{assert_one_counted, run_xdp},
 };
 
 const XDP_TX: u32 = 3;
@@ -22,102 +18,42 @@ const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 101);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
 const TABLE: u32 = 251;
 
-struct Bed {
-    dp: Dataplane,
-    /// Maglev table per service id 0 (TCP 80) and 1 (UDP 53).
-    tables: Vec<Vec<u32>>,
-    backend_macs: Vec<[u8; 6]>,
-}
-
 fn backend_mac(i: u32) -> [u8; 6] {
     [0x02, 0xbe, 0, 0, 0, i as u8]
 }
 
+/// Three backends; TCP 80 and UDP 53 on the VIP over all three; a service without backends.
 fn bed() -> Bed {
-    let mut dp = Dataplane::load(&LoadOptions {
-        hash_seed: SEED,
-        iface_mac: LB_MAC,
-        maglev_capacity: 8 * TABLE,
-        flow_table_size: 4096,
-    })
-    .expect("load the balancer (run the tests as root)");
-    dp.set_settings(Settings { udp_idle_ns: 30_000_000_000, ..Settings::default() }).unwrap();
-    let mut backend_macs = Vec::new();
-    let mut members = Vec::new();
+    let mut builder = Builder::new(SEED, LB_MAC, TABLE);
     for i in 0..3u32 {
-        let addr = Ipv4Addr::new(10, 99, 0, 11 + i as u8);
-        dp.set_backend(i, addr.into(), Some(backend_mac(i)), true).unwrap();
-        backend_macs.push(backend_mac(i));
-        members.push(Member { id: i, key: u64::from(u32::from(addr)), weight: 1 });
+        builder = builder.backend(i, Ipv4Addr::new(10, 99, 0, 11 + i as u8).into(), Some(backend_mac(i)));
     }
-    let mut tables = Vec::new();
-    for (id, (port, proto)) in [(80u16, 6u8), (53, 17)].into_iter().enumerate() {
-        let mut slot: ServiceSlot = dp.add_service(VIP.into(), port, proto, id as u32, TABLE, Forward::L2).unwrap();
-        let table = maglev::build(&members, TABLE);
-        dp.publish_table(&mut slot, &table).unwrap();
-        tables.push(table);
-    }
-    // A service whose table stays empty: no usable backend.
-    dp.add_service(EMPTY_VIP.into(), 80, 6, 2, TABLE, Forward::L2).unwrap();
-    Bed { dp, tables, backend_macs }
+    builder
+        .service(VIP.into(), 80, 6, Forward::L2, &[0, 1, 2])
+        .service(VIP.into(), 53, 17, Forward::L2, &[0, 1, 2])
+        .empty_service(EMPTY_VIP.into(), 80, 6)
+        .build()
+        .expect("load the balancer (run the tests as root)")
 }
 
-impl Bed {
-    /// Runs one frame; returns the verdict and the output frame.
-    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        run_xdp(self.dp.balancer(), frame, None).expect("BPF_PROG_TEST_RUN")
-    }
-
-    fn reasons(&self) -> Vec<(Reason, Counters)> {
-        self.dp.reason_counters().unwrap()
-    }
-
-    /// Runs `frame` and checks that exactly `reason`'s counter moved, by one frame of its size.
-    fn run_counted(&mut self, frame: &[u8], reason: Reason) -> (u32, Vec<u8>) {
-        let before = self.reasons();
-        let result = self.run(frame);
-        let after = self.reasons();
-        assert_one_counted(&before, &after, reason, frame.len());
-        assert_eq!(result.0, reason.action(), "verdict for {}", reason.name());
-        result
-    }
-
-    /// The backend the balancer must pick for this flow.
-    fn expected_backend(&self, service: usize, f: &Frame) -> u32 {
-        let ports = u32::from_ne_bytes([
-            f.sport.to_be_bytes()[0],
-            f.sport.to_be_bytes()[1],
-            f.dport.to_be_bytes()[0],
-            f.dport.to_be_bytes()[1],
-        ]);
-        let h = flow_hash(&map_addr(f.src).0, &map_addr(f.dst).0, ports, f.proto, SEED);
-        self.tables[service][(h % TABLE) as usize]
-    }
-
-    /// A VIP hit: XDP_TX, the MACs rewritten, every other byte as it was; counted per service
-    /// and per backend.
-    fn assert_forwarded(&mut self, service: usize, f: &Frame) {
-        let input = f.build();
-        let backend = self.expected_backend(service, f);
-        let svc_before = self.dp.service_counters(service as u32).unwrap();
-        let be_before = self.dp.backend_counters(backend).unwrap();
-        let (verdict, out) = self.run_counted(&input, Reason::TxForwarded);
-        assert_eq!(verdict, XDP_TX);
-        let mut expected = input.clone();
-        expected[0..6].copy_from_slice(&self.backend_macs[backend as usize]);
-        expected[6..12].copy_from_slice(&LB_MAC);
-        assert_eq!(out, expected, "only the MACs change");
-        let svc_after = self.dp.service_counters(service as u32).unwrap();
-        let be_after = self.dp.backend_counters(backend).unwrap();
-        assert_eq!(svc_after.packets - svc_before.packets, 1);
-        assert_eq!(be_after.packets - be_before.packets, 1);
-        assert_eq!(be_after.bytes - be_before.bytes, input.len() as u64);
-    }
-
-    fn assert_untouched(&mut self, frame: &[u8], reason: Reason) {
-        let (_, out) = self.run_counted(frame, reason);
-        assert_eq!(out, frame, "{} leaves the frame as it was", reason.name());
-    }
+/// A VIP hit: XDP_TX, the MACs rewritten, every other byte as it was; counted per service
+/// and per backend.
+fn assert_forwarded(bed: &mut Bed, f: &Frame) {
+    let input = f.build();
+    let backend = bed.expected_backend(f);
+    let service = bed.service(f.dst, f.proto, f.dport).slot.id;
+    let svc_before = bed.dp.service_counters(service).unwrap();
+    let be_before = bed.dp.backend_counters(backend).unwrap();
+    let out = bed.run_counted(&input, Reason::TxForwarded);
+    let mut expected = input.clone();
+    expected[0..6].copy_from_slice(&backend_mac(backend));
+    expected[6..12].copy_from_slice(&LB_MAC);
+    assert_eq!(out, expected, "only the MACs change");
+    let svc_after = bed.dp.service_counters(service).unwrap();
+    let be_after = bed.dp.backend_counters(backend).unwrap();
+    assert_eq!(svc_after.packets - svc_before.packets, 1);
+    assert_eq!(be_after.packets - be_before.packets, 1);
+    assert_eq!(be_after.bytes - be_before.bytes, input.len() as u64);
 }
 
 #[test]
@@ -126,9 +62,9 @@ fn vip_hits_are_rewritten_to_the_maglev_backend() {
     let mut seen = std::collections::HashSet::new();
     for sport in 40_000..40_030u16 {
         let tcp = Frame::tcp(CLIENT, sport, VIP, 80);
-        seen.insert(bed.expected_backend(0, &tcp));
-        bed.assert_forwarded(0, &tcp);
-        bed.assert_forwarded(1, &Frame::udp(CLIENT, sport, VIP, 53));
+        seen.insert(bed.expected_backend(&tcp));
+        assert_forwarded(&mut bed, &tcp);
+        assert_forwarded(&mut bed, &Frame::udp(CLIENT, sport, VIP, 53));
     }
     assert_eq!(seen.len(), 3, "30 flows reach all three backends");
 }
@@ -137,7 +73,7 @@ fn vip_hits_are_rewritten_to_the_maglev_backend() {
 fn vlan_tagged_hit_keeps_its_tag() {
     let mut bed = bed();
     let f = Frame::tcp(CLIENT, 41_000, VIP, 80).vlan(42);
-    bed.assert_forwarded(0, &f);
+    assert_forwarded(&mut bed, &f);
 }
 
 #[test]
@@ -218,6 +154,6 @@ fn a_published_table_takes_effect_for_new_flows_at_once() {
         let f = Frame::tcp(CLIENT, 45_000 + round as u16, vip, 80);
         let (verdict, out) = bed.run(&f.build());
         assert_eq!(verdict, XDP_TX);
-        assert_eq!(out[0..6], bed.backend_macs[target as usize], "round {round}");
+        assert_eq!(out[0..6], backend_mac(target), "round {round}");
     }
 }

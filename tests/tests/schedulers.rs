@@ -2,15 +2,16 @@
 //! BPF_PROG_TEST_RUN on crafted frames, then end to end in network namespaces. Needs root.
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
-    config::Forward,
-    dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
-    tables::maglev::{self, Member},
-    tables::rr,
+    dataplane::map_addr,
+    tables::{
+        maglev::{self, Member},
+        rr,
+    },
 };
 use lb_common::{hash::source_hash, Settings, SCHED_LC, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR};
 use xlb_tests::{
+    bed::Builder,
     packet::Frame,
     scenario::{backend_name, config_for, vip, Scenario},
     traffic::{failures, open_connections, tcp_requests},
@@ -50,10 +51,23 @@ fn pin_to_one_cpu() {
     }
 }
 
+/// The shared data-path bed with the scheduler services, and the Maglev table of backends 0..3.
 struct Bed {
-    dp: Dataplane,
-    slots: BTreeMap<u16, ServiceSlot>,
+    bed: xlb_tests::bed::Bed,
     maglev_table: Vec<u32>,
+}
+
+impl std::ops::Deref for Bed {
+    type Target = xlb_tests::bed::Bed;
+    fn deref(&self) -> &Self::Target {
+        &self.bed
+    }
+}
+
+impl std::ops::DerefMut for Bed {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.bed
+    }
 }
 
 /// Four backends (ids 0..4; 3 stays out of the tables at first); services rr (port 80,
@@ -61,50 +75,30 @@ struct Bed {
 /// backends 0..3) and wlc (84, weights 1:2:3) on one VIP.
 fn bed() -> Bed {
     pin_to_one_cpu();
-    let mut dp = Dataplane::load(&LoadOptions {
-        hash_seed: SEED,
-        iface_mac: LB_MAC,
-        maglev_capacity: 10 * TABLE,
-        flow_table_size: 4096,
-    })
-    .expect("load the balancer (run the tests as root)");
-    dp.set_settings(Settings { udp_idle_ns: 30_000_000_000, ..Settings::default() }).unwrap();
-    for i in 0..4u32 {
-        dp.set_backend(i, Ipv4Addr::new(10, 99, 0, 11 + i as u8).into(), Some(backend_mac(i)), true).unwrap();
-        dp.set_backend_weight(i, i + 1).unwrap();
-    }
     let ones: Vec<Member> = (0..3).map(|i| member(i, 1)).collect();
     let weighted: Vec<Member> = (0..3).map(|i| member(i, i + 1)).collect();
     let maglev_table = maglev::build(&ones, TABLE);
-    let mut slots = BTreeMap::new();
-    for (id, (port, scheduler, table)) in [
-        (RR_PORT, SCHED_RR, rr::table(&ones, TABLE, false)),
-        (WRR_PORT, SCHED_WRR, rr::table(&weighted, TABLE, true)),
-        (SH_PORT, SCHED_SOURCE_HASH, maglev_table.clone()),
-        (LC_PORT, SCHED_LC, maglev_table.clone()),
-        (WLC_PORT, SCHED_WLC, maglev::build(&weighted, TABLE)),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let mut slot = dp.add_service(VIP.into(), port, 6, id as u32, TABLE, Forward::L2).unwrap();
-        slot.set_scheduler(scheduler);
-        dp.publish_table(&mut slot, &table).unwrap();
-        slots.insert(port, slot);
+    let mut builder = Builder::new(SEED, LB_MAC, TABLE);
+    for i in 0..4u32 {
+        builder =
+            builder.weighted_backend(i, Ipv4Addr::new(10, 99, 0, 11 + i as u8).into(), Some(backend_mac(i)), i + 1);
     }
-    Bed { dp, slots, maglev_table }
+    let bed = builder
+        .scheduled(VIP.into(), RR_PORT, 6, SCHED_RR, rr::table(&ones, TABLE, false))
+        .scheduled(VIP.into(), WRR_PORT, 6, SCHED_WRR, rr::table(&weighted, TABLE, true))
+        .scheduled(VIP.into(), SH_PORT, 6, SCHED_SOURCE_HASH, maglev_table.clone())
+        .scheduled(VIP.into(), LC_PORT, 6, SCHED_LC, maglev_table.clone())
+        .scheduled(VIP.into(), WLC_PORT, 6, SCHED_WLC, maglev::build(&weighted, TABLE))
+        .build()
+        .expect("load the balancer (run the tests as root)");
+    Bed { bed, maglev_table }
 }
 
 impl Bed {
     /// Sends one frame; the backend it was forwarded to.
     fn backend_of(&mut self, f: &Frame) -> u32 {
-        let frame = f.build();
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(&frame);
-        opts.data_out = Some(&mut out);
-        let result = self.dp.balancer().test_run(opts).expect("BPF_PROG_TEST_RUN");
-        assert_eq!(result.return_value, XDP_TX, "{f:?}");
+        let (verdict, out) = self.run(&f.build());
+        assert_eq!(verdict, XDP_TX, "{f:?}");
         let mac: [u8; 6] = out[0..6].try_into().unwrap();
         (0..4).find(|&i| backend_mac(i) == mac).unwrap_or_else(|| panic!("unknown destination MAC {mac:02x?}"))
     }
@@ -124,13 +118,12 @@ impl Bed {
 
     /// Sets a service's affinity timeout and publishes `table` with it.
     fn set_affinity_timeout(&mut self, port: u16, secs: u32, table: &[u32]) {
-        self.slots.get_mut(&port).unwrap().set_affinity_timeout(secs);
+        self.service_mut(VIP.into(), 6, port).slot.set_affinity_timeout(secs);
         self.publish(port, table);
     }
 
     fn publish(&mut self, port: u16, table: &[u32]) {
-        let slot = self.slots.get_mut(&port).unwrap();
-        self.dp.publish_table(slot, table).unwrap();
+        self.bed.publish(VIP.into(), 6, port, table.to_vec()).unwrap();
     }
 }
 

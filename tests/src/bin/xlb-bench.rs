@@ -374,7 +374,7 @@ impl Case {
 /// syscall's set-up (copying the frame in, and for repeat > 1 updating the XDP dispatcher: ~14
 /// ms a call measured here).
 fn test_run(prog: &Xdp, frame: &[u8], ifindex: u32, repeat: u32, out: &mut [u8]) -> Result<(u32, u64, usize)> {
-    let ctx = dpbed::xdp_md(frame.len(), ifindex);
+    let ctx = xlb_tests::bed::xdp_md(frame.len(), ifindex);
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     opts.data_out = Some(out);
