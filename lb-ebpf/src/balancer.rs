@@ -12,7 +12,7 @@ use crate::{
     encap,
     fib::{self, Route},
     flow::{self, Chosen},
-    icmp,
+    frame, icmp,
     maps::{self, SERVICES, SETTINGS, TX_PORTS, VIPS},
     parse::{self, Ipv6Next, L3},
     stats,
@@ -69,7 +69,7 @@ pub fn balance(ctx: &XdpContext) -> Reason {
     let Some(chosen) = flow::select(k, packet.tcp_flags, &service, hash) else {
         return Reason::DropNoBackend;
     };
-    let bytes = parse::frame_len(ctx);
+    let bytes = frame::frame_len(ctx);
     let reason = forward(ctx, &packet, &service, &chosen, hash);
     if matches!(reason, Reason::TxForwarded | Reason::TxEncap | Reason::RedirectEncap | Reason::PassNoNeighbour) {
         stats::count_forward(service.id, chosen.id, bytes);
@@ -85,7 +85,7 @@ fn is_vip(addr: Addr, family: u8) -> bool {
 
 #[inline(always)]
 fn ipv4_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
-    let ip: &Ipv4Hdr = parse::ref_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+    let ip: &Ipv4Hdr = frame::ref_at(ctx, l3).ok_or(Reason::PassMalformed)?;
     let ihl = ip.vihl & 0x0f;
     if ip.vihl >> 4 != 4 || ihl < 5 {
         return Err(Reason::PassMalformed);
@@ -122,7 +122,7 @@ fn ipv4_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
 /// which rejects the layout Rust gives such an enum (its tag inside a union member).
 #[inline(never)]
 fn ipv6_packet(ctx: &XdpContext, l3: usize, packet: &mut Packet) -> Result<(), Reason> {
-    let ip: &Ipv6Hdr = parse::ref_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+    let ip: &Ipv6Hdr = frame::ref_at(ctx, l3).ok_or(Reason::PassMalformed)?;
     if ip.vcf[0] >> 4 != 6 {
         return Err(Reason::PassMalformed);
     }
@@ -162,7 +162,7 @@ fn ipv6_packet(ctx: &XdpContext, l3: usize, packet: &mut Packet) -> Result<(), R
 #[inline(always)]
 fn length_fits(ctx: &XdpContext, l3: usize, l4: usize, proto: u8, ip_len: usize) -> bool {
     let l4_header = if proto == IPPROTO_TCP { TCP_HDR } else { UDP_HDR };
-    ip_len >= l4 - l3 + l4_header && l3 + ip_len <= parse::frame_len(ctx) as usize
+    ip_len >= l4 - l3 + l4_header && l3 + ip_len <= frame::frame_len(ctx) as usize
 }
 
 /// TCP and UDP go on; the family's ICMP goes to the host; anything else has no service.
@@ -196,7 +196,7 @@ fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen
 /// Err(mtu): too big for the egress MTU once encapsulated, and not to be fragmented.
 fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32) -> Result<Reason, u16> {
     // The verifier lost l3's bounds on the way through memory; it is 14 or 18.
-    let l3 = if packet.l3 == 18 { 18 } else { 14 };
+    let l3 = frame::l3_bounded(packet.l3);
     let Some(settings) = SETTINGS.get(0) else {
         return Ok(Reason::DropNoRoute);
     };
@@ -215,7 +215,7 @@ fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32
     // end, where every receiver (ip_rcv, ipv6_rcv, the decapsulator's stack) trims them. They
     // do go on the wire, so the MTU check counts them: the frame's bytes from the IP header on.
     let outer_len = packet.ip_len.saturating_add(outer_hdr as u16);
-    let on_wire = (parse::frame_len(ctx) as usize).saturating_sub(l3).saturating_add(outer_hdr);
+    let on_wire = (frame::frame_len(ctx) as usize).saturating_sub(l3).saturating_add(outer_hdr);
     let on_wire = if on_wire > u16::MAX as usize { u16::MAX } else { on_wire as u16 };
     let proto = if family == FAMILY_V4 { 4 } else { 41 };
     let route = fib::route(ctx, family, proto, &src, backend, on_wire);
@@ -240,7 +240,7 @@ fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32
     }
     Ok(match route {
         Route::Via { ifindex, smac, dmac } => {
-            let Some(received) = parse::read_at::<[u16; 6]>(ctx, 0) else {
+            let Some(received) = frame::read_at::<[u16; 6]>(ctx, 0) else {
                 return Ok(Reason::DropAdjustFailed);
             };
             if parse::set_macs(ctx, dmac, smac).is_none() {

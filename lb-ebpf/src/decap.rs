@@ -13,7 +13,7 @@ use lb_common::{reason::DecapReason, VipKey, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP,
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    csum,
+    csum, frame,
     maps::{DECAP_ADDRS, DECAP_STATS},
     parse::{self, L3},
 };
@@ -75,7 +75,7 @@ fn accepts(key: [u32; 5]) -> bool {
 /// byte, and a VipKey literal zeroes its padding field with a call of a byte-wise memset.
 #[inline(always)]
 fn dst_v4(ctx: &XdpContext, l3: usize) -> Option<[u32; 5]> {
-    let p = parse::ptr_at::<[u16; 2]>(ctx, l3 + IPV4_DST)?;
+    let p = frame::ptr_at::<[u16; 2]>(ctx, l3 + IPV4_DST)?;
     // SAFETY: inside the frame, checked by ptr_at; 2-byte aligned as the frame is.
     let a = unsafe { p.read() };
     Some([join(a[0], a[1]), 0, 0, 0, u32::from_ne_bytes([FAMILY_V4, 0, 0, 0])])
@@ -84,7 +84,7 @@ fn dst_v4(ctx: &XdpContext, l3: usize) -> Option<[u32; 5]> {
 /// As [`dst_v4`], for the IPv6 destination at `l3`.
 #[inline(always)]
 fn dst_v6(ctx: &XdpContext, l3: usize) -> Option<[u32; 5]> {
-    let p = parse::ptr_at::<[u16; 8]>(ctx, l3 + IPV6_DST)?;
+    let p = frame::ptr_at::<[u16; 8]>(ctx, l3 + IPV6_DST)?;
     // SAFETY: as in dst_v4.
     let a = unsafe { p.read() };
     Some([
@@ -108,7 +108,7 @@ const _: () = assert!(cfg!(target_endian = "little"));
 /// followed by a whole IPv4 header whose length agrees with the outer one.
 #[inline(always)]
 fn outer_v4(ctx: &XdpContext, l3: usize) -> Result<(), DecapReason> {
-    let outer: &Ipv4Hdr = parse::ref_at(ctx, l3).ok_or(DecapReason::PassMalformed)?;
+    let outer: &Ipv4Hdr = frame::ref_at(ctx, l3).ok_or(DecapReason::PassMalformed)?;
     if outer.proto != IPPROTO_IPIP {
         return Err(DecapReason::PassNotEncap);
     }
@@ -122,7 +122,7 @@ fn outer_v4(ctx: &XdpContext, l3: usize) -> Result<(), DecapReason> {
         return Err(DecapReason::PassNotForUs);
     }
     let inner_at = l3 + IPV4_HDR;
-    let inner: &Ipv4Hdr = parse::ref_at(ctx, inner_at).ok_or(DecapReason::PassMalformed)?;
+    let inner: &Ipv4Hdr = frame::ref_at(ctx, inner_at).ok_or(DecapReason::PassMalformed)?;
     if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
         return Err(DecapReason::PassMalformed);
     }
@@ -142,7 +142,7 @@ fn outer_v4(ctx: &XdpContext, l3: usize) -> Result<(), DecapReason> {
 /// header whose length agrees with the outer one.
 #[inline(always)]
 fn outer_v6(ctx: &XdpContext, l3: usize) -> Result<(), DecapReason> {
-    let outer: &Ipv6Hdr = parse::ref_at(ctx, l3).ok_or(DecapReason::PassMalformed)?;
+    let outer: &Ipv6Hdr = frame::ref_at(ctx, l3).ok_or(DecapReason::PassMalformed)?;
     if outer.next_hdr != IPPROTO_IPV6 {
         return Err(DecapReason::PassNotEncap);
     }
@@ -153,7 +153,7 @@ fn outer_v6(ctx: &XdpContext, l3: usize) -> Result<(), DecapReason> {
         return Err(DecapReason::PassNotForUs);
     }
     let inner_at = l3 + IPV6_HDR;
-    let inner: &Ipv6Hdr = parse::ref_at(ctx, inner_at).ok_or(DecapReason::PassMalformed)?;
+    let inner: &Ipv6Hdr = frame::ref_at(ctx, inner_at).ok_or(DecapReason::PassMalformed)?;
     if inner.vcf[0] >> 4 != 6 {
         return Err(DecapReason::PassMalformed);
     }
@@ -172,7 +172,7 @@ fn outer_v6(ctx: &XdpContext, l3: usize) -> Result<(), DecapReason> {
 /// Sets CE on the IPv4 header at `at` if it is ECN-capable, updating its checksum (RFC 1624).
 #[inline(always)]
 fn mark_ce_v4(ctx: &XdpContext, at: usize) {
-    let Some(p) = parse::ptr_at::<[u16; 6]>(ctx, at) else {
+    let Some(p) = frame::ptr_at::<[u16; 6]>(ctx, at) else {
         return;
     };
     // SAFETY: 12 bytes inside the frame, checked by ptr_at; 2-byte aligned as the frame is.
@@ -190,7 +190,7 @@ fn mark_ce_v4(ctx: &XdpContext, at: usize) {
 /// Sets CE on the IPv6 header at `at` if it is ECN-capable (no checksum to update).
 #[inline(always)]
 fn mark_ce_v6(ctx: &XdpContext, at: usize) {
-    let Some(p) = parse::ptr_at::<u8>(ctx, at + 1) else {
+    let Some(p) = frame::ptr_at::<u8>(ctx, at + 1) else {
         return;
     };
     // SAFETY: one byte inside the frame, checked by ptr_at.
@@ -222,8 +222,8 @@ fn strip<const OUTER: usize>(ctx: &XdpContext, l2_len: usize) -> Option<()> {
 /// `by` is an outer header's length, at least 20, and T at most 18 bytes).
 #[inline(always)]
 fn move_forward<T>(ctx: &XdpContext, by: usize) -> Option<()> {
-    let src = parse::ptr_at::<T>(ctx, 0)?;
-    let dst = parse::ptr_at::<T>(ctx, by)?;
+    let src = frame::ptr_at::<T>(ctx, 0)?;
+    let dst = frame::ptr_at::<T>(ctx, by)?;
     // SAFETY: both inside the frame (ptr_at), disjoint (see above), 2-byte aligned as the frame
     // is; a fixed-size copy of u16 words is inlined as word moves.
     unsafe { core::ptr::copy_nonoverlapping(src as *const T, dst, 1) };

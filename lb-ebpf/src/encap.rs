@@ -3,7 +3,7 @@
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{Addr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR, IPV6_HDR};
 
-use crate::{csum, parse};
+use crate::{csum, frame};
 
 const TTL: u8 = 64;
 
@@ -23,13 +23,13 @@ pub fn grow_head(ctx: &XdpContext, grow: usize, l2_len: usize) -> Option<()> {
 #[inline(always)]
 pub fn move_l2(ctx: &XdpContext, grow: usize, l2_len: usize) -> Option<()> {
     if l2_len == 18 {
-        let l2: [u16; 9] = parse::read_at(ctx, grow)?;
-        let p = parse::ptr_at::<[u16; 9]>(ctx, 0)?;
+        let l2: [u16; 9] = frame::read_at(ctx, grow)?;
+        let p = frame::ptr_at::<[u16; 9]>(ctx, 0)?;
         // SAFETY: inside the frame, checked by ptr_at.
         unsafe { p.write_unaligned(l2) };
     } else {
-        let l2: [u16; 7] = parse::read_at(ctx, grow)?;
-        let p = parse::ptr_at::<[u16; 7]>(ctx, 0)?;
+        let l2: [u16; 7] = frame::read_at(ctx, grow)?;
+        let p = frame::ptr_at::<[u16; 7]>(ctx, 0)?;
         // SAFETY: as above.
         unsafe { p.write_unaligned(l2) };
     }
@@ -87,7 +87,7 @@ pub fn ipv6_header(
 pub fn ipip_v4(ctx: &XdpContext, l3: usize, inner_len: u16, tos: u8, df: bool, src: u32, dst: u32) -> Option<()> {
     let outer = ipv4_header(tos, inner_len.checked_add(IPV4_HDR as u16)?, df, IPPROTO_IPIP, src, dst);
     grow_head(ctx, IPV4_HDR, l3)?;
-    let p = parse::ptr_at::<[u16; 10]>(ctx, l3)?;
+    let p = frame::ptr_at::<[u16; 10]>(ctx, l3)?;
     // SAFETY: inside the frame, checked by ptr_at.
     unsafe { p.write_unaligned(outer) };
     Some(())
@@ -106,7 +106,7 @@ pub fn ip6ip6(
 ) -> Option<()> {
     let outer = ipv6_header(tc, flow_label, inner_len, IPPROTO_IPV6, src, dst);
     grow_head(ctx, IPV6_HDR, l3)?;
-    let p = parse::ptr_at::<[u32; 10]>(ctx, l3)?;
+    let p = frame::ptr_at::<[u32; 10]>(ctx, l3)?;
     // SAFETY: inside the frame, checked by ptr_at.
     unsafe { p.write_unaligned(outer) };
     Some(())

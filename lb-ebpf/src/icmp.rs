@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{Addr, FAMILY_V4, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HDR, IPV6_HDR};
 
-use crate::{csum, encap::ipv4_header, parse};
+use crate::{csum, encap::ipv4_header, frame, parse};
 
 const ICMP_HDR: usize = 8;
 /// Bytes of the client's transport header quoted back (RFC 792: at least 64 bits).
@@ -36,12 +36,12 @@ pub fn may_answer(family: u8, src: &Addr) -> bool {
 /// answer quotes it: after the new IP and ICMP headers.
 #[inline(always)]
 fn reshape(ctx: &XdpContext, l2: usize, grow: usize, len: usize) -> Option<()> {
-    let macs: [u16; 6] = parse::read_at(ctx, 0)?;
+    let macs: [u16; 6] = frame::read_at(ctx, 0)?;
     // SAFETY: the helpers validate the deltas against the frame.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
         return None;
     }
-    let delta = len as i64 - parse::frame_len(ctx) as i64;
+    let delta = len as i64 - frame::frame_len(ctx) as i64;
     // SAFETY: as above.
     if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta as i32) } != 0 {
         return None;
@@ -55,14 +55,14 @@ fn reshape(ctx: &XdpContext, l2: usize, grow: usize, len: usize) -> Option<()> {
 #[inline(never)]
 pub fn too_big_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Option<()> {
     // A call boundary loses the verifier's bounds: l3 is 14 or 18.
-    let l3 = if l3 == 18 { 18 } else { 14 };
-    let [src, dst]: [u32; 2] = parse::read_at(ctx, l3 + 12)?;
+    let l3 = frame::l3_bounded(l3);
+    let [src, dst]: [u32; 2] = frame::read_at(ctx, l3 + 12)?;
     let grow = IPV4_HDR + ICMP_HDR;
     reshape(ctx, l3, grow, l3 + grow + IPV4_HDR + QUOTED_L4)?;
     let len = (IPV4_HDR + ICMP_HDR + IPV4_HDR + QUOTED_L4) as u16;
     write(ctx, l3, ipv4_header(0, len, false, IPPROTO_ICMP, dst, src))?;
     let header = [u16::from_ne_bytes([3, 4]), 0, 0, mtu.to_be()];
-    let quoted = parse::ref_at::<[u16; 14]>(ctx, l3 + IPV4_HDR + ICMP_HDR)?;
+    let quoted = frame::ref_at::<[u16; 14]>(ctx, l3 + IPV4_HDR + ICMP_HDR)?;
     let check = csum::finish(csum::sum_words(&header) + csum::sum_words(quoted));
     write(ctx, l3 + IPV4_HDR, [header[0], check, header[2], header[3]])
 }
@@ -72,13 +72,13 @@ pub fn too_big_v4(ctx: &XdpContext, l3: usize, mtu: u16) -> Option<()> {
 /// call chain past the verifier's 512 bytes.
 #[inline(never)]
 pub fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Option<()> {
-    let l3 = if l3 == 18 { 18 } else { 14 };
+    let l3 = frame::l3_bounded(l3);
     let grow = IPV6_HDR + ICMP_HDR;
     reshape(ctx, l3, grow, l3 + grow + IPV6_HDR + QUOTED_L4)?;
     let msg_len = (ICMP_HDR + IPV6_HDR + QUOTED_L4) as u16;
     // The client's header, quoted after ours: its source is our destination and vice versa.
-    let quoted = parse::ptr_at::<[u32; 10]>(ctx, l3 + grow)?;
-    let ip = parse::ptr_at::<[u32; 10]>(ctx, l3)?;
+    let quoted = frame::ptr_at::<[u32; 10]>(ctx, l3 + grow)?;
+    let ip = frame::ptr_at::<[u32; 10]>(ctx, l3)?;
     let [l0, l1] = msg_len.to_be_bytes();
     // SAFETY: both are inside the frame, checked by ptr_at, and do not overlap.
     unsafe {
@@ -92,8 +92,8 @@ pub fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Option<()> {
         }
     }
     let header = [u16::from_ne_bytes([2, 0]), 0, ((mtu >> 16) as u16).to_be(), (mtu as u16).to_be()];
-    let body = parse::ref_at::<[u16; 24]>(ctx, l3 + IPV6_HDR + ICMP_HDR)?;
-    let addrs = parse::ref_at::<[u16; 16]>(ctx, l3 + 8)?;
+    let body = frame::ref_at::<[u16; 24]>(ctx, l3 + IPV6_HDR + ICMP_HDR)?;
+    let addrs = frame::ref_at::<[u16; 16]>(ctx, l3 + 8)?;
     // The checksum covers a pseudo-header: addresses, length and next header.
     let pseudo = csum::sum_words(addrs) + u64::from(msg_len.to_be()) + u64::from((IPPROTO_ICMPV6 as u16).to_be());
     let check = csum::finish(pseudo + csum::sum_words(&header) + csum::sum_words(body));
@@ -102,7 +102,7 @@ pub fn too_big_v6(ctx: &XdpContext, l3: usize, mtu: u32) -> Option<()> {
 
 #[inline(always)]
 fn write<T>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
-    let p = parse::ptr_at::<T>(ctx, offset)?;
+    let p = frame::ptr_at::<T>(ctx, offset)?;
     // SAFETY: inside the frame, checked by ptr_at.
     unsafe { p.write_unaligned(value) };
     Some(())

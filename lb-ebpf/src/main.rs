@@ -17,6 +17,8 @@ mod fib;
 #[cfg(target_arch = "bpf")]
 mod flow;
 #[cfg(target_arch = "bpf")]
+mod frame;
+#[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -31,13 +33,13 @@ mod stats;
 mod programs {
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
-    use crate::{balancer, decap, parse, stats};
+    use crate::{balancer, decap, frame, parse, stats};
 
     /// The balancer: every frame is counted once, by the reason of its verdict.
     #[xdp]
     pub fn xlb_balancer(ctx: XdpContext) -> u32 {
         let reason = balancer::balance(&ctx);
-        stats::count_reason(reason, parse::frame_len(&ctx));
+        stats::count_reason(reason, frame::frame_len(&ctx));
         reason.action()
     }
 
@@ -45,7 +47,7 @@ mod programs {
     /// of this host's addresses. Every frame is counted once (bytes as received) and passed.
     #[xdp]
     pub fn xlb_decap(ctx: XdpContext) -> u32 {
-        let bytes = parse::frame_len(&ctx);
+        let bytes = frame::frame_len(&ctx);
         let reason = decap::decap(&ctx);
         decap::count(reason, bytes);
         reason.action()

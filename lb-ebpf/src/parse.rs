@@ -1,43 +1,14 @@
-//! Bounds-checked access to the frame and the header walk: Ethernet, one 802.1Q tag, IPv4 or
-//! IPv6 (with its extension headers), TCP/UDP. Raw pointer arithmetic happens only in `ptr_at`.
+//! The header walk: Ethernet, one 802.1Q tag, IPv4 or IPv6 (with its extension headers),
+//! TCP/UDP, through the bounds-checked accessors of `frame`.
 use aya_ebpf::programs::XdpContext;
-use core::mem::size_of;
 use lb_common::{limits::MAX_IPV6_EXT_HEADERS, TcpFlags, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP};
 use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
+
+use crate::frame::{ptr_at, read_at};
 
 /// IPv4 more-fragments flag and fragment offset, in the header's (big-endian) layout: any
 /// bit set means a fragment.
 pub const IP_MF_OFFSET_MASK: u16 = 0x3fff;
-
-/// Pointer to a `T` at `offset` in the frame, or None when the frame is too short for it.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
-
-/// A `T` at `offset`, copied out of the frame.
-#[inline(always)]
-pub fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
-    // SAFETY: ptr_at checked that the whole T is inside the frame; unaligned read.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
-}
-
-/// A reference to a `T` at `offset` in the frame (for byte-array fields only: no alignment).
-#[inline(always)]
-pub fn ref_at<'a, T>(ctx: &'a XdpContext, offset: usize) -> Option<&'a T> {
-    // SAFETY: inside the frame, which outlives the program's run; T is only made of bytes.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { &*p })
-}
-
-#[inline(always)]
-pub fn frame_len(ctx: &XdpContext) -> u64 {
-    (ctx.data_end() - ctx.data()) as u64
-}
 
 /// Where the IP header starts, after Ethernet and at most one VLAN tag.
 pub enum L3 {
