@@ -1,4 +1,10 @@
-//! The decapsulator (xlb_decap): its own model, inputs and property test.
+//! The decapsulator (xlb_decap, lb_agent::decap::Decap): the backend side of L3 DSR, on its own
+//! million frames. Properties: the verdict is always XDP_PASS; a frame that is not IPIP/IP6IP6
+//! to an accepted address comes out untouched; a decapsulated frame is the inner packet behind
+//! the frame's own L2 header (MACs, VLAN tag), with at most a congestion mark carried over
+//! (RFC 6040); exactly one header is stripped (nested encapsulation stays nested once); the
+//! balancer's own encapsulated output decapsulates to the frame it was given; every frame is
+//! counted once, under the reason an independent model predicts.
 use super::*;
 
 /// What the decapsulator must do with a frame.
