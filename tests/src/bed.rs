@@ -13,7 +13,7 @@ use lb_agent::{
 };
 use lb_common::{hash::flow_hash, Counters, FlowEvent, Reason, Settings, SCHED_MAGLEV};
 
-use crate::{packet::Frame, testrun::assert_one_counted};
+use crate::{testrun::assert_one_counted, wire::Frame};
 
 /// A service of the bed and the table last published for it.
 pub struct Svc {

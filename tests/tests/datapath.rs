@@ -3,10 +3,10 @@
 use std::net::Ipv4Addr;
 
 use lb_agent::config::Forward;
-use lb_common::Reason;
+use lb_common::{Reason, ETH_HDR, IPV4_HDR};
 use xlb_tests::{
     bed::{Bed, Builder},
-    packet::{Frame, ETH_LEN, IPV4_LEN},
+    wire::Frame,
 };
 
 const XDP_TX: u32 = 3;
@@ -111,22 +111,22 @@ fn truncated_frames_get_a_safe_verdict() {
     // The kernel refuses test frames shorter than an Ethernet header, so the shortest cut is
     // inside the VLAN tag.
     let vlan = Frame::tcp(CLIENT, 1234, VIP, 80).vlan(7).build();
-    bed.assert_untouched(&vlan[..ETH_LEN + 2], Reason::PassMalformed);
+    bed.assert_untouched(&vlan[..ETH_HDR + 2], Reason::PassMalformed);
     let tcp = Frame::tcp(CLIENT, 1234, VIP, 80).build();
-    for cut in [ETH_LEN, ETH_LEN + 1, ETH_LEN + 10, ETH_LEN + IPV4_LEN - 1] {
+    for cut in [ETH_HDR, ETH_HDR + 1, ETH_HDR + 10, ETH_HDR + IPV4_HDR - 1] {
         bed.assert_untouched(&tcp[..cut], Reason::PassMalformed);
     }
-    for cut in [ETH_LEN + IPV4_LEN, ETH_LEN + IPV4_LEN + 3, ETH_LEN + IPV4_LEN + 19] {
+    for cut in [ETH_HDR + IPV4_HDR, ETH_HDR + IPV4_HDR + 3, ETH_HDR + IPV4_HDR + 19] {
         bed.run_counted(&tcp[..cut], Reason::DropTruncatedL4);
     }
     let udp = Frame::udp(CLIENT, 1234, VIP, 53).build();
-    bed.run_counted(&udp[..ETH_LEN + IPV4_LEN + 7], Reason::DropTruncatedL4);
+    bed.run_counted(&udp[..ETH_HDR + IPV4_HDR + 7], Reason::DropTruncatedL4);
     // A header that claims to be shorter than 20 bytes, or not version 4.
     let mut bad_ihl = tcp.clone();
-    bad_ihl[ETH_LEN] = 0x44;
+    bad_ihl[ETH_HDR] = 0x44;
     bed.assert_untouched(&bad_ihl, Reason::PassMalformed);
     let mut bad_version = tcp.clone();
-    bad_version[ETH_LEN] = 0x65;
+    bad_version[ETH_HDR] = 0x65;
     bed.assert_untouched(&bad_version, Reason::PassMalformed);
 }
 

@@ -8,16 +8,21 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use lb_common::{FlowEvent, Reason, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{FlowEvent, Reason, ETH_HDR, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR};
 use xlb_tests::{
     dpbed::{
-        backend_mac, expect_ip6ip6, expect_ipip_v4, expect_too_big_v4, expect_too_big_v6, frame_hash, icmpv6_checksum,
-        ipv6_with_ext, l3_offset, mac_at, outer_src_v4, outer_src_v6, set_tos, tcp, to_lb, udp, with_bed, Bed, DpBed,
-        Ext, CLIENT4, CLIENT6, CLIENT_MAC, GW2_MAC, GW4_MAC, GW6_MAC, L2_V4, L2_V6, LB_MAC, LB_MAC2, PORT_IPIP,
-        PORT_L2_TCP, PORT_L2_UDP, PORT_NO_NEIGH, PORT_NO_ROUTE, PORT_REDIRECT, PORT_TOO_BIG, SMALL_MTU, UDP_IDLE_NS,
-        VIP4, VIP6, XDP_PASS, XDP_REDIRECT, XDP_TX,
+        backend_mac, frame_hash, outer_src_v4, outer_src_v6, tcp, to_lb, udp, with_bed, Bed, DpBed, CLIENT4, CLIENT6,
+        CLIENT_MAC, GW2_MAC, GW4_MAC, GW6_MAC, L2_V4, L2_V6, LB_MAC, LB_MAC2, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP,
+        PORT_NO_NEIGH, PORT_NO_ROUTE, PORT_REDIRECT, PORT_TOO_BIG, SMALL_MTU, UDP_IDLE_NS, VIP4, VIP6, XDP_PASS,
+        XDP_REDIRECT, XDP_TX,
     },
-    packet::{checksum, Frame, ETH_LEN, IPV4_LEN, IPV6_LEN},
+    wire::{
+        build::{ipv6_with_ext, set_tos, Ext},
+        checksum,
+        expect::{expect_ip6ip6, expect_ipip_v4, expect_too_big_v4, expect_too_big_v6, icmpv6_checksum},
+        view::{l3_offset, mac_at, EthView},
+        Frame,
+    },
 };
 
 use FlowEvent::{Closed, Hit, New, RateLimited, Stale};
@@ -68,37 +73,37 @@ fn expected_encap(bed: &Bed, f: &Frame, input: &[u8], backend: u32) -> Vec<u8> {
 }
 
 /// Independent checks of an IPIP frame: outer header fields and checksum, inner untouched.
-fn check_ipip_v4_fields(input: &[u8], out: &[u8], l3: usize, backend: Ipv4Addr) -> Ipv4Addr {
-    let outer = &out[l3..l3 + IPV4_LEN];
-    let inner = &input[l3..];
-    assert_eq!(outer[0], 0x45, "version 4, IHL 5");
-    assert_eq!(outer[1], inner[1], "TOS copied");
-    assert_eq!(u16::from_be_bytes([outer[2], outer[3]]), u16::from_be_bytes([inner[2], inner[3]]) + 20);
-    assert_eq!(outer[6] & 0x40, inner[6] & 0x40, "DF as the inner packet's");
-    assert_eq!(outer[8], 64, "TTL");
-    assert_eq!(outer[9], 4, "protocol IPIP");
-    assert_eq!(checksum(outer), 0, "outer header checksum");
-    let src = Ipv4Addr::new(outer[12], outer[13], outer[14], outer[15]);
+fn check_ipip_v4_fields(input: &[u8], out: &[u8], backend: Ipv4Addr) -> Ipv4Addr {
+    let outer_eth = EthView::new(out);
+    let outer = outer_eth.ipv4();
+    let inner = EthView::new(input).ipv4();
+    assert_eq!(outer_eth.payload()[0], 0x45, "version 4, IHL 5");
+    assert_eq!(outer.tos(), inner.tos(), "TOS copied");
+    assert_eq!(outer.total_len(), inner.total_len() + IPV4_HDR);
+    assert_eq!(outer.dont_fragment(), inner.dont_fragment(), "DF as the inner packet's");
+    assert_eq!(outer.ttl(), 64, "TTL");
+    assert_eq!(outer.protocol(), 4, "protocol IPIP");
+    assert!(outer.checksum_ok(), "outer header checksum");
+    let src = outer.src();
     assert_eq!(src.octets()[..3], [10, 1, 0], "outer source inside 10.1.0.0/24");
-    assert_eq!(Ipv4Addr::new(outer[16], outer[17], outer[18], outer[19]), backend);
-    assert_eq!(&out[l3 + IPV4_LEN..], inner, "inner packet byte for byte");
+    assert_eq!(outer.dst(), backend);
+    assert_eq!(outer.payload(), EthView::new(input).payload(), "inner packet byte for byte");
     src
 }
 
-fn check_ip6ip6_fields(input: &[u8], out: &[u8], l3: usize, backend: Ipv6Addr, hash: u32) -> Ipv6Addr {
-    let outer = &out[l3..l3 + IPV6_LEN];
-    let inner = &input[l3..];
-    assert_eq!(outer[0] >> 4, 6);
-    assert_eq!((outer[0] << 4) | (outer[1] >> 4), (inner[0] << 4) | (inner[1] >> 4), "traffic class copied");
-    let label = u32::from_be_bytes([0, outer[1] & 0x0f, outer[2], outer[3]]);
-    assert_eq!(label, hash & 0xf_ffff, "flow label from the hash");
-    assert_eq!(usize::from(u16::from_be_bytes([outer[4], outer[5]])), inner.len(), "payload length");
-    assert_eq!(outer[6], 41, "next header IPv6");
-    assert_eq!(outer[7], 64, "hop limit");
-    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&outer[8..24]).unwrap());
+fn check_ip6ip6_fields(input: &[u8], out: &[u8], backend: Ipv6Addr, hash: u32) -> Ipv6Addr {
+    let outer = EthView::new(out).ipv6();
+    let inner = EthView::new(input).ipv6();
+    let inner_bytes = EthView::new(input).payload();
+    assert_eq!(outer.traffic_class(), inner.traffic_class(), "traffic class copied");
+    assert_eq!(outer.flow_label(), hash & 0xf_ffff, "flow label from the hash");
+    assert_eq!(outer.payload_len(), inner_bytes.len(), "payload length");
+    assert_eq!(outer.next_header(), 41, "next header IPv6");
+    assert_eq!(outer.hop_limit(), 64, "hop limit");
+    let src = outer.src();
     assert_eq!(src.segments()[..7], [0xfd00, 1, 0, 0, 0, 0, 0], "outer source inside fd00:1::/112");
-    assert_eq!(Ipv6Addr::from(<[u8; 16]>::try_from(&outer[24..40]).unwrap()), backend);
-    assert_eq!(&out[l3 + IPV6_LEN..], inner, "inner packet byte for byte");
+    assert_eq!(outer.dst(), backend);
+    assert_eq!(outer.payload(), inner_bytes, "inner packet byte for byte");
     src
 }
 
@@ -211,24 +216,24 @@ fn truncated_ipv6_gets_a_safe_verdict() {
     with_bed(|bed| {
         let f = tcp(CLIENT6, 1234, VIP6, PORT_L2_TCP);
         let input = f.build();
-        for cut in [ETH_LEN, ETH_LEN + 1, ETH_LEN + 24, ETH_LEN + IPV6_LEN - 1] {
+        for cut in [ETH_HDR, ETH_HDR + 1, ETH_HDR + 24, ETH_HDR + IPV6_HDR - 1] {
             bed.assert_untouched(&input[..cut], Reason::PassMalformed);
         }
         let tagged = f.clone().vlan(3).build();
-        bed.assert_untouched(&tagged[..ETH_LEN + 4 + IPV6_LEN - 1], Reason::PassMalformed);
+        bed.assert_untouched(&tagged[..ETH_HDR + 4 + IPV6_HDR - 1], Reason::PassMalformed);
         let mut bad_version = input.clone();
-        bad_version[ETH_LEN] = 0x40;
+        bad_version[ETH_HDR] = 0x40;
         bed.assert_untouched(&bad_version, Reason::PassMalformed);
         // The transport header cut short, with and without extension headers.
-        for cut in [ETH_LEN + IPV6_LEN, ETH_LEN + IPV6_LEN + 19] {
+        for cut in [ETH_HDR + IPV6_HDR, ETH_HDR + IPV6_HDR + 19] {
             bed.run_flow(&input[..cut], Reason::DropTruncatedL4, &[]);
         }
         let udp_in = udp(CLIENT6, 1234, VIP6, PORT_L2_UDP).build();
-        bed.run_flow(&udp_in[..ETH_LEN + IPV6_LEN + 7], Reason::DropTruncatedL4, &[]);
+        bed.run_flow(&udp_in[..ETH_HDR + IPV6_HDR + 7], Reason::DropTruncatedL4, &[]);
         let ext = ipv6_with_ext(&f, &[Ext::HopByHop, Ext::DestOpts]);
-        bed.run_flow(&ext[..ETH_LEN + IPV6_LEN + 16 + 10], Reason::DropTruncatedL4, &[]);
+        bed.run_flow(&ext[..ETH_HDR + IPV6_HDR + 16 + 10], Reason::DropTruncatedL4, &[]);
         // An extension header cut short is not walked.
-        bed.run_flow(&ext[..ETH_LEN + IPV6_LEN + 8 + 1], Reason::DropIpOptions, &[]);
+        bed.run_flow(&ext[..ETH_HDR + IPV6_HDR + 8 + 1], Reason::DropIpOptions, &[]);
     });
 }
 
@@ -254,11 +259,12 @@ fn ipip_v4_frames_are_exact() {
             let be0 = bed.dp.backend_counters(backend).unwrap();
             let out = bed.run_flow(&input, Reason::TxEncap, &[New]);
             assert_eq!(out, expected_encap(bed, &f, &input, backend), "flow {i}");
-            assert_eq!(mac_at(&out, 0), GW4_MAC, "to the gateway's lladdr");
-            assert_eq!(mac_at(&out, 6), LB_MAC, "from veth0");
-            assert_eq!(out[12..14], [0x08, 0x00]);
+            let eth = EthView::new(&out);
+            assert_eq!(eth.dst_mac(), GW4_MAC, "to the gateway's lladdr");
+            assert_eq!(eth.src_mac(), LB_MAC, "from veth0");
+            assert_eq!(eth.ether_type(), ETH_P_IP);
             let addr = ipv4_of(bed.backend(backend).addr);
-            sources.insert(check_ipip_v4_fields(&input, &out, ETH_LEN, addr));
+            sources.insert(check_ipip_v4_fields(&input, &out, addr));
             let be1 = bed.dp.backend_counters(backend).unwrap();
             assert_eq!((be1.packets - be0.packets, be1.bytes - be0.bytes), (1, input.len() as u64));
             // The pinned flow: the same frame again.
@@ -285,11 +291,10 @@ fn ip6ip6_frames_are_exact() {
             backends.insert(backend);
             let out = bed.run_flow(&input, Reason::TxEncap, &[New]);
             assert_eq!(out, expected_encap(bed, &f, &input, backend), "flow {i}");
-            assert_eq!(mac_at(&out, 0), GW6_MAC);
-            assert_eq!(mac_at(&out, 6), LB_MAC);
-            assert_eq!(out[12..14], [0x86, 0xdd]);
+            let eth = EthView::new(&out);
+            assert_eq!((eth.dst_mac(), eth.src_mac(), eth.ether_type()), (GW6_MAC, LB_MAC, ETH_P_IPV6));
             let addr = ipv6_of(bed.backend(backend).addr);
-            sources.insert(check_ip6ip6_fields(&input, &out, ETH_LEN, addr, frame_hash(&f)));
+            sources.insert(check_ip6ip6_fields(&input, &out, addr, frame_hash(&f)));
             assert_eq!(bed.run_flow(&input, Reason::TxEncap, &[Hit]), out);
         }
         assert_eq!(backends.len(), 3, "24 flows reach all three backends");
@@ -304,14 +309,14 @@ fn vlan_tagged_ipip_keeps_its_tag() {
             let input = f.build();
             let backend = bed.expected_backend(&f);
             let out = bed.run_counted(&input, Reason::TxEncap);
-            assert_eq!(out[12..16], [0x81, 0x00, 0x00, 42], "tag kept");
+            assert_eq!(EthView::new(&out).vlan(), Some(42), "tag kept");
             assert_eq!(out, expected_encap(bed, &f, &input, backend));
             match f.src {
                 IpAddr::V4(_) => {
-                    check_ipip_v4_fields(&input, &out, 18, ipv4_of(bed.backend(backend).addr));
+                    check_ipip_v4_fields(&input, &out, ipv4_of(bed.backend(backend).addr));
                 }
                 IpAddr::V6(_) => {
-                    check_ip6ip6_fields(&input, &out, 18, ipv6_of(bed.backend(backend).addr), frame_hash(&f));
+                    check_ip6ip6_fields(&input, &out, ipv6_of(bed.backend(backend).addr), frame_hash(&f));
                 }
             }
         }
@@ -352,7 +357,7 @@ fn another_egress_interface_is_redirected_through_the_devmap() {
 
 /// A TCP frame whose IP packet is `ip_len` bytes long.
 fn sized_tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, ip_len: usize) -> Frame {
-    let headers = if src.is_ipv4() { IPV4_LEN } else { IPV6_LEN } + 20;
+    let headers = if src.is_ipv4() { IPV4_HDR } else { IPV6_HDR } + 20;
     tcp(src, sport, dst, dport).payload(vec![0x5a; ip_len - headers])
 }
 
@@ -361,13 +366,13 @@ fn too_big_ipv4_is_answered_with_fragmentation_needed() {
     with_bed(|bed| {
         let (c, v) = (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4));
         // 1280 + 20 = the route's MTU: fits.
-        let fits = sized_tcp(c, 47_000, v, PORT_TOO_BIG, usize::from(SMALL_MTU) - IPV4_LEN);
+        let fits = sized_tcp(c, 47_000, v, PORT_TOO_BIG, usize::from(SMALL_MTU) - IPV4_HDR);
         let input = fits.build();
         let out = bed.run_counted(&input, Reason::TxEncap);
         assert_eq!(out, expected_encap(bed, &fits, &input, bed.expected_backend(&fits)));
         // One byte more, with DF: answered.
         for f in [
-            sized_tcp(c, 47_001, v, PORT_TOO_BIG, usize::from(SMALL_MTU) - IPV4_LEN + 1),
+            sized_tcp(c, 47_001, v, PORT_TOO_BIG, usize::from(SMALL_MTU) - IPV4_HDR + 1),
             sized_tcp(c, 47_002, v, PORT_TOO_BIG, 1500),
             sized_tcp(c, 47_003, v, PORT_TOO_BIG, 1400).vlan(9),
         ] {
@@ -376,21 +381,20 @@ fn too_big_ipv4_is_answered_with_fragmentation_needed() {
             let l3 = f.l3_offset();
             assert_eq!(out, expect_too_big_v4(&input, SMALL_MTU - 20), "ICMP fragmentation needed");
             // Field by field, independently of the expected frame.
-            assert_eq!(mac_at(&out, 0), CLIENT_MAC, "MACs swapped");
-            assert_eq!(mac_at(&out, 6), LB_MAC);
-            assert_eq!(out[12..l3], input[12..l3], "tag and EtherType kept");
-            let ip = &out[l3..l3 + IPV4_LEN];
-            assert_eq!(checksum(ip), 0, "IP checksum");
-            assert_eq!(ip[9], 1, "ICMP");
-            assert_eq!(ip[12..16], VIP4.octets(), "from the VIP");
-            assert_eq!(ip[16..20], CLIENT4.octets(), "to the client");
-            assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), out.len() - l3);
-            let icmp = &out[l3 + IPV4_LEN..];
-            assert_eq!(icmp.len(), 8 + IPV4_LEN + 8);
+            let (eth, sent) = (EthView::new(&out), EthView::new(&input));
+            assert_eq!((eth.dst_mac(), eth.src_mac()), (CLIENT_MAC, LB_MAC), "MACs swapped");
+            assert_eq!((eth.vlan(), eth.ether_type()), (sent.vlan(), sent.ether_type()), "tag and EtherType kept");
+            let ip = eth.ipv4();
+            assert!(ip.checksum_ok(), "IP checksum");
+            assert_eq!(ip.protocol(), 1, "ICMP");
+            assert_eq!((ip.src(), ip.dst()), (VIP4, CLIENT4), "from the VIP to the client");
+            assert_eq!(ip.total_len(), out.len() - l3);
+            let icmp = ip.payload();
+            assert_eq!(icmp.len(), 8 + IPV4_HDR + 8);
             assert_eq!(checksum(icmp), 0, "ICMP checksum");
             assert_eq!(icmp[0..2], [3, 4], "type 3 code 4");
             assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1280, "next-hop MTU = 1300 - 20");
-            assert_eq!(icmp[8..], input[l3..l3 + IPV4_LEN + 8], "quotes the client's header + 8 bytes");
+            assert_eq!(icmp[8..], input[l3..l3 + IPV4_HDR + 8], "quotes the client's header + 8 bytes");
         }
     });
 }
@@ -399,12 +403,12 @@ fn too_big_ipv4_is_answered_with_fragmentation_needed() {
 fn too_big_ipv6_is_answered_with_packet_too_big() {
     with_bed(|bed| {
         let (c, v) = (IpAddr::V6(CLIENT6), IpAddr::V6(VIP6));
-        let fits = sized_tcp(c, 48_000, v, PORT_TOO_BIG, usize::from(SMALL_MTU) - IPV6_LEN);
+        let fits = sized_tcp(c, 48_000, v, PORT_TOO_BIG, usize::from(SMALL_MTU) - IPV6_HDR);
         let input = fits.build();
         let out = bed.run_counted(&input, Reason::TxEncap);
         assert_eq!(out, expected_encap(bed, &fits, &input, bed.expected_backend(&fits)));
         for f in [
-            sized_tcp(c, 48_001, v, PORT_TOO_BIG, usize::from(SMALL_MTU) - IPV6_LEN + 1),
+            sized_tcp(c, 48_001, v, PORT_TOO_BIG, usize::from(SMALL_MTU) - IPV6_HDR + 1),
             sized_tcp(c, 48_002, v, PORT_TOO_BIG, 1500),
             sized_tcp(c, 48_003, v, PORT_TOO_BIG, 1400).vlan(9),
         ] {
@@ -412,19 +416,17 @@ fn too_big_ipv6_is_answered_with_packet_too_big() {
             let out = bed.run_flow(&input, Reason::TxTooBig, &[New]);
             let l3 = f.l3_offset();
             assert_eq!(out, expect_too_big_v6(&input, u32::from(SMALL_MTU) - 40), "ICMPv6 packet too big");
-            assert_eq!(mac_at(&out, 0), CLIENT_MAC, "MACs swapped");
-            assert_eq!(mac_at(&out, 6), LB_MAC);
-            let ip = &out[l3..l3 + IPV6_LEN];
-            assert_eq!(ip[0] >> 4, 6);
-            assert_eq!(ip[6], 58, "ICMPv6");
-            assert_eq!(ip[8..24], VIP6.octets(), "from the VIP");
-            assert_eq!(ip[24..40], CLIENT6.octets(), "to the client");
-            let icmp = &out[l3 + IPV6_LEN..];
-            assert_eq!(usize::from(u16::from_be_bytes([ip[4], ip[5]])), icmp.len());
+            let eth = EthView::new(&out);
+            assert_eq!((eth.dst_mac(), eth.src_mac()), (CLIENT_MAC, LB_MAC), "MACs swapped");
+            let ip = eth.ipv6();
+            assert_eq!(ip.next_header(), 58, "ICMPv6");
+            assert_eq!((ip.src(), ip.dst()), (VIP6, CLIENT6), "from the VIP to the client");
+            let icmp = ip.payload();
+            assert_eq!(ip.payload_len(), icmp.len());
             assert_eq!(icmpv6_checksum(VIP6, CLIENT6, icmp), 0, "ICMPv6 checksum over the pseudo-header");
             assert_eq!(icmp[0..2], [2, 0], "type 2");
             assert_eq!(u32::from_be_bytes(icmp[4..8].try_into().unwrap()), 1260, "MTU = 1300 - 40");
-            assert_eq!(icmp[8..], input[l3..l3 + IPV6_LEN + 8]);
+            assert_eq!(icmp[8..], input[l3..l3 + IPV6_HDR + 8]);
         }
     });
 }
@@ -437,7 +439,7 @@ fn too_big_ipv4_without_df_is_left_to_the_kernel_to_fragment() {
         let out = bed.run_flow(&input, Reason::PassNoNeighbour, &[New]);
         let expected = expected_encap(bed, &f, &input, bed.expected_backend(&f));
         assert_eq!(out[12..], expected[12..], "encapsulated, DF clear");
-        assert_eq!(out[ETH_LEN + 6] & 0x40, 0);
+        assert!(!EthView::new(&out).ipv4().dont_fragment());
     });
 }
 
@@ -629,7 +631,7 @@ fn a_slot_given_to_another_address_re_hashes_its_flows() {
         bed.set_backend(b, new_addr.into(), None, true).unwrap();
         let out = bed.run_flow(&input, Reason::TxEncap, &[Stale, New]);
         assert_eq!(out, expected_encap(bed, &f, &input, b));
-        assert_eq!(out[ETH_LEN + 16..ETH_LEN + 20], new_addr.octets(), "to the slot's new owner");
+        assert_eq!(EthView::new(&out).ipv4().dst(), new_addr, "to the slot's new owner");
         bed.run_flow(&input, Reason::TxEncap, &[Hit]);
         // Setting the same address again keeps the generation: still a hit.
         bed.set_backend(b, new_addr.into(), None, true).unwrap();
@@ -796,10 +798,10 @@ fn with_ip_length(frame: &[u8], ip_len: usize) -> Vec<u8> {
     if f[l3] >> 4 == 4 {
         f[l3 + 2..l3 + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
         f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
-        let c = checksum(&f[l3..l3 + IPV4_LEN]);
+        let c = checksum(&f[l3..l3 + IPV4_HDR]);
         f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
     } else {
-        f[l3 + 4..l3 + 6].copy_from_slice(&((ip_len - IPV6_LEN) as u16).to_be_bytes());
+        f[l3 + 4..l3 + 6].copy_from_slice(&((ip_len - IPV6_HDR) as u16).to_be_bytes());
     }
     f
 }
@@ -823,7 +825,7 @@ fn an_ip_length_past_the_frame_or_short_of_the_headers_is_truncated() {
             let ip_len = input.len() - l3;
             let headers = f.l4_offset() - l3 + if f.proto == IPPROTO_TCP { 20 } else { 8 };
             let mut claims = vec![ip_len + 1, ip_len + 1000, 65_535, headers - 1];
-            claims.extend(if f.src.is_ipv4() { &[20, 19, 0][..] } else { &[IPV6_LEN][..] });
+            claims.extend(if f.src.is_ipv4() { &[20, 19, 0][..] } else { &[IPV6_HDR][..] });
             for claim in claims {
                 let bad = with_ip_length(&input, claim);
                 let out = bed.run_flow(&bad, Reason::DropTruncatedL4, &[]);
@@ -833,7 +835,7 @@ fn an_ip_length_past_the_frame_or_short_of_the_headers_is_truncated() {
         // The edge: a length that covers exactly the headers (the 5 payload bytes then are
         // padding) is forwarded.
         let f = tcp(CLIENT4, 65_003, VIP4, PORT_IPIP);
-        let input = with_ip_length(&f.build(), IPV4_LEN + 20);
+        let input = with_ip_length(&f.build(), IPV4_HDR + 20);
         let out = bed.run_flow(&input, Reason::TxEncap, &[New]);
         assert_eq!(out, expected_encap(bed, &f, &input, bed.expected_backend(&f)));
         // ICMP: the host's.
@@ -867,12 +869,9 @@ fn padding_after_the_packet_travels_behind_the_outer_packet() {
                 "padding after the inner packet"
             );
             let l3 = f.l3_offset();
-            let declared = if f.src.is_ipv4() {
-                usize::from(u16::from_be_bytes([out[l3 + 2], out[l3 + 3]]))
-            } else {
-                usize::from(u16::from_be_bytes([out[l3 + 4], out[l3 + 5]])) + IPV6_LEN
-            };
-            let outer = if f.src.is_ipv4() { IPV4_LEN } else { IPV6_LEN };
+            let eth = EthView::new(&out);
+            let declared = if f.src.is_ipv4() { eth.ipv4().total_len() } else { eth.ipv6().payload_len() + IPV6_HDR };
+            let outer = if f.src.is_ipv4() { IPV4_HDR } else { IPV6_HDR };
             assert_eq!(declared, outer + ip_len, "the outer length is the inner length field + its header");
             assert!(out.len() - l3 > declared, "the padding follows the declared end");
         }
@@ -891,8 +890,8 @@ fn padding_after_the_packet_travels_behind_the_outer_packet() {
 fn too_big_only_by_trailing_bytes_is_left_to_the_stack() {
     with_bed(|bed| {
         for (src, dst, fits) in [
-            (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), usize::from(SMALL_MTU) - IPV4_LEN),
-            (IpAddr::V6(CLIENT6), IpAddr::V6(VIP6), usize::from(SMALL_MTU) - IPV6_LEN),
+            (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4), usize::from(SMALL_MTU) - IPV4_HDR),
+            (IpAddr::V6(CLIENT6), IpAddr::V6(VIP6), usize::from(SMALL_MTU) - IPV6_HDR),
         ] {
             let f = sized_tcp(src, 65_020, dst, PORT_TOO_BIG, fits);
             let mut input = f.build();
@@ -935,7 +934,7 @@ fn frames_with_trailing_bytes_are_trimmed_and_forwarded_by_the_kernel() {
     };
     let mut padded = ordinary(PORT_NO_NEIGH, None).build();
     padded.resize(60, 0);
-    let mut trailing = ordinary(PORT_TOO_BIG, Some(usize::from(SMALL_MTU) - IPV4_LEN)).build();
+    let mut trailing = ordinary(PORT_TOO_BIG, Some(usize::from(SMALL_MTU) - IPV4_HDR)).build();
     trailing.extend_from_slice(&[0xee; 20]);
     for (name, frame) in [("padded, no neighbour", padded), ("too big only by trailing bytes", trailing)] {
         let before = forwarded(&dp);
@@ -945,7 +944,7 @@ fn frames_with_trailing_bytes_are_trimmed_and_forwarded_by_the_kernel() {
             bed.run_live(&input).unwrap();
             out
         });
-        assert!(out.len() - ETH_LEN > usize::from(u16::from_be_bytes([out[ETH_LEN + 2], out[ETH_LEN + 3]])), "{name}");
+        assert!(out.len() - ETH_HDR > EthView::new(&out).ipv4().total_len(), "{name}");
         assert_eq!(forwarded(&dp) - before, 1, "{name}: forwarded by the stack");
     }
 }

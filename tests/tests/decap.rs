@@ -9,11 +9,11 @@ use std::{
 };
 
 use lb_agent::decap::Decap;
-use lb_common::{reason::DecapReason, Counters};
+use lb_common::{reason::DecapReason, Counters, ETH_HDR, IPV4_HDR, IPV6_HDR, VLAN_HDR};
 use xlb_tests::{
     agent::{agent_binary, TempDir},
     netns::Netns,
-    packet::{checksum, Frame, ETH_LEN, IPV4_LEN, IPV6_LEN, VLAN_LEN},
+    wire::{checksum, Frame},
 };
 
 const XDP_PASS: u32 = 2;
@@ -39,7 +39,7 @@ const CE: u8 = 0b11;
 /// An outer IPv4 header (protocol 4, DF, TOS `tos`) in front of `inner`'s IP packet, after its
 /// L2 header (VLAN tag included), as the balancer writes it.
 fn ipip(inner: &[u8], l3: usize, src: Ipv4Addr, dst: Ipv4Addr, tos: u8) -> Vec<u8> {
-    let total = (inner.len() - l3 + IPV4_LEN) as u16;
+    let total = (inner.len() - l3 + IPV4_HDR) as u16;
     let mut outer = vec![0x45, tos];
     outer.extend_from_slice(&total.to_be_bytes());
     outer.extend_from_slice(&[0, 0, 0x40, 0, 64, 4, 0, 0]);
@@ -72,7 +72,7 @@ fn encapsulate(inner: &[u8], l3: usize, outer: &[u8], ether_type: u16) -> Vec<u8
 fn with_tos(mut frame: Vec<u8>, l3: usize, tos: u8) -> Vec<u8> {
     frame[l3 + 1] = tos;
     frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
-    let csum = checksum(&frame[l3..l3 + IPV4_LEN]);
+    let csum = checksum(&frame[l3..l3 + IPV4_HDR]);
     frame[l3 + 10..l3 + 12].copy_from_slice(&csum.to_be_bytes());
     frame
 }
@@ -132,13 +132,13 @@ fn ipip_to_us_becomes_the_inner_frame() {
     let mut bed = bed();
     for f in [Frame::tcp(CLIENT, 40_000, VIP, 80), Frame::udp(CLIENT, 40_001, VIP, 53), Frame::icmp(CLIENT, VIP)] {
         let inner = f.build();
-        bed.assert_decapsulated(&ipip(&inner, ETH_LEN, LB, US, 0), &inner);
+        bed.assert_decapsulated(&ipip(&inner, ETH_HDR, LB, US, 0), &inner);
     }
     // A large one, and one whose inner header has options.
     let big = Frame::tcp(CLIENT, 40_002, VIP, 80).payload(vec![0xab; 1400]).build();
-    bed.assert_decapsulated(&ipip(&big, ETH_LEN, LB, US, 0), &big);
+    bed.assert_decapsulated(&ipip(&big, ETH_HDR, LB, US, 0), &big);
     let opts = Frame::tcp(CLIENT, 40_003, VIP, 80).ip_options(8).build();
-    bed.assert_decapsulated(&ipip(&opts, ETH_LEN, LB, US, 0), &opts);
+    bed.assert_decapsulated(&ipip(&opts, ETH_HDR, LB, US, 0), &opts);
 }
 
 #[test]
@@ -150,14 +150,14 @@ fn ip6ip6_to_us_becomes_the_inner_frame() {
         Frame::udp(CLIENT6, 40_002, VIP6, 53).ip_options(8),
     ] {
         let inner = f.build();
-        bed.assert_decapsulated(&ip6ip6(&inner, ETH_LEN, LB6, US6, 0), &inner);
+        bed.assert_decapsulated(&ip6ip6(&inner, ETH_HDR, LB6, US6, 0), &inner);
     }
 }
 
 #[test]
 fn vlan_tagged_packets_keep_their_tag() {
     let mut bed = bed();
-    let l3 = ETH_LEN + VLAN_LEN;
+    let l3 = ETH_HDR + VLAN_HDR;
     let inner = Frame::tcp(CLIENT, 41_000, VIP, 80).vlan(42).build();
     bed.assert_decapsulated(&ipip(&inner, l3, LB, US, 0), &inner);
     let inner6 = Frame::udp(CLIENT6, 41_001, VIP6, 53).vlan(42).build();
@@ -171,12 +171,12 @@ fn vlan_tagged_packets_keep_their_tag() {
 fn encapsulated_packets_to_another_host_pass_untouched() {
     let mut bed = bed();
     let inner = Frame::tcp(CLIENT, 40_000, VIP, 80).build();
-    bed.assert_untouched(&ipip(&inner, ETH_LEN, LB, OTHER, 0), DecapReason::PassNotForUs);
+    bed.assert_untouched(&ipip(&inner, ETH_HDR, LB, OTHER, 0), DecapReason::PassNotForUs);
     let inner6 = Frame::tcp(CLIENT6, 40_000, VIP6, 80).build();
-    bed.assert_untouched(&ip6ip6(&inner6, ETH_LEN, LB6, OTHER6, 0), DecapReason::PassNotForUs);
+    bed.assert_untouched(&ip6ip6(&inner6, ETH_HDR, LB6, OTHER6, 0), DecapReason::PassNotForUs);
     // Our IPv4 address in an IPv6 key, and the other way round, are not ours.
     let v4_as_v6: Ipv6Addr = US.to_ipv6_mapped();
-    bed.assert_untouched(&ip6ip6(&inner6, ETH_LEN, LB6, v4_as_v6, 0), DecapReason::PassNotForUs);
+    bed.assert_untouched(&ip6ip6(&inner6, ETH_HDR, LB6, v4_as_v6, 0), DecapReason::PassNotForUs);
 }
 
 #[test]
@@ -197,11 +197,11 @@ fn traffic_that_is_not_encapsulated_passes_untouched() {
     // Outer fragments (first and later) and an outer IPv6 extension header are not ours to
     // reassemble or walk.
     let inner = Frame::tcp(CLIENT, 40_000, VIP, 80).build();
-    let mut first = ipip(&inner, ETH_LEN, LB, US, 0);
-    first[ETH_LEN + 6] = 0x20; // MF
+    let mut first = ipip(&inner, ETH_HDR, LB, US, 0);
+    first[ETH_HDR + 6] = 0x20; // MF
     bed.assert_untouched(&first, DecapReason::PassNotEncap);
-    let mut later = ipip(&inner, ETH_LEN, LB, US, 0);
-    later[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&[0x00, 0xb9]);
+    let mut later = ipip(&inner, ETH_HDR, LB, US, 0);
+    later[ETH_HDR + 6..ETH_HDR + 8].copy_from_slice(&[0x00, 0xb9]);
     bed.assert_untouched(&later, DecapReason::PassNotEncap);
     let mut with_ext = Frame::udp(LB6, 0, US6, 0).ip_options(8);
     with_ext.proto = 41;
@@ -214,45 +214,45 @@ fn malformed_encapsulation_passes_untouched() {
     let inner = Frame::tcp(CLIENT, 40_000, VIP, 80).build();
     let inner6 = Frame::tcp(CLIENT6, 40_000, VIP6, 80).build();
     // The inner family is not the outer one.
-    bed.assert_untouched(&ipip(&inner6, ETH_LEN, LB, US, 0), DecapReason::PassMalformed);
-    bed.assert_untouched(&ip6ip6(&inner, ETH_LEN, LB6, US6, 0), DecapReason::PassMalformed);
+    bed.assert_untouched(&ipip(&inner6, ETH_HDR, LB, US, 0), DecapReason::PassMalformed);
+    bed.assert_untouched(&ip6ip6(&inner, ETH_HDR, LB6, US6, 0), DecapReason::PassMalformed);
 
     // Cut inside the outer header, or inside the inner one.
-    let v4 = ipip(&inner, ETH_LEN, LB, US, 0);
-    for cut in [ETH_LEN + 10, ETH_LEN + IPV4_LEN - 1, ETH_LEN + IPV4_LEN, ETH_LEN + IPV4_LEN + IPV4_LEN - 1] {
+    let v4 = ipip(&inner, ETH_HDR, LB, US, 0);
+    for cut in [ETH_HDR + 10, ETH_HDR + IPV4_HDR - 1, ETH_HDR + IPV4_HDR, ETH_HDR + IPV4_HDR + IPV4_HDR - 1] {
         bed.assert_untouched(&v4[..cut], DecapReason::PassMalformed);
     }
-    let v6 = ip6ip6(&inner6, ETH_LEN, LB6, US6, 0);
-    for cut in [ETH_LEN + 7, ETH_LEN + IPV6_LEN - 1, ETH_LEN + IPV6_LEN + 1, ETH_LEN + IPV6_LEN + IPV6_LEN - 1] {
+    let v6 = ip6ip6(&inner6, ETH_HDR, LB6, US6, 0);
+    for cut in [ETH_HDR + 7, ETH_HDR + IPV6_HDR - 1, ETH_HDR + IPV6_HDR + 1, ETH_HDR + IPV6_HDR + IPV6_HDR - 1] {
         bed.assert_untouched(&v6[..cut], DecapReason::PassMalformed);
     }
     // Cut inside the VLAN tag.
-    let tagged = ipip(&Frame::tcp(CLIENT, 1, VIP, 80).vlan(7).build(), ETH_LEN + VLAN_LEN, LB, US, 0);
-    bed.assert_untouched(&tagged[..ETH_LEN + 2], DecapReason::PassMalformed);
+    let tagged = ipip(&Frame::tcp(CLIENT, 1, VIP, 80).vlan(7).build(), ETH_HDR + VLAN_HDR, LB, US, 0);
+    bed.assert_untouched(&tagged[..ETH_HDR + 2], DecapReason::PassMalformed);
 
     // Outer: options (the balancer writes none), wrong version; inner: IHL < 5, wrong version.
     let mut options = v4.clone();
-    options[ETH_LEN] = 0x46;
+    options[ETH_HDR] = 0x46;
     bed.assert_untouched(&options, DecapReason::PassMalformed);
     let mut version = v4.clone();
-    version[ETH_LEN] = 0x55;
+    version[ETH_HDR] = 0x55;
     bed.assert_untouched(&version, DecapReason::PassMalformed);
     let mut ihl = v4.clone();
-    ihl[ETH_LEN + IPV4_LEN] = 0x44;
+    ihl[ETH_HDR + IPV4_HDR] = 0x44;
     bed.assert_untouched(&ihl, DecapReason::PassMalformed);
     let mut v6_version = v6.clone();
-    v6_version[ETH_LEN] = 0x40;
+    v6_version[ETH_HDR] = 0x40;
     bed.assert_untouched(&v6_version, DecapReason::PassMalformed);
     let mut v6_inner_version = v6.clone();
-    v6_inner_version[ETH_LEN + IPV6_LEN] = 0x40;
+    v6_inner_version[ETH_HDR + IPV6_HDR] = 0x40;
     bed.assert_untouched(&v6_inner_version, DecapReason::PassMalformed);
 
     // Outer and inner lengths that disagree.
     let mut long = v4.clone();
-    long[ETH_LEN + 3] += 1;
+    long[ETH_HDR + 3] += 1;
     bed.assert_untouched(&long, DecapReason::PassMalformed);
     let mut long6 = v6.clone();
-    long6[ETH_LEN + 5] += 1;
+    long6[ETH_HDR + 5] += 1;
     bed.assert_untouched(&long6, DecapReason::PassMalformed);
 }
 
@@ -261,19 +261,19 @@ fn malformed_encapsulation_passes_untouched() {
 #[test]
 fn congestion_marks_reach_the_inner_packet() {
     let mut bed = bed();
-    let inner = with_tos(Frame::tcp(CLIENT, 40_000, VIP, 80).build(), ETH_LEN, 0xb8 | ECT0);
-    let marked = with_tos(inner.clone(), ETH_LEN, 0xb8 | CE);
-    bed.assert_decapsulated(&ipip(&inner, ETH_LEN, LB, US, 0xb8 | CE), &marked);
-    assert_eq!(checksum(&marked[ETH_LEN..ETH_LEN + IPV4_LEN]), 0);
-    bed.assert_decapsulated(&ipip(&inner, ETH_LEN, LB, US, 0xb8 | ECT0), &inner);
+    let inner = with_tos(Frame::tcp(CLIENT, 40_000, VIP, 80).build(), ETH_HDR, 0xb8 | ECT0);
+    let marked = with_tos(inner.clone(), ETH_HDR, 0xb8 | CE);
+    bed.assert_decapsulated(&ipip(&inner, ETH_HDR, LB, US, 0xb8 | CE), &marked);
+    assert_eq!(checksum(&marked[ETH_HDR..ETH_HDR + IPV4_HDR]), 0);
+    bed.assert_decapsulated(&ipip(&inner, ETH_HDR, LB, US, 0xb8 | ECT0), &inner);
     let not_ect = Frame::tcp(CLIENT, 40_000, VIP, 80).build();
-    bed.assert_decapsulated(&ipip(&not_ect, ETH_LEN, LB, US, CE), &not_ect);
+    bed.assert_decapsulated(&ipip(&not_ect, ETH_HDR, LB, US, CE), &not_ect);
 
-    let inner6 = with_ecn6(Frame::tcp(CLIENT6, 40_000, VIP6, 80).build(), ETH_LEN, ECT0);
-    let marked6 = with_ecn6(inner6.clone(), ETH_LEN, CE);
-    bed.assert_decapsulated(&ip6ip6(&inner6, ETH_LEN, LB6, US6, CE), &marked6);
+    let inner6 = with_ecn6(Frame::tcp(CLIENT6, 40_000, VIP6, 80).build(), ETH_HDR, ECT0);
+    let marked6 = with_ecn6(inner6.clone(), ETH_HDR, CE);
+    bed.assert_decapsulated(&ip6ip6(&inner6, ETH_HDR, LB6, US6, CE), &marked6);
     let not_ect6 = Frame::tcp(CLIENT6, 40_000, VIP6, 80).build();
-    bed.assert_decapsulated(&ip6ip6(&not_ect6, ETH_LEN, LB6, US6, CE), &not_ect6);
+    bed.assert_decapsulated(&ip6ip6(&not_ect6, ETH_HDR, LB6, US6, CE), &not_ect6);
 }
 
 /// Found by the fuzz test (tests/tests/fuzz.rs): the length check compared modulo 2^16, so an
@@ -285,29 +285,29 @@ fn lengths_that_agree_only_modulo_2_16_are_malformed() {
     let mut bed = bed();
     let inner = Frame::tcp(CLIENT, 40_000, VIP, 80).build();
     let inner6 = Frame::tcp(CLIENT6, 40_000, VIP6, 80).build();
-    let v4 = ipip(&inner, ETH_LEN, LB, US, 0);
-    let v6 = ip6ip6(&inner6, ETH_LEN, LB6, US6, 0);
+    let v4 = ipip(&inner, ETH_HDR, LB, US, 0);
+    let v6 = ip6ip6(&inner6, ETH_HDR, LB6, US6, 0);
     for inner_len in [0xffffu16, 0xffec, 0xfff0] {
         let mut f = v4.clone();
-        let outer_len = inner_len.wrapping_add(IPV4_LEN as u16);
-        f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&outer_len.to_be_bytes());
-        f[ETH_LEN + 22..ETH_LEN + 24].copy_from_slice(&inner_len.to_be_bytes());
+        let outer_len = inner_len.wrapping_add(IPV4_HDR as u16);
+        f[ETH_HDR + 2..ETH_HDR + 4].copy_from_slice(&outer_len.to_be_bytes());
+        f[ETH_HDR + 22..ETH_HDR + 24].copy_from_slice(&inner_len.to_be_bytes());
         bed.assert_untouched(&f, DecapReason::PassMalformed);
     }
     for inner_payload in [0xffffu16, 0xffd8, 0xffe0] {
         let mut f = v6.clone();
-        let outer_payload = inner_payload.wrapping_add(IPV6_LEN as u16);
-        f[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&outer_payload.to_be_bytes());
-        f[ETH_LEN + 44..ETH_LEN + 46].copy_from_slice(&inner_payload.to_be_bytes());
+        let outer_payload = inner_payload.wrapping_add(IPV6_HDR as u16);
+        f[ETH_HDR + 4..ETH_HDR + 6].copy_from_slice(&outer_payload.to_be_bytes());
+        f[ETH_HDR + 44..ETH_HDR + 46].copy_from_slice(&inner_payload.to_be_bytes());
         bed.assert_untouched(&f, DecapReason::PassMalformed);
     }
     // The largest lengths that do agree are still decapsulated (the frame need not hold them:
     // the stack judges the inner packet).
     let mut f = v4.clone();
-    f[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&0xffffu16.to_be_bytes());
-    f[ETH_LEN + 22..ETH_LEN + 24].copy_from_slice(&0xffebu16.to_be_bytes());
+    f[ETH_HDR + 2..ETH_HDR + 4].copy_from_slice(&0xffffu16.to_be_bytes());
+    f[ETH_HDR + 22..ETH_HDR + 24].copy_from_slice(&0xffebu16.to_be_bytes());
     let mut expected = inner.clone();
-    expected[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&0xffebu16.to_be_bytes());
+    expected[ETH_HDR + 2..ETH_HDR + 4].copy_from_slice(&0xffebu16.to_be_bytes());
     bed.assert_decapsulated(&f, &expected);
 }
 
@@ -318,18 +318,18 @@ fn lengths_that_agree_only_modulo_2_16_are_malformed() {
 fn padding_stays_and_nested_packets_are_stripped_once() {
     let mut bed = bed();
     let mut inner = Frame::tcp(CLIENT, 40_000, VIP, 80).payload(Vec::new()).build();
-    let frame = ipip(&inner, ETH_LEN, LB, US, 0);
+    let frame = ipip(&inner, ETH_HDR, LB, US, 0);
     inner.extend_from_slice(&[0; 6]);
     let mut padded = frame.clone();
     padded.extend_from_slice(&[0; 6]);
     bed.assert_decapsulated(&padded, &inner);
 
     let inner6 = Frame::udp(CLIENT6, 40_001, VIP6, 53).build();
-    let middle6 = ip6ip6(&inner6, ETH_LEN, LB6, US6, 0);
-    let twice6 = ip6ip6(&middle6, ETH_LEN, LB6, US6, 0);
+    let middle6 = ip6ip6(&inner6, ETH_HDR, LB6, US6, 0);
+    let twice6 = ip6ip6(&middle6, ETH_HDR, LB6, US6, 0);
     bed.assert_decapsulated(&twice6, &middle6);
     let inner4 = Frame::udp(CLIENT, 40_002, VIP, 53).vlan(9).build();
-    let l3 = ETH_LEN + VLAN_LEN;
+    let l3 = ETH_HDR + VLAN_HDR;
     let middle4 = ipip(&inner4, l3, LB, US, 0);
     let twice4 = ipip(&middle4, l3, LB, US, 0);
     bed.assert_decapsulated(&twice4, &middle4);
@@ -464,8 +464,8 @@ fn send_encapsulated(ns: &Netns, inner: Vec<u8>, dst: IpAddr) {
 /// A UDP datagram from the client to the VIP as an IP packet, with a valid UDP checksum.
 fn udp_packet(src: IpAddr, dst: IpAddr, dport: u16, payload: &[u8]) -> Vec<u8> {
     let frame = Frame::udp(src, 40_000, dst, dport).payload(payload.to_vec());
-    let mut packet = frame.build()[ETH_LEN..].to_vec();
-    let l4 = frame.l4_offset() - ETH_LEN;
+    let mut packet = frame.build()[ETH_HDR..].to_vec();
+    let l4 = frame.l4_offset() - ETH_HDR;
     let udp_len = (packet.len() - l4) as u16;
     let mut pseudo = Vec::new();
     match (src, dst) {

@@ -12,9 +12,9 @@ use lb_agent::{
 use lb_common::{hash::source_hash, Settings, SCHED_LC, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR};
 use xlb_tests::{
     bed::Builder,
-    packet::Frame,
     scenario::{backend_name, config_for, vip, Scenario},
     traffic::{failures, open_connections, tcp_requests},
+    wire::Frame,
 };
 
 const XDP_TX: u32 = 3;

@@ -62,7 +62,7 @@ use xlb_tests::{
         self, DpBed, CLIENT4, CLIENT6, GW4_MAC, GW6_MAC, LB_MAC, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP, VIP4, VIP6,
         XDP_DROP, XDP_PASS, XDP_TX,
     },
-    packet::Frame,
+    wire::Frame,
 };
 
 const NON_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 3);
@@ -236,10 +236,10 @@ impl Setup {
                 out
             }
             (Forward::Ipip, IpAddr::V4(a)) => {
-                dpbed::expect_ipip_v4(input, GW4_MAC, LB_MAC, dpbed::outer_src_v4(hash), a)
+                xlb_tests::wire::expect::expect_ipip_v4(input, GW4_MAC, LB_MAC, dpbed::outer_src_v4(hash), a)
             }
             (Forward::Ipip, IpAddr::V6(a)) => {
-                dpbed::expect_ip6ip6(input, GW6_MAC, LB_MAC, dpbed::outer_src_v6(hash), a, hash)
+                xlb_tests::wire::expect::expect_ip6ip6(input, GW6_MAC, LB_MAC, dpbed::outer_src_v6(hash), a, hash)
             }
         })
     }

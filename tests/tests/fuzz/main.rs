@@ -41,8 +41,8 @@ use lb_agent::{
 use lb_common::{addr_v6, hash::flow_hash, reason::DecapReason, Reason, Settings, NO_BACKEND};
 use xlb_tests::{
     netns::Netns,
-    packet::{checksum, Frame},
     rng::Rng,
+    wire::{checksum, Frame},
 };
 
 const XDP_DROP: u32 = 1;

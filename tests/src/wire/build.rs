@@ -1,10 +1,9 @@
 //! A small builder of Ethernet/IPv4/IPv6/TCP/UDP frames for BPF_PROG_TEST_RUN fixtures and the fuzz test.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-pub const ETH_LEN: usize = 14;
-pub const VLAN_LEN: usize = 4;
-pub const IPV4_LEN: usize = 20;
-pub const IPV6_LEN: usize = 40;
+use lb_common::{ETH_HDR, IPV4_HDR, IPV6_HDR, VLAN_HDR};
+
+use super::view::l3_offset;
 
 #[derive(Clone, Debug)]
 pub struct Frame {
@@ -92,14 +91,14 @@ impl Frame {
 
     /// Offset of the IPv4 header in the built frame.
     pub fn l3_offset(&self) -> usize {
-        ETH_LEN + if self.vlan.is_some() { VLAN_LEN } else { 0 }
+        ETH_HDR + if self.vlan.is_some() { VLAN_HDR } else { 0 }
     }
 
     /// Offset of the L4 header in the built frame.
     pub fn l4_offset(&self) -> usize {
         match self.src {
-            IpAddr::V4(_) => self.l3_offset() + IPV4_LEN + self.ip_options,
-            IpAddr::V6(_) => self.l3_offset() + IPV6_LEN + self.ip_options + if self.frag != 0 { 8 } else { 0 },
+            IpAddr::V4(_) => self.l3_offset() + IPV4_HDR + self.ip_options,
+            IpAddr::V6(_) => self.l3_offset() + IPV6_HDR + self.ip_options + if self.frag != 0 { 8 } else { 0 },
         }
     }
 
@@ -123,8 +122,8 @@ impl Frame {
     fn ipv4(&self, f: &mut Vec<u8>, src: Ipv4Addr, dst: Ipv4Addr) {
         let l4 = self.l4();
         let ip_start = f.len();
-        let ihl = (IPV4_LEN + self.ip_options) / 4;
-        let total = (IPV4_LEN + self.ip_options + l4.len()) as u16;
+        let ihl = (IPV4_HDR + self.ip_options) / 4;
+        let total = (IPV4_HDR + self.ip_options + l4.len()) as u16;
         f.push(0x40 | ihl as u8);
         f.push(0);
         f.extend_from_slice(&total.to_be_bytes());
@@ -229,5 +228,62 @@ mod tests {
         assert_eq!(f[14 + 48], 17, "then UDP");
         let frame = Frame::udp(a, 1000, a, 53).ip_options(8).frag(0x0001);
         assert_eq!(frame.l4_offset(), 14 + 40 + 8 + 8);
+    }
+}
+
+/// IPv6 extension headers for [`ipv6_with_ext`]: hop-by-hop (0), routing (43), destination
+/// options (60) of 8 bytes; a fragment header (44) with this offset/flags field; an
+/// authentication header (51) of 12 bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum Ext {
+    HopByHop,
+    Routing,
+    DestOpts,
+    Fragment(u16),
+    Auth,
+}
+
+/// `f` (IPv6, no extension headers of its own) with these extension headers, in this order,
+/// between the IPv6 header and the transport header.
+pub fn ipv6_with_ext(f: &Frame, chain: &[Ext]) -> Vec<u8> {
+    assert!(f.src.is_ipv6() && f.ip_options == 0 && f.frag == 0);
+    let frame = f.build();
+    let l3 = l3_offset(&frame);
+    let mut next = frame[l3 + 6];
+    let mut ext = Vec::new();
+    for e in chain.iter().rev() {
+        let (kind, mut h) = match *e {
+            Ext::HopByHop => (0u8, vec![0, 0, 1, 4, 0, 0, 0, 0]),
+            Ext::Routing => (43, vec![0, 0, 0, 0, 0, 0, 0, 0]),
+            Ext::DestOpts => (60, vec![0, 0, 1, 4, 0, 0, 0, 0]),
+            Ext::Fragment(field) => (44, vec![0, 0, (field >> 8) as u8, field as u8, 0, 0, 0x12, 0x34]),
+            Ext::Auth => (51, vec![0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]),
+        };
+        h[0] = next;
+        next = kind;
+        h.extend_from_slice(&ext);
+        ext = h;
+    }
+    let mut out = frame[..l3 + IPV6_HDR].to_vec();
+    out[l3 + 6] = next;
+    let payload = u16::from_be_bytes([out[l3 + 4], out[l3 + 5]]) + ext.len() as u16;
+    out[l3 + 4..l3 + 6].copy_from_slice(&payload.to_be_bytes());
+    out.extend_from_slice(&ext);
+    out.extend_from_slice(&frame[l3 + IPV6_HDR..]);
+    out
+}
+
+/// Sets the IPv4 TOS (fixing the header checksum) or the IPv6 traffic class of a built frame.
+pub fn set_tos(frame: &mut [u8], tos: u8) {
+    let l3 = l3_offset(frame);
+    if frame[l3] >> 4 == 4 {
+        frame[l3 + 1] = tos;
+        frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let ihl = usize::from(frame[l3] & 0x0f) * 4;
+        let c = checksum(&frame[l3..l3 + ihl]);
+        frame[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    } else {
+        frame[l3] = 0x60 | (tos >> 4);
+        frame[l3 + 1] = (frame[l3 + 1] & 0x0f) | (tos << 4);
     }
 }
