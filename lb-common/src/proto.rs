@@ -30,6 +30,46 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
+/// The verdicts of an XDP program (enum xdp_action).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAction {
+    Aborted = 0,
+    Drop = 1,
+    Pass = 2,
+    Tx = 3,
+    Redirect = 4,
+}
+
+impl XdpAction {
+    /// The value a program returns (and BPF_PROG_TEST_RUN reports).
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The action a program's return value names, if any.
+    pub const fn from_code(code: u32) -> Option<Self> {
+        Some(match code {
+            0 => XdpAction::Aborted,
+            1 => XdpAction::Drop,
+            2 => XdpAction::Pass,
+            3 => XdpAction::Tx,
+            4 => XdpAction::Redirect,
+            _ => return None,
+        })
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            XdpAction::Aborted => "XDP_ABORTED",
+            XdpAction::Drop => "XDP_DROP",
+            XdpAction::Pass => "XDP_PASS",
+            XdpAction::Tx => "XDP_TX",
+            XdpAction::Redirect => "XDP_REDIRECT",
+        }
+    }
+}
+
 /// The flags byte of a TCP header (byte 13).
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -1,5 +1,6 @@
 //! One vocabulary for what the data path did with a frame: it indexes the per-CPU statistics
 //! and names the metrics. Every frame is counted exactly once, at its exit.
+use crate::XdpAction;
 
 macro_rules! counted_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal => $label:literal,)+ }) => {
@@ -106,24 +107,23 @@ counted_enum! {
 }
 
 impl DecapReason {
-    /// The XDP action: always XDP_PASS (2).
-    pub const fn action(self) -> u32 {
-        2
+    /// The XDP action: always XDP_PASS.
+    pub const fn action(self) -> XdpAction {
+        XdpAction::Pass
     }
 }
 
 impl Reason {
-    /// The XDP action that goes with the reason (XDP_DROP = 1, XDP_PASS = 2, XDP_TX = 3,
-    /// XDP_REDIRECT = 4).
-    pub const fn action(self) -> u32 {
+    /// The XDP action that goes with the reason.
+    pub const fn action(self) -> XdpAction {
         match self {
             Reason::PassNotIp
             | Reason::PassNotVip
             | Reason::PassMalformed
             | Reason::PassVipIcmp
-            | Reason::PassNoNeighbour => 2,
-            Reason::TxForwarded | Reason::TxEncap | Reason::TxTooBig => 3,
-            Reason::RedirectEncap => 4,
+            | Reason::PassNoNeighbour => XdpAction::Pass,
+            Reason::TxForwarded | Reason::TxEncap | Reason::TxTooBig => XdpAction::Tx,
+            Reason::RedirectEncap => XdpAction::Redirect,
             Reason::DropUnknownService
             | Reason::DropNoBackend
             | Reason::DropTruncatedL4
@@ -131,7 +131,7 @@ impl Reason {
             | Reason::DropIpOptions
             | Reason::DropNoRoute
             | Reason::DropAdjustFailed
-            | Reason::DropTooBigBadSource => 1,
+            | Reason::DropTooBigBadSource => XdpAction::Drop,
         }
     }
 }

@@ -14,7 +14,7 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     csum, frame,
-    maps::{DECAP_ADDRS, DECAP_STATS},
+    maps::DECAP_ADDRS,
     parse::{self, L3},
 };
 
@@ -46,18 +46,6 @@ pub fn decap(ctx: &XdpContext) -> DecapReason {
     match stripped {
         Some(()) => DecapReason::Decapsulated,
         None => DecapReason::PassMalformed,
-    }
-}
-
-/// Counts a frame of `bytes` (as received) under its reason.
-#[inline(always)]
-pub fn count(reason: DecapReason, bytes: u64) {
-    if let Some(c) = DECAP_STATS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU slot, valid for the program's run; no other writer on this CPU.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += bytes;
-        }
     }
 }
 

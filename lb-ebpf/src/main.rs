@@ -40,7 +40,7 @@ mod programs {
     pub fn xlb_balancer(ctx: XdpContext) -> u32 {
         let reason = balancer::balance(&ctx);
         stats::count_reason(reason, frame::frame_len(&ctx));
-        reason.action()
+        reason.action().code()
     }
 
     /// The backend side of L3 DSR: strips the outer header of IPIP/IP6IP6 packets sent to one
@@ -49,8 +49,8 @@ mod programs {
     pub fn xlb_decap(ctx: XdpContext) -> u32 {
         let bytes = frame::frame_len(&ctx);
         let reason = decap::decap(&ctx);
-        decap::count(reason, bytes);
-        reason.action()
+        stats::count_decap(reason, bytes);
+        reason.action().code()
     }
 
     /// XDP_PASS and nothing else: the peer of a native-XDP veth needs a program for XDP_TX frames

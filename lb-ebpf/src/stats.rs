@@ -1,8 +1,9 @@
-//! Per-CPU counters: one per verdict reason, per flow-table event, per service and per backend.
+//! Per-CPU counters: one per verdict reason, per flow-table event, per service and per backend,
+//! and the decapsulator's per reason.
 use aya_ebpf::btf_maps::PerCpuArray;
-use lb_common::{Counters, FlowEvent, Reason};
+use lb_common::{reason::DecapReason, Counters, FlowEvent, Reason};
 
-use crate::maps::{BACKEND_FLOW_STATS, BACKEND_STATS, FLOW_STATS, REASON_STATS, SERVICE_STATS};
+use crate::maps::{BACKEND_FLOW_STATS, BACKEND_STATS, DECAP_STATS, FLOW_STATS, REASON_STATS, SERVICE_STATS};
 
 #[inline(always)]
 fn add<const N: usize>(map: &PerCpuArray<Counters, N>, index: u32, bytes: u64) {
@@ -18,6 +19,12 @@ fn add<const N: usize>(map: &PerCpuArray<Counters, N>, index: u32, bytes: u64) {
 #[inline(always)]
 pub fn count_reason(reason: Reason, bytes: u64) {
     add(&REASON_STATS, reason as u32, bytes);
+}
+
+/// A frame the decapsulator saw, of `bytes` as received.
+#[inline(always)]
+pub fn count_decap(reason: DecapReason, bytes: u64) {
+    add(&DECAP_STATS, reason as u32, bytes);
 }
 
 #[inline(always)]

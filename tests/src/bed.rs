@@ -11,9 +11,20 @@ use lb_agent::{
     dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
     tables::maglev::{self, address_key, Member},
 };
-use lb_common::{hash::flow_hash, Counters, FlowEvent, Reason, Settings, SCHED_MAGLEV};
+use lb_common::{hash::flow_hash, Counters, FlowEvent, Reason, Settings, XdpAction, SCHED_MAGLEV};
 
 use crate::{testrun::assert_one_counted, wire::Frame};
+
+/// What BPF_PROG_TEST_RUN reports a program returned, as the tests compare it.
+pub const XDP_DROP: u32 = XdpAction::Drop.code();
+pub const XDP_PASS: u32 = XdpAction::Pass.code();
+pub const XDP_TX: u32 = XdpAction::Tx.code();
+pub const XDP_REDIRECT: u32 = XdpAction::Redirect.code();
+
+/// The name of a program's return value ("?" for none).
+pub fn verdict_name(code: u32) -> &'static str {
+    XdpAction::from_code(code).map_or("?", XdpAction::name)
+}
 
 /// A service of the bed and the table last published for it.
 pub struct Svc {
@@ -279,7 +290,7 @@ impl Bed {
         let after = self.reasons();
         // Counted at the exit: the bytes are the output frame's (grown by an encapsulation).
         assert_one_counted(&before, &after, reason, out.len());
-        assert_eq!(verdict, reason.action(), "verdict for {}", reason.name());
+        assert_eq!(verdict, reason.action().code(), "verdict for {}", reason.name());
         out
     }
 

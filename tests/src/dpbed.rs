@@ -37,11 +37,6 @@ use crate::{
     wire::Frame,
 };
 
-pub const XDP_DROP: u32 = 1;
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
-pub const XDP_REDIRECT: u32 = 4;
-
 pub const SEED: u32 = 0x5eed;
 /// Maglev table size of every service (prime).
 pub const TABLE: u32 = 251;

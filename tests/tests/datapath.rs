@@ -5,11 +5,9 @@ use std::net::Ipv4Addr;
 use lb_agent::config::Forward;
 use lb_common::{Reason, ETH_HDR, IPV4_HDR};
 use xlb_tests::{
-    bed::{Bed, Builder},
+    bed::{Bed, Builder, XDP_TX},
     wire::Frame,
 };
-
-const XDP_TX: u32 = 3;
 
 const SEED: u32 = 0x5eed;
 const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x03];

@@ -10,11 +10,11 @@ use std::{
 
 use lb_common::{FlowEvent, Reason, ETH_HDR, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR};
 use xlb_tests::{
+    bed::{XDP_PASS, XDP_REDIRECT, XDP_TX},
     dpbed::{
         backend_mac, frame_hash, outer_src_v4, outer_src_v6, tcp, to_lb, udp, with_bed, Bed, DpBed, CLIENT4, CLIENT6,
         CLIENT_MAC, GW2_MAC, GW4_MAC, GW6_MAC, L2_V4, L2_V6, LB_MAC, LB_MAC2, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP,
-        PORT_NO_NEIGH, PORT_NO_ROUTE, PORT_REDIRECT, PORT_TOO_BIG, SMALL_MTU, UDP_IDLE_NS, VIP4, VIP6, XDP_PASS,
-        XDP_REDIRECT, XDP_TX,
+        PORT_NO_NEIGH, PORT_NO_ROUTE, PORT_REDIRECT, PORT_TOO_BIG, SMALL_MTU, UDP_IDLE_NS, VIP4, VIP6,
     },
     wire::{
         build::{ipv6_with_ext, set_tos, Ext},
@@ -457,7 +457,7 @@ fn no_neighbour_passes_the_encapsulated_frame() {
             let backend = bed.expected_backend(&f);
             let be0 = bed.dp.backend_counters(backend).unwrap();
             let out = bed.run_flow(&input, Reason::PassNoNeighbour, &[New]);
-            assert_eq!(Reason::PassNoNeighbour.action(), XDP_PASS);
+            assert_eq!(Reason::PassNoNeighbour.action().code(), XDP_PASS);
             let expected = expected_encap(bed, &f, &input, backend);
             assert_eq!(out.len(), expected.len());
             assert_eq!(out[12..], expected[12..], "encapsulated; the EtherType (and tag) kept");

@@ -12,11 +12,10 @@ use lb_agent::decap::Decap;
 use lb_common::{reason::DecapReason, Counters, ETH_HDR, IPV4_HDR, IPV6_HDR, VLAN_HDR};
 use xlb_tests::{
     agent::{agent_binary, TempDir},
+    bed::XDP_PASS,
     netns::Netns,
     wire::{checksum, Frame},
 };
-
-const XDP_PASS: u32 = 2;
 
 /// This backend's addresses: the outer destinations it accepts.
 const US: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 11);
@@ -112,7 +111,7 @@ impl Bed {
         let after = self.counters();
         xlb_tests::testrun::assert_one_counted(&before, &after, reason, frame.len());
         assert_eq!(verdict, XDP_PASS, "verdict for {}", reason.name());
-        assert_eq!(verdict, reason.action());
+        assert_eq!(verdict, reason.action().code());
         out
     }
 

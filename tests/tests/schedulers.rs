@@ -11,13 +11,12 @@ use lb_agent::{
 };
 use lb_common::{hash::source_hash, Settings, SCHED_LC, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR};
 use xlb_tests::{
-    bed::Builder,
+    bed::{Builder, XDP_TX},
     scenario::{backend_name, config_for, vip, Scenario},
     traffic::{failures, open_connections, tcp_requests},
     wire::Frame,
 };
 
-const XDP_TX: u32 = 3;
 const SEED: u32 = 0x5eed;
 const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x03];
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 100);

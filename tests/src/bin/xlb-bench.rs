@@ -58,10 +58,8 @@ use lb_common::{
 };
 use xlb_tests::bench::{json_num, machine, machine_json, pin_to_cpu0, write_results};
 use xlb_tests::{
-    dpbed::{
-        self, DpBed, CLIENT4, CLIENT6, GW4_MAC, GW6_MAC, LB_MAC, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP, VIP4, VIP6,
-        XDP_DROP, XDP_PASS, XDP_TX,
-    },
+    bed::{verdict_name, XDP_DROP, XDP_PASS, XDP_TX},
+    dpbed::{self, DpBed, CLIENT4, CLIENT6, GW4_MAC, GW6_MAC, LB_MAC, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP, VIP4, VIP6},
     wire::Frame,
 };
 
@@ -187,16 +185,6 @@ fn new_flow_client(v6: bool, k: u32) -> (IpAddr, u16) {
         IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 9, 1, 0)) + host))
     };
     (addr, port)
-}
-
-fn verdict_name(v: u32) -> &'static str {
-    match v {
-        XDP_DROP => "XDP_DROP",
-        XDP_PASS => "XDP_PASS",
-        XDP_TX => "XDP_TX",
-        dpbed::XDP_REDIRECT => "XDP_REDIRECT",
-        _ => "?",
-    }
 }
 
 /// A service of the bench and its Maglev table, to compute every expected output.

@@ -40,15 +40,11 @@ use lb_agent::{
 };
 use lb_common::{addr_v6, hash::flow_hash, reason::DecapReason, Reason, Settings, NO_BACKEND};
 use xlb_tests::{
+    bed::{verdict_name, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     netns::Netns,
     rng::Rng,
     wire::{checksum, Frame},
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 const HASH_SEED: u32 = 0x0f0f_5eed;
 const TABLE: u32 = 251;
@@ -413,7 +409,7 @@ fn describe(index: u64, kind: Kind, f: &[u8], verdict: u32, out: &[u8], expect: 
         "  frame #{index} ({kind:?}, {} bytes), verdict {verdict}, expected {} ({})\n  in  {}\n  out {}\n  exp {}",
         f.len(),
         expect.reason.name(),
-        expect.reason.action(),
+        expect.reason.action().code(),
         hex_short(f),
         hex_short(out),
         hex_short(expect.out.as_deref().unwrap_or(f)),
@@ -437,17 +433,6 @@ fn fuzz_seed() -> u64 {
         }
         Ok(_) => env_u64("XLB_FUZZ_SEED").expect("XLB_FUZZ_SEED: a number, 0x-hex, or `random`"),
         Err(_) => DEFAULT_SEED,
-    }
-}
-
-fn verdict_name(v: u32) -> &'static str {
-    match v {
-        0 => "ABORTED",
-        XDP_DROP => "DROP",
-        XDP_PASS => "PASS",
-        XDP_TX => "TX",
-        XDP_REDIRECT => "REDIRECT",
-        _ => "?",
     }
 }
 
@@ -511,11 +496,11 @@ fn fuzz(bed: &mut Bed, seed: u64, frames: u64) -> Report {
         if let Err(what) = check_properties(model, &input, verdict, out, &mut findings) {
             failures.add(format!("property: {what}"), describe(index, kind, &input, verdict, out, &expect));
         }
-        if verdict != expect.reason.action() {
+        if verdict != expect.reason.action().code() {
             let what = format!(
                 "model: verdict {} where {} ({}) was expected",
                 verdict_name(verdict),
-                verdict_name(expect.reason.action()),
+                verdict_name(expect.reason.action().code()),
                 expect.reason.name()
             );
             failures.add(what, describe(index, kind, &input, verdict, out, &expect));
