@@ -40,7 +40,7 @@ use lb_agent::{
 };
 use lb_common::{addr_v6, hash::flow_hash, reason::DecapReason, Reason, Settings, NO_BACKEND};
 use xlb_tests::{
-    bed::{verdict_name, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    bed::{verdict_name, xdp_md, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     netns::Netns,
     rng::Rng,
     wire::{checksum, Frame},
@@ -333,7 +333,7 @@ impl Bed {
 }
 
 /// One BPF_PROG_TEST_RUN at a time, with buffers reused across frames.
-struct Runner<'a> {
+pub(crate) struct Runner<'a> {
     prog: &'a mut Xdp,
     out: Vec<u8>,
     ingress: u32,
@@ -343,18 +343,23 @@ impl Runner<'_> {
     /// Runs one frame as if it had arrived on the ingress interface; returns the verdict and
     /// the output frame's length (the frame is in `self.out`).
     fn run(&mut self, frame: &[u8]) -> Result<(u32, usize)> {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. The kernel wants data = data_meta = 0 (no metadata), data_end = the
-        // frame's length and no egress interface; the ingress one must exist in this namespace.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&self.ingress.to_ne_bytes());
+        // The ingress interface must exist in this namespace.
+        let ctx = xdp_md(frame.len(), self.ingress);
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut self.out);
         opts.ctx_in = Some(&ctx);
         let result = self.prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
         Ok((result.return_value, result.data_size_out as usize))
+    }
+
+    /// As [`Runner::run`]; a run the kernel refuses is a failure of the test, reported.
+    fn run_or_report(&mut self, frame: &[u8], failures: &mut Failures) -> Option<(u32, usize)> {
+        self.run(frame)
+            .map_err(|e| {
+                failures.add(format!("BPF_PROG_TEST_RUN failed: {e:#}"), format!("  in  {}", hex_short(frame)))
+            })
+            .ok()
     }
 }
 
@@ -484,13 +489,7 @@ fn fuzz(bed: &mut Bed, seed: u64, frames: u64) -> Report {
         };
         let index = tally.frames;
         tally.frames += 1;
-        let (verdict, out_len) = match runner.run(&input) {
-            Ok(r) => r,
-            Err(e) => {
-                failures.add(format!("BPF_PROG_TEST_RUN failed: {e:#}"), format!("  in  {}", hex_short(&input)));
-                continue;
-            }
-        };
+        let Some((verdict, out_len)) = runner.run_or_report(&input, &mut failures) else { continue };
         let out = &runner.out[..out_len];
         let expect = model.predict(&input);
         if let Err(what) = check_properties(model, &input, verdict, out, &mut findings) {
