@@ -239,66 +239,75 @@ fn truncated_ipv6_gets_a_safe_verdict() {
 
 // ---- 3. Encapsulation ----------------------------------------------------------------------
 
-#[test]
-fn ipip_v4_frames_are_exact() {
-    with_bed(|bed| {
-        let mut sources = HashSet::new();
-        let mut backends = HashSet::new();
-        for (i, sport) in (43_000..43_024u16).enumerate() {
-            let mut f =
-                if i % 2 == 0 { tcp(CLIENT4, sport, VIP4, PORT_IPIP) } else { udp(CLIENT4, sport, VIP4, PORT_IPIP) };
-            if i % 3 == 0 {
-                f = f.frag(0); // no DF
-            }
-            let mut input = f.build();
-            if i % 4 == 1 {
-                set_tos(&mut input, 0xb8);
-            }
-            let backend = bed.expected_backend(&f);
-            backends.insert(backend);
-            let be0 = bed.dp.backend_counters(backend).unwrap();
-            let out = bed.run_flow(&input, Reason::TxEncap, &[New]);
-            assert_eq!(out, expected_encap(bed, &f, &input, backend), "flow {i}");
-            let eth = EthView::new(&out);
-            assert_eq!(eth.dst_mac(), GW4_MAC, "to the gateway's lladdr");
-            assert_eq!(eth.src_mac(), LB_MAC, "from veth0");
-            assert_eq!(eth.ether_type(), ETH_P_IP);
-            let addr = ipv4_of(bed.backend(backend).addr);
-            sources.insert(check_ipip_v4_fields(&input, &out, addr));
-            let be1 = bed.dp.backend_counters(backend).unwrap();
-            assert_eq!((be1.packets - be0.packets, be1.bytes - be0.bytes), (1, input.len() as u64));
-            // The pinned flow: the same frame again.
-            assert_eq!(bed.run_flow(&input, Reason::TxEncap, &[Hit]), out);
-        }
-        assert_eq!(backends.len(), 3, "24 flows reach all three backends");
-        assert!(sources.len() > 12, "the outer source varies with the flow: {sources:?}");
-    });
+/// One family of the encapsulation tests: who sends, to which gateway, and how a frame of it
+/// is varied (no DF, an extension header) besides TCP/UDP and a TOS.
+struct EncapCase {
+    name: &'static str,
+    client: IpAddr,
+    vip: IpAddr,
+    first_port: u16,
+    gateway_mac: [u8; 6],
+    ether_type: u16,
 }
 
+const ENCAP_CASES: [EncapCase; 2] = [
+    EncapCase {
+        name: "ipip",
+        client: IpAddr::V4(CLIENT4),
+        vip: IpAddr::V4(VIP4),
+        first_port: 43_000,
+        gateway_mac: GW4_MAC,
+        ether_type: ETH_P_IP,
+    },
+    EncapCase {
+        name: "ip6ip6",
+        client: IpAddr::V6(CLIENT6),
+        vip: IpAddr::V6(VIP6),
+        first_port: 44_000,
+        gateway_mac: GW6_MAC,
+        ether_type: ETH_P_IPV6,
+    },
+];
+
 #[test]
-fn ip6ip6_frames_are_exact() {
+fn encapsulated_frames_are_exact() {
     with_bed(|bed| {
-        let mut sources = HashSet::new();
-        let mut backends = HashSet::new();
-        for (i, sport) in (44_000..44_024u16).enumerate() {
-            let f =
-                if i % 2 == 0 { tcp(CLIENT6, sport, VIP6, PORT_IPIP) } else { udp(CLIENT6, sport, VIP6, PORT_IPIP) };
-            let mut input = if i % 5 == 2 { ipv6_with_ext(&f, &[Ext::HopByHop]) } else { f.build() };
-            if i % 4 == 1 {
-                set_tos(&mut input, 0xb8);
+        for case in &ENCAP_CASES {
+            let mut sources = HashSet::new();
+            let mut backends = HashSet::new();
+            for (i, sport) in (case.first_port..case.first_port + 24).enumerate() {
+                let (c, v) = (case.client, case.vip);
+                let mut f = if i % 2 == 0 { tcp(c, sport, v, PORT_IPIP) } else { udp(c, sport, v, PORT_IPIP) };
+                if c.is_ipv4() && i % 3 == 0 {
+                    f = f.frag(0); // no DF
+                }
+                let mut input =
+                    if c.is_ipv6() && i % 5 == 2 { ipv6_with_ext(&f, &[Ext::HopByHop]) } else { f.build() };
+                if i % 4 == 1 {
+                    set_tos(&mut input, 0xb8);
+                }
+                let backend = bed.expected_backend(&f);
+                backends.insert(backend);
+                let be0 = bed.dp.backend_counters(backend).unwrap();
+                let out = bed.run_flow(&input, Reason::TxEncap, &[New]);
+                assert_eq!(out, expected_encap(bed, &f, &input, backend), "{} flow {i}", case.name);
+                let eth = EthView::new(&out);
+                assert_eq!(eth.dst_mac(), case.gateway_mac, "to the gateway's lladdr");
+                assert_eq!(eth.src_mac(), LB_MAC, "from veth0");
+                assert_eq!(eth.ether_type(), case.ether_type);
+                let source: IpAddr = match bed.backend(backend).addr {
+                    IpAddr::V4(addr) => check_ipip_v4_fields(&input, &out, addr).into(),
+                    IpAddr::V6(addr) => check_ip6ip6_fields(&input, &out, addr, frame_hash(&f)).into(),
+                };
+                sources.insert(source);
+                let be1 = bed.dp.backend_counters(backend).unwrap();
+                assert_eq!((be1.packets - be0.packets, be1.bytes - be0.bytes), (1, input.len() as u64));
+                // The pinned flow: the same frame again.
+                assert_eq!(bed.run_flow(&input, Reason::TxEncap, &[Hit]), out);
             }
-            let backend = bed.expected_backend(&f);
-            backends.insert(backend);
-            let out = bed.run_flow(&input, Reason::TxEncap, &[New]);
-            assert_eq!(out, expected_encap(bed, &f, &input, backend), "flow {i}");
-            let eth = EthView::new(&out);
-            assert_eq!((eth.dst_mac(), eth.src_mac(), eth.ether_type()), (GW6_MAC, LB_MAC, ETH_P_IPV6));
-            let addr = ipv6_of(bed.backend(backend).addr);
-            sources.insert(check_ip6ip6_fields(&input, &out, addr, frame_hash(&f)));
-            assert_eq!(bed.run_flow(&input, Reason::TxEncap, &[Hit]), out);
+            assert_eq!(backends.len(), 3, "{}: 24 flows reach all three backends", case.name);
+            assert!(sources.len() > 12, "{}: the outer source varies with the flow: {sources:?}", case.name);
         }
-        assert_eq!(backends.len(), 3, "24 flows reach all three backends");
-        assert!(sources.len() > 12, "the outer source varies with the flow: {sources:?}");
     });
 }
 
