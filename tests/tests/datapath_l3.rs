@@ -281,8 +281,7 @@ fn encapsulated_frames_are_exact() {
                 if c.is_ipv4() && i % 3 == 0 {
                     f = f.frag(0); // no DF
                 }
-                let mut input =
-                    if c.is_ipv6() && i % 5 == 2 { ipv6_with_ext(&f, &[Ext::HopByHop]) } else { f.build() };
+                let mut input = if c.is_ipv6() && i % 5 == 2 { ipv6_with_ext(&f, &[Ext::HopByHop]) } else { f.build() };
                 if i % 4 == 1 {
                     set_tos(&mut input, 0xb8);
                 }

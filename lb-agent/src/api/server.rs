@@ -248,24 +248,7 @@ pub async fn serve(path: PathBuf, calls: mpsc::Sender<Call>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{InvalidKind, Scheduler};
-
-    const CONFIG: &str = r#"
-interface = "eth0"
-[[service]]
-name = "web"
-vip = "10.0.0.100"
-port = 80
-protocol = "tcp"
-[[service.backend]]
-address = "10.0.0.11"
-[[service]]
-vip = "fd00::100"
-port = 53
-protocol = "udp"
-[[service.backend]]
-address = "fd00::11"
-"#;
+    use crate::config::{tests::GOOD, InvalidKind, Scheduler};
 
     fn addr(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -279,91 +262,76 @@ address = "fd00::11"
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
     }
 
-    /// The kinds of validation problems a refused edit reports; the config is unchanged.
+    /// Refuses `change`; a config is left edited only when the validator refused it (apply
+    /// drops that copy).
     fn refused(c: &mut Config, change: Request) -> ChangeError {
         let before = c.clone();
         let err = edit(c, change).expect_err("refused");
         if !matches!(err, ChangeError::Invalid(_)) {
-            assert_eq!(*c, before, "only a config that fails validation is left edited (apply drops it)");
+            assert_eq!(*c, before);
         }
         err
     }
 
+    fn add_service(name: Option<&str>, vip: &str, forward: Forward) -> Request {
+        Request::AddService {
+            name: name.map(String::from),
+            vip: addr(vip),
+            port: 53,
+            protocol: Protocol::Udp,
+            forward,
+            scheduler: Scheduler::Maglev,
+            maglev_size: Some(251),
+            backends: vec![NewBackend { address: addr("10.0.0.21"), weight: Some(2), mac: None }],
+        }
+    }
+
     #[test]
     fn edits_go_through_the_validator() {
-        let mut c = Config::parse(CONFIG).unwrap();
+        let mut c = Config::parse(GOOD).unwrap();
         let add = |service: &str, a: &str| Request::AddBackend {
             service: service.into(),
             address: addr(a),
             weight: None,
             mac: None,
         };
-        assert!(edit(&mut c, add("web", "10.0.0.12")).is_ok());
-        assert_eq!(c.services[0].backends.len(), 2);
+        assert!(edit(&mut c, add("web", "10.0.0.14")).is_ok());
+        assert_eq!(c.services[0].backends.len(), 3);
         let mut scratch = c.clone();
-        assert_eq!(refused(&mut scratch, add("web", "10.0.0.12")).invalid_kinds(), [InvalidKind::Duplicate]);
+        assert_eq!(refused(&mut scratch, add("web", "10.0.0.14")).invalid_kinds(), [InvalidKind::Duplicate]);
         let mut scratch = c.clone();
         assert_eq!(refused(&mut scratch, add("web", "fd00::12")).invalid_kinds(), [InvalidKind::WrongFamily]);
-        assert!(matches!(refused(&mut c, add("nope", "10.0.0.13")), ChangeError::NoService(s) if s == "nope"));
+        assert!(matches!(refused(&mut c, add("nope", "10.0.0.15")), ChangeError::NoService(s) if s == "nope"));
         assert!(
-            edit(&mut c, add("fd00::100:53/udp", "fd00::12")).is_ok(),
+            edit(&mut c, add("10.0.0.100:53/udp", "10.0.0.15")).is_ok(),
             "services can be named by VIP:PORT/PROTOCOL"
         );
-        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.12"), weight: 70_000 };
+        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.14"), weight: 70_000 };
         let mut scratch = c.clone();
         assert_eq!(refused(&mut scratch, w).invalid_kinds(), [InvalidKind::BadValue]);
-        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.12"), weight: 0 };
+        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.14"), weight: 0 };
         assert!(edit(&mut c, w).unwrap().contains("draining"));
         let rm = Request::RemoveBackend { service: "web".into(), address: addr("10.0.0.99") };
         assert!(matches!(refused(&mut c, rm), ChangeError::NotABackend { .. }));
-        let add_service = Request::AddService {
-            name: Some("dns".into()),
-            vip: addr("10.0.0.53"),
-            port: 53,
-            protocol: Protocol::Udp,
-            forward: Forward::L2,
-            scheduler: Scheduler::Maglev,
-            maglev_size: Some(251),
-            backends: vec![NewBackend { address: addr("10.0.0.21"), weight: Some(2), mac: None }],
-        };
-        assert!(edit(&mut c, add_service.clone()).unwrap().contains("service dns added with 1 backends"));
+        let dns = add_service(Some("dns"), "10.0.0.53", Forward::L2);
+        assert!(edit(&mut c, dns.clone()).unwrap().contains("service dns added with 1 backends"));
         assert_eq!(c.services.last().unwrap().health.port, 53);
         let mut scratch = c.clone();
-        let kinds = refused(&mut scratch, add_service).invalid_kinds();
-        assert!(kinds.contains(&InvalidKind::Duplicate), "{kinds:?}");
-        let bad = Request::AddService {
-            name: None,
-            vip: addr("10.0.0.54"),
-            port: 53,
-            protocol: Protocol::Udp,
-            forward: Forward::Ipip,
-            scheduler: Scheduler::Maglev,
-            maglev_size: None,
-            backends: vec![],
-        };
+        assert!(refused(&mut scratch, dns).invalid_kinds().contains(&InvalidKind::Duplicate));
         let mut scratch = c.clone();
-        assert_eq!(refused(&mut scratch, bad).invalid_kinds(), [InvalidKind::NeedsIpipSource]);
+        let ipip = add_service(None, "10.0.0.54", Forward::Ipip);
+        assert_eq!(refused(&mut scratch, ipip).invalid_kinds(), [InvalidKind::NeedsIpipSource]);
         assert!(edit(&mut c, Request::RemoveService { service: "web".into() }).is_ok());
         assert!(edit(&mut c, Request::RemoveService { service: "dns".into() }).is_ok());
-        let last = refused(&mut c, Request::RemoveService { service: "fd00::100:53/udp".into() });
+        let last = refused(&mut c, Request::RemoveService { service: "10.0.0.100:53/udp".into() });
         assert!(matches!(last, ChangeError::LastService(_)));
     }
 
     #[test]
     fn an_edit_past_a_limit_is_refused() {
-        // Room for the two services' tables and not one more.
-        let mut c = Config::parse(&format!("maglev_capacity = {}\n{CONFIG}", 4 * 65_537)).unwrap();
-        let add_service = Request::AddService {
-            name: None,
-            vip: addr("10.0.0.54"),
-            port: 53,
-            protocol: Protocol::Udp,
-            forward: Forward::L2,
-            scheduler: Scheduler::Maglev,
-            maglev_size: Some(251),
-            backends: vec![],
-        };
-        let err = refused(&mut c, add_service);
+        // Room for the two services' tables (65537 and 251 entries, twice each) and no more.
+        let mut c = Config::parse(&format!("maglev_capacity = {}\n{GOOD}", 2 * (65_537 + 251))).unwrap();
+        let err = refused(&mut c, add_service(None, "10.0.0.54", Forward::L2));
         assert_eq!(err.invalid_kinds(), [InvalidKind::Limit], "{err}");
         assert!(matches!(&err, ChangeError::Invalid(all) if all[0].field == "maglev_capacity"), "{err}");
     }

@@ -5,7 +5,7 @@
 //! limit; every error of a file names its line, column and field.
 mod raw;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod validate;
 
 use std::{

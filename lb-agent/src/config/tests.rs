@@ -5,7 +5,8 @@ use lb_common::limits::DEFAULT_MAGLEV_SIZE;
 
 use super::*;
 
-const GOOD: &str = r#"
+/// A valid config: two services on one VIP (web, TCP 80, two backends; UDP 53, one).
+pub(crate) const GOOD: &str = r#"
 interface = "eth0"
 hash_seed = 42
 
