@@ -135,8 +135,6 @@ const DEFAULT_HEALTH: HealthConfig = HealthConfig {
     min_healthy: 1,
 };
 
-/// Collects errors against the source text, turning byte spans into line and column.
-
 /// Collects errors against the source text, turning byte spans into line and column, and the
 /// span of every field the whole-config validator may name.
 struct Errors<'a> {

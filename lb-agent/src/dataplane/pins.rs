@@ -11,6 +11,7 @@
 //!   table, even when the config changed.
 //! - symlinks, as bpffs holds no regular files: `owner` -> pid, `netns` -> the network
 //!   namespace (`net:[inode]`), `xdp_mode` -> `Native` | `Generic`.
+//!
 //! The running agent holds flock(LOCK_EX) on the directory: the kernel releases it however the
 //! process ends (kill -9 included), so a lock is never stale, and a second agent is refused.
 use std::{

@@ -60,11 +60,11 @@ fn dump(ifindex: u32) -> Result<HashMap<IpAddr, [u8; 6]>> {
             match message.payload {
                 NetlinkPayload::Done(_) => return Ok(found),
                 NetlinkPayload::Error(e) => bail!("the kernel refused the neighbour dump: {e:?}"),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(entry)) => {
-                    if entry.header.ifindex == ifindex && complete(entry.header.state) {
-                        if let Some((addr, mac)) = entry_of(&entry) {
-                            found.insert(addr, mac);
-                        }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(entry))
+                    if entry.header.ifindex == ifindex && complete(entry.header.state) =>
+                {
+                    if let Some((addr, mac)) = entry_of(&entry) {
+                        found.insert(addr, mac);
                     }
                 }
                 _ => {}

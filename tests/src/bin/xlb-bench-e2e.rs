@@ -884,7 +884,7 @@ fn main() -> Result<()> {
         if other_cpu > 0.05 { ": the figures are noisier than usual" } else { "" }
     );
 
-    let mut machine = machine_json(&m);
+    let mut machine = machine_json(m);
     machine["loadavg_1m_end"] = load_end.into();
     let http_json = |h: &Http, runs: &[WrkResult]| {
         let runs: Vec<serde_json::Value> = runs
