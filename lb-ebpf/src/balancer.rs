@@ -1,5 +1,7 @@
 //! The balancer: classify (IPv4 or IPv6, VIP, service), select a backend (flow table, Maglev)
 //! and forward (L2 DSR, or encapsulation towards the FIB's next hop).
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
     addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags, VipKey,
@@ -32,25 +34,15 @@ struct Packet {
     df: bool,
 }
 
-impl Packet {
-    const EMPTY: Self = Self {
-        key: FlowKey { src: [0; 4], dst: [0; 4], ports: 0, proto: 0, family: 0, _pad: 0 },
-        l3: 0,
-        tcp_flags: TcpFlags(0),
-        ip_len: 0,
-        tos: 0,
-        df: false,
-    };
-}
-
 /// Decides the fate of one frame and carries it out; the caller counts the reason.
 #[inline(always)]
 pub fn balance(ctx: &XdpContext) -> Reason {
     let packet = match parse::l3(ctx) {
         L3::Ipv4(l3) => ipv4_packet(ctx, l3),
         L3::Ipv6(l3) => {
-            let mut packet = Packet::EMPTY;
-            ipv6_packet(ctx, l3, &mut packet).map(|()| packet)
+            let mut packet = MaybeUninit::<Packet>::uninit();
+            // SAFETY: ipv6_packet writes the whole packet whenever it returns Ok.
+            ipv6_packet(ctx, l3, &mut packet).map(|()| unsafe { packet.assume_init() })
         }
         L3::Other => return Reason::PassNotIp,
         L3::Truncated => return Reason::PassMalformed,
@@ -121,7 +113,7 @@ fn ipv4_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
 /// than returning a `Result<Packet, _>`: the BTF of a function's signature reaches the kernel,
 /// which rejects the layout Rust gives such an enum (its tag inside a union member).
 #[inline(never)]
-fn ipv6_packet(ctx: &XdpContext, l3: usize, packet: &mut Packet) -> Result<(), Reason> {
+fn ipv6_packet(ctx: &XdpContext, l3: usize, packet: &mut MaybeUninit<Packet>) -> Result<(), Reason> {
     let ip: &Ipv6Hdr = frame::ref_at(ctx, l3).ok_or(Reason::PassMalformed)?;
     if ip.vcf[0] >> 4 != 6 {
         return Err(Reason::PassMalformed);
@@ -141,14 +133,14 @@ fn ipv6_packet(ctx: &XdpContext, l3: usize, packet: &mut Packet) -> Result<(), R
     if !length_fits(ctx, l3, l4, proto, payload_len as usize + IPV6_HDR) {
         return Err(Reason::DropTruncatedL4);
     }
-    *packet = Packet {
+    packet.write(Packet {
         key: FlowKey { src: addr_v6(ip.src_addr), dst, ports, proto, family: FAMILY_V6, _pad: 0 },
         l3,
         tcp_flags,
         ip_len: payload_len.saturating_add(IPV6_HDR as u16),
         tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
         df: true,
-    };
+    });
     Ok(())
 }
 
