@@ -27,22 +27,40 @@ pub enum Event {
     Reachable { target: Target },
 }
 
+/// What a backend's checks start from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Up: `fall` failures take it out.
+    Up,
+    /// Down (as a state file remembers it): `rise` successes bring it in.
+    Down,
+    /// Never checked: the first result decides, at once.
+    Unknown,
+}
+
 /// Counts consecutive results and says when the state flips.
 #[derive(Debug)]
 pub struct RiseFall {
     up: bool,
+    unknown: bool,
     streak: u32,
     rise: u32,
     fall: u32,
 }
 
 impl RiseFall {
-    pub fn new(up: bool, rise: u32, fall: u32) -> Self {
-        Self { up, streak: 0, rise, fall }
+    pub fn new(start: Start, rise: u32, fall: u32) -> Self {
+        Self { up: start == Start::Up, unknown: start == Start::Unknown, streak: 0, rise, fall }
     }
 
-    /// Records one result; Some(new state) when it changes the backend's state.
+    /// Records one result; Some(new state) when it changes the backend's state (or is the
+    /// first result of a backend never checked).
     pub fn record(&mut self, ok: bool) -> Option<bool> {
+        if self.unknown {
+            self.unknown = false;
+            self.up = ok;
+            return Some(ok);
+        }
         if ok == self.up {
             self.streak = 0;
             return None;
@@ -126,28 +144,34 @@ impl Jitter {
     }
 }
 
-/// Probes `addr` forever, starting from `up`, and reports state changes and successes.
+/// Probes `addr` forever, starting from `start`, and reports state changes and successes.
 /// `poke` asks for a probe now (a passive alarm). Ends when the receiver is gone.
 pub async fn run(
     target: Target,
     addr: IpAddr,
     cfg: HealthConfig,
-    up: bool,
+    start: Start,
     events: mpsc::Sender<Event>,
     poke: Arc<Notify>,
 ) {
-    let mut state = RiseFall::new(up, cfg.rise, cfg.fall);
+    let mut state = RiseFall::new(start, cfg.rise, cfg.fall);
     let mut jitter = Jitter::new(target, addr);
-    // The first probe lands anywhere in the first interval.
-    time::sleep(jitter.around(cfg.interval / 2, 1.0)).await;
+    // A backend never checked is probed at once: it takes no traffic until then. Otherwise the
+    // first probe lands anywhere in the first interval.
+    if start != Start::Unknown {
+        time::sleep(jitter.around(cfg.interval / 2, 1.0)).await;
+    }
+    let mut first = start == Start::Unknown;
     loop {
         let result = probe(&cfg.check, addr, cfg.port, cfg.timeout).await;
         if result.is_ok() && events.send(Event::Reachable { target }).await.is_err() {
             return;
         }
-        let detail = match &result {
-            Ok(()) => format!("{} successful checks", cfg.rise),
-            Err(e) => format!("{} failed checks, last: {e}", cfg.fall),
+        let detail = match (&result, std::mem::take(&mut first)) {
+            (Ok(()), true) => "its first check".to_string(),
+            (Err(e), true) => format!("its first check: {e}"),
+            (Ok(()), false) => format!("{} successful checks", cfg.rise),
+            (Err(e), false) => format!("{} failed checks, last: {e}", cfg.fall),
         };
         if let Some(up) = state.record(result.is_ok()) {
             if events.send(Event::State { target, up, detail }).await.is_err() {
@@ -167,7 +191,7 @@ mod tests {
 
     #[test]
     fn falls_after_fall_failures_and_rises_after_rise_successes() {
-        let mut s = RiseFall::new(true, 2, 3);
+        let mut s = RiseFall::new(Start::Up, 2, 3);
         assert_eq!(s.record(false), None);
         assert_eq!(s.record(false), None);
         assert_eq!(s.record(true), None, "a success resets the failure streak");
@@ -180,6 +204,17 @@ mod tests {
         assert_eq!(s.record(true), None);
         assert_eq!(s.record(true), Some(true));
         assert_eq!(s.record(true), None);
+
+        let mut s = RiseFall::new(Start::Unknown, 2, 3);
+        assert_eq!(s.record(true), Some(true), "the first result decides at once");
+        assert_eq!(s.record(false), None);
+        let mut s = RiseFall::new(Start::Unknown, 2, 3);
+        assert_eq!(s.record(false), Some(false));
+        assert_eq!(s.record(true), None, "then rise as usual");
+        assert_eq!(s.record(true), Some(true));
+        let mut s = RiseFall::new(Start::Down, 2, 3);
+        assert_eq!(s.record(true), None, "remembered down: rise successes");
+        assert_eq!(s.record(true), Some(true));
     }
 
     #[tokio::test]

@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use lb_agent::{
-    agent::Agent,
+    agent::{
+        state::{self, State},
+        Agent, Starts,
+    },
     api::{self, client as ctl},
     config::{Config, XdpMode},
     dataplane::{self, Dataplane, LoadOptions},
@@ -67,6 +70,14 @@ enum Command {
         /// to take over (an upgrade); by default the agent detaches and removes its pins.
         #[arg(long)]
         keep_on_exit: bool,
+        /// The state file: each backend's health and the control-API changes, carried across
+        /// restarts and upgrades [default: /var/lib/xlb/<interface>.state.json].
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+        /// Start from the config file alone: drop the control-API changes the state file
+        /// remembers (backend health is still remembered).
+        #[arg(long)]
+        forget_runtime_changes: bool,
     },
     /// A live, refreshing table of services and backends: state, weight, packets, rates.
     Status {
@@ -139,13 +150,31 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Run { config, xdp_mode, stats_interval, api_socket, pin_dir, keep_on_exit } => {
+        Command::Run {
+            config,
+            xdp_mode,
+            stats_interval,
+            api_socket,
+            pin_dir,
+            keep_on_exit,
+            state_file,
+            forget_runtime_changes,
+        } => {
+            let opts = RunOptions {
+                xdp_mode,
+                stats_interval,
+                api_socket,
+                pin_dir,
+                keep_on_exit,
+                state_file,
+                forget_runtime_changes,
+            };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")
-                .and_then(|rt| rt.block_on(run(&config, xdp_mode, stats_interval, api_socket, &pin_dir, keep_on_exit)))
+                .and_then(|rt| rt.block_on(run(&config, opts)))
         }
         Command::Status { socket, interval, once } => {
             let interval = Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
@@ -199,21 +228,29 @@ fn check(path: &std::path::Path) -> Result<()> {
 }
 
 /// SIGHUP: a bad config, or one that needs a restart, leaves the running state as it was.
+/// The control-API changes in force are made again on the file's config.
 fn reload(agent: &mut Agent, path: &std::path::Path) {
-    match Config::load(path).and_then(|config| Ok(agent.reload(&config)?)) {
+    match api::server::reload_file(agent, path) {
         Ok(summary) => info!("reloaded {}: {summary}", path.display()),
         Err(e) => error!("reload of {} rejected: {e:#}", path.display()),
     }
 }
 
-async fn run(
-    path: &std::path::Path,
+/// `lb-agent run`'s options besides the config.
+struct RunOptions {
     xdp_mode: Option<XdpMode>,
     stats_interval: u64,
     api_socket: PathBuf,
-    pin_dir: &std::path::Path,
+    pin_dir: PathBuf,
     keep_on_exit: bool,
-) -> Result<()> {
+    state_file: Option<PathBuf>,
+    forget_runtime_changes: bool,
+}
+
+async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
+    let RunOptions { xdp_mode, stats_interval, api_socket, pin_dir, keep_on_exit, state_file, forget_runtime_changes } =
+        opts;
+    let pin_dir = pin_dir.as_path();
     let started = std::time::Instant::now();
     // Before anything else: a signal that arrives during start-up (e.g. right after the
     // "balancing" line) waits for the main loop instead of killing the process unhandled.
@@ -222,10 +259,19 @@ async fn run(
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut hup = signal(SignalKind::hangup())?;
     // Nothing touches the kernel before the config is known to be good.
-    let config = Config::load(path)?;
-    for w in config.warnings() {
+    let file_config = Config::load(path)?;
+    for w in file_config.warnings() {
         log::warn!("{w}");
     }
+    // What a previous agent left: backend health, and control-API changes made again here.
+    let state_path = state_file.unwrap_or_else(|| state::default_path(&file_config.interface));
+    let mut state = State::load(&state_path, &file_config.interface).unwrap_or_else(|| State::new(&file_config.interface));
+    if forget_runtime_changes && !state.changes.is_empty() {
+        info!("--forget-runtime-changes: {} control-API changes dropped", state.changes.len());
+        state.changes.clear();
+    }
+    let (config, kept) = api::server::replay(file_config, &state.changes);
+    state.changes = kept;
     let iface_mac = iface_mac(&config.interface)?;
     // Locks <pin_dir>/<interface> (a second agent is refused) and adopts what a previous agent
     // left there: the flow table and the counters; its program stays attached meanwhile.
@@ -240,7 +286,8 @@ async fn run(
         &config.interface,
     )?;
     let (tx, mut rx) = mpsc::channel(256);
-    let mut agent = Agent::new(dataplane, &config, Some(tx))?;
+    let starts = Starts { known: state.health_by_backend(), taking_over: dataplane.takes_over() };
+    let mut agent = Agent::start(dataplane, &config, Some(tx), starts, Some((state_path, state)))?;
     // Attach last: the first packet already finds every table in place. A program left by a
     // previous agent is replaced atomically, with its tables: no packet goes unbalanced.
     let mode = agent.dataplane.attach(&config.interface, xdp_mode.or(config.xdp_mode))?;
@@ -252,6 +299,7 @@ async fn run(
         );
     }
     info!("balancing {} services on {} (XDP {mode:?} mode)", config.services.len(), config.interface);
+    agent.log_ready();
 
     let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::Scrape>(16);
     if let Some(addr) = config.metrics_listen {

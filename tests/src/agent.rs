@@ -46,16 +46,24 @@ impl Drop for TempDir {
 }
 
 impl AgentProcess {
-    /// Starts `lb-agent run` with `config` (TOML text) in `ns` and waits until it has attached.
+    /// Starts `lb-agent run` with `config` (TOML text) in `ns` and waits until it is ready.
     pub fn start(ns: &Netns, config: &str, extra: &[&str]) -> Result<Self> {
         let dir = TempDir::new("agent")?;
         let config_path = dir.0.join("xlb.toml");
         std::fs::write(&config_path, config)?;
         let socket = dir.0.join("agent.sock");
         let socket = socket.to_str().context("path")?.to_string();
+        let state = dir.0.join("state.json");
+        let state = state.to_str().context("path")?.to_string();
         let mut args = vec!["run", "--config", config_path.to_str().context("path")?, "--api-socket", &socket];
+        // A state file of the test's own, unless the test shares one between agents.
+        if !extra.contains(&"--state-file") {
+            args.extend(["--state-file", &state]);
+        }
         args.extend_from_slice(extra);
-        Self::spawn(ns, dir, &args, "balancing")
+        // Ready: attached, and every backend checked once (before that, backends never checked
+        // take no traffic).
+        Self::spawn(ns, dir, &args, "ready: every backend checked")
     }
 
     /// Starts `lb-agent args...` in `ns`, its log in `dir`, and waits for `ready` in the log.

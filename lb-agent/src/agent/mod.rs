@@ -6,8 +6,9 @@
 //! - `passive`: the in-band health signal.
 mod passive;
 mod reload;
+pub mod state;
 
-use std::{collections::HashMap, fmt::Write as _, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, fmt::Write as _, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, Context as _, Result};
 use lb_common::Settings;
@@ -17,10 +18,12 @@ use tokio::{
     task::JoinHandle,
 };
 
+use self::state::{BackendHealth, State};
 use crate::{
     config::{BackendConfig, Config, Forward, IpipConfig, ServiceConfig},
     dataplane::{BackendId, Dataplane, ServiceId, ServiceSlot, FLOW_WALK_PERIOD},
-    health::{self, Event},
+    api::Request,
+    health::{self, Event, Start},
     net::{mac::format_mac, neigh},
     sys::if_index,
     tables::{self, maglev::address_key, Member},
@@ -34,6 +37,9 @@ pub struct BackendState {
     pub id: BackendId,
     pub config: BackendConfig,
     pub up: bool,
+    /// A verdict of the checks exists (a first result, or one remembered): a backend never
+    /// checked takes no traffic and does not make its service fail open.
+    pub checked: bool,
     /// None until configured or resolved: an L2 backend without one takes no traffic.
     pub mac: Option<[u8; 6]>,
     health: Option<JoinHandle<()>>,
@@ -75,9 +81,15 @@ impl ServiceState {
         self.config.forward == Forward::Ipip || b.mac.is_some()
     }
 
-    /// Whether a backend can take packets: up (or the service fails open), and reachable.
+    /// Whether a backend can take packets: up (or checked and the service fails open), and
+    /// reachable.
     fn usable(&self, b: &BackendState) -> bool {
-        (b.healthy() || self.fail_open) && self.reachable(b)
+        (b.healthy() || (self.fail_open && b.checked)) && self.reachable(b)
+    }
+
+    /// The service as the state file names it: `VIP:PORT/PROTOCOL`, whatever its name.
+    pub fn key(&self) -> String {
+        format!("{}:{}/{}", self.config.vip, self.config.port, self.config.protocol)
     }
 
     fn backend(&self, id: BackendId) -> Option<&BackendState> {
@@ -108,6 +120,21 @@ pub struct Agent {
     config: Config,
     /// Where health tasks report; None when health checks are not run (tests).
     events: Option<mpsc::Sender<Event>>,
+    /// How backends start: as remembered, else as the config or the takeover says.
+    start: Starts,
+    /// The state file and what it holds; None when none is kept (tests).
+    state: Option<(PathBuf, State)>,
+    /// Every backend has been checked once: logged once.
+    ready: bool,
+}
+
+/// How backends start.
+#[derive(Clone, Debug, Default)]
+pub struct Starts {
+    /// Health remembered by the state file, by (service key, address).
+    pub known: HashMap<(String, IpAddr), bool>,
+    /// A data path is taken over: backends not remembered start up (they were serving).
+    pub taking_over: bool,
 }
 
 /// The data path's run-time settings from the config.
@@ -138,23 +165,107 @@ impl Agent {
     /// backend with its MAC from the config or the neighbour table. With `events`, a health
     /// task per backend reports there and the flow table's walker runs (the caller must be
     /// inside a tokio runtime).
-    pub fn new(mut dataplane: Dataplane, config: &Config, events: Option<mpsc::Sender<Event>>) -> Result<Self> {
+    pub fn new(dataplane: Dataplane, config: &Config, events: Option<mpsc::Sender<Event>>) -> Result<Self> {
+        Self::start(dataplane, config, events, Starts::default(), None)
+    }
+
+    /// As [`Agent::new`], with backends starting as `starts` says (a backend neither
+    /// remembered nor taken over starts as its `initial_state`), and the state kept in
+    /// `state` (its file written on every change).
+    pub fn start(
+        mut dataplane: Dataplane,
+        config: &Config,
+        events: Option<mpsc::Sender<Event>>,
+        starts: Starts,
+        state: Option<(PathBuf, State)>,
+    ) -> Result<Self> {
         dataplane.set_settings(settings(config))?;
         for name in &config.egress_interfaces {
             let index = if_index(name).ok_or_else(|| anyhow!("unknown egress interface {name:?}"))?;
             dataplane.add_tx_port(index)?;
         }
-        let mut agent = Self { dataplane, services: Vec::new(), config: config.clone(), events };
+        let mut agent =
+            Self { dataplane, services: Vec::new(), config: config.clone(), events, start: starts, state, ready: false };
         let macs = resolve_macs(config.services.iter().collect(), &config.interface);
         for sc in &config.services {
             agent.add_service(sc, &macs)?;
         }
-        // Slots of a previous agent that no backend claimed are free from here on.
+        // Slots of a previous agent that no backend claimed are free from here on, and so are
+        // remembered states: a backend added later starts as its initial_state.
         agent.dataplane.ids().forget_adopted();
+        agent.start = Starts::default();
+        agent.save_state();
         if agent.events.is_some() {
             agent.dataplane.flow_walker()?.spawn(FLOW_WALK_PERIOD);
         }
         Ok(agent)
+    }
+
+    /// Control-API changes in force, in order (what a reload makes again on the file's config).
+    pub fn runtime_changes(&self) -> &[Request] {
+        self.state.as_ref().map_or(&[], |(_, s)| s.changes.as_slice())
+    }
+
+    /// Records a control-API change that was applied, or (`None`) forgets every change, and
+    /// writes the state file.
+    pub fn record_change(&mut self, change: Option<Request>) {
+        if let Some((_, state)) = &mut self.state {
+            match change {
+                Some(change) => state.changes.push(change),
+                None => state.changes.clear(),
+            }
+        }
+        self.save_state();
+    }
+
+    /// Keeps only these recorded changes (the others no longer apply to the file's config).
+    pub fn keep_changes(&mut self, kept: Vec<Request>) {
+        if let Some((_, state)) = &mut self.state {
+            state.changes = kept;
+        }
+        self.save_state();
+    }
+
+    /// Writes the state file: the recorded changes and every checked backend's health. A
+    /// failure is logged; the agent goes on.
+    fn save_state(&mut self) {
+        let health: Vec<BackendHealth> = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                let key = s.key();
+                s.backends.iter().filter(|b| b.checked).map(move |b| BackendHealth {
+                    service: key.clone(),
+                    address: b.config.address,
+                    up: b.up,
+                })
+            })
+            .collect();
+        let Some((path, state)) = &mut self.state else { return };
+        state.health = health;
+        if let Err(e) = state.save(path) {
+            error!("cannot write the state file {}: {e:#}", path.display());
+        }
+    }
+
+    /// Whether every backend has a verdict of its checks.
+    pub fn all_checked(&self) -> bool {
+        self.services.iter().all(|s| s.backends.iter().all(|b| b.checked))
+    }
+
+    /// Logs, once, that every backend has been checked: from then on the tables say what the
+    /// checks say.
+    pub fn log_ready(&mut self) {
+        if self.ready || !self.all_checked() {
+            return;
+        }
+        self.ready = true;
+        let (up, total) = self
+            .services
+            .iter()
+            .flat_map(|s| &s.backends)
+            .fold((0, 0), |(u, t), b| (u + usize::from(b.healthy()), t + 1));
+        info!("ready: every backend checked, {up} of {total} up");
     }
 
     /// The services, in the config's order.
@@ -194,7 +305,7 @@ impl Agent {
         slot.set_affinity_timeout(sc.affinity_timeout_secs);
         self.services.push(ServiceState { id, config: sc.clone(), slot, backends: Vec::new(), fail_open: false });
         for b in &sc.backends {
-            self.add_backend(id, b, macs.get(&b.address).copied())?;
+            self.add_backend(id, b, macs.get(&b.address).copied(), None)?;
         }
         self.refresh(id)?;
         Ok(id)
@@ -213,9 +324,31 @@ impl Agent {
         Ok(())
     }
 
-    fn add_backend(&mut self, s: ServiceId, config: &BackendConfig, resolved: Option<[u8; 6]>) -> Result<()> {
+    /// How a backend of `service` at `addr` starts its checks when nothing says otherwise.
+    fn start_of(&self, service: &ServiceState, addr: IpAddr) -> Start {
+        if self.events.is_none() || !service.config.health.enabled {
+            return Start::Up;
+        }
+        match self.start.known.get(&(service.key(), addr)) {
+            Some(true) => Start::Up,
+            Some(false) => Start::Down,
+            None if self.start.taking_over || service.config.health.initial_up => Start::Up,
+            None => Start::Unknown,
+        }
+    }
+
+    /// Adds a backend; `start` overrides how its checks start (a backend replaced by a reload
+    /// keeps its state).
+    fn add_backend(
+        &mut self,
+        s: ServiceId,
+        config: &BackendConfig,
+        resolved: Option<[u8; 6]>,
+        start: Option<Start>,
+    ) -> Result<()> {
         let id = self.dataplane.ids().backend(config.address);
         let service = self.service(s);
+        let start = start.unwrap_or_else(|| self.start_of(service, config.address));
         let mac = config.mac.or(resolved);
         if mac.is_none() && service.config.forward == Forward::L2 {
             warn!(
@@ -227,13 +360,23 @@ impl Agent {
         let health = match (&self.events, service.config.health.enabled) {
             (Some(events), true) => {
                 let cfg = service.config.health.clone();
-                Some(tokio::spawn(health::run(id, config.address, cfg, true, events.clone(), poke.clone())))
+                Some(tokio::spawn(health::run(id, config.address, cfg, start, events.clone(), poke.clone())))
             }
             _ => None,
         };
         let last_flows = self.dataplane.backend_flows(id.0).unwrap_or_default();
-        let state =
-            BackendState { id, config: config.clone(), up: true, mac, health, poke, held_until: None, last_flows };
+        let (up, checked) = (start == Start::Up, start != Start::Unknown);
+        let state = BackendState {
+            id,
+            config: config.clone(),
+            up,
+            checked,
+            mac,
+            health,
+            poke,
+            held_until: None,
+            last_flows,
+        };
         self.service_mut(s).backends.push(state);
         self.write_backend(s, id)
     }
@@ -268,7 +411,9 @@ impl Agent {
         let service = self.service(s);
         let up = service.backends.iter().filter(|b| b.healthy() && service.reachable(b)).count();
         let min = service.config.health.min_healthy as usize;
-        let fail_open = !service.backends.is_empty() && up < min;
+        // Until every backend has a verdict, the ones not checked yet are not failing.
+        let all_checked = service.backends.iter().all(|b| b.checked);
+        let fail_open = !service.backends.is_empty() && up < min && all_checked;
         if fail_open != service.fail_open {
             let name = &service.config.name;
             if fail_open {
@@ -308,7 +453,9 @@ impl Agent {
                 let Some(s) = self.owner(target) else { return Ok(()) };
                 let interface = self.config.interface.clone();
                 let state = self.service_mut(s).backend_mut(target).expect("its owner holds it");
+                let first = !state.checked;
                 state.up = up;
+                state.checked = true;
                 if up && state.config.mac.is_none() {
                     // A replaced host keeps its address but not its MAC.
                     state.mac = neigh::lookup(state.config.address, &interface).or(state.mac);
@@ -320,11 +467,16 @@ impl Agent {
                 let n_up = service.backends.iter().filter(|b| b.up).count();
                 let addr = service.backend(target).expect("its owner holds it").config.address;
                 let (name, total) = (&service.config.name, service.backends.len());
-                if up {
+                if first {
+                    let verdict = if up { "up" } else { "down" };
+                    info!("service {name}: backend {addr} is {verdict} at {detail}; {n_up} of {total} backends up");
+                } else if up {
                     info!("service {name}: backend {addr} UP after {detail}; {n_up} of {total} backends up");
                 } else {
                     warn!("service {name}: backend {addr} DOWN after {detail}; {n_up} of {total} backends up");
                 }
+                self.save_state();
+                self.log_ready();
             }
             Event::Reachable { target } => {
                 let Some(s) = self.owner(target) else { return Ok(()) };

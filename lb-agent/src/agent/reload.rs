@@ -14,6 +14,7 @@ use crate::{
     config::{Config, Protocol, ServiceConfig},
     dataplane::{ServiceId, ServiceSlot},
     error::ChangeError,
+    health::Start,
 };
 
 /// What must not change without a restart: it is fixed when the program is loaded.
@@ -93,6 +94,8 @@ impl Agent {
         let order: HashMap<_, usize> = new.services.iter().enumerate().map(|(i, s)| (service_key(s), i)).collect();
         self.services.sort_by_key(|s| order.get(&service_key(&s.config)).copied().unwrap_or(usize::MAX));
         self.config = new.clone();
+        self.save_state();
+        self.log_ready();
         Ok(format!("{added} services added, {} removed, {changed} changed", going.len()))
     }
 
@@ -132,9 +135,12 @@ impl Agent {
             .backends
             .iter()
             .filter(|b| !wanted.contains(&b.config.address) || health_changed)
-            .map(|b| (b.id, b.config.address))
+            .map(|b| (b.id, b.config.address, b.checked.then_some(if b.up { Start::Up } else { Start::Down })))
             .collect();
-        for (b, addr) in replaced {
+        // What the replaced checks had found stays: a backend up stays up.
+        let mut kept: HashMap<IpAddr, Option<Start>> = HashMap::new();
+        for (b, addr, start) in replaced {
+            kept.insert(addr, start);
             self.remove_backend(s, b)?;
             if !wanted.contains(&addr) {
                 info!("service {}: backend {addr} removed", sc.name);
@@ -158,7 +164,8 @@ impl Agent {
                     }
                 }
                 None => {
-                    self.add_backend(s, bc, macs.get(&bc.address).copied())?;
+                    let start = kept.get(&bc.address).copied().flatten();
+                    self.add_backend(s, bc, macs.get(&bc.address).copied(), start)?;
                     if old.backends.iter().all(|o| o.address != bc.address) {
                         info!("service {}: backend {} added", sc.name, bc.address);
                     }

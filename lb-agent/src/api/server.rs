@@ -35,8 +35,7 @@ pub struct Call {
 pub fn handle(agent: &mut Agent, request: Request, config_path: &Path) -> Response {
     let result = match request {
         Request::List => list(agent).map(|services| Response { ok: true, services, ..Default::default() }),
-        Request::Reload => Config::load(config_path)
-            .and_then(|config| Ok(agent.reload(&config)?))
+        Request::Reload => reload_file(agent, config_path)
             .map(|summary| message(format!("reloaded {}: {summary}", config_path.display()))),
         change => apply(agent, change).map(message).map_err(anyhow::Error::from),
     };
@@ -52,9 +51,39 @@ fn message(text: String) -> Response {
 /// reload would (which refuses what the maps could not take before writing anything).
 fn apply(agent: &mut Agent, change: Request) -> Result<String, ChangeError> {
     let mut config = agent.config().clone();
-    let summary = edit(&mut config, change)?;
+    let summary = edit(&mut config, change.clone())?;
     agent.reload(&config)?;
+    agent.record_change(Some(change));
     Ok(summary)
+}
+
+/// The config file at `path` with the recorded control-API changes made on it again, as the
+/// running agent has them (SIGHUP, `ctl reload`): the file's config, then every change in
+/// order. A change that no longer applies (its service left the file, say) is dropped, and
+/// logged.
+pub fn reload_file(agent: &mut Agent, path: &Path) -> Result<String> {
+    let file = Config::load(path)?;
+    let (config, kept) = replay(file, agent.runtime_changes());
+    let summary = agent.reload(&config)?;
+    agent.keep_changes(kept);
+    Ok(summary)
+}
+
+/// `config` with `changes` made on it in order; returns it and the changes that applied.
+pub fn replay(mut config: Config, changes: &[Request]) -> (Config, Vec<Request>) {
+    let mut kept = Vec::new();
+    for change in changes {
+        let mut next = config.clone();
+        match edit(&mut next, change.clone()) {
+            Ok(summary) => {
+                info!("runtime change kept: {summary}");
+                config = next;
+                kept.push(change.clone());
+            }
+            Err(e) => warn!("runtime change {change:?} no longer applies, dropped: {e}"),
+        }
+    }
+    (config, kept)
 }
 
 /// Makes the change on `config` and validates the result with the file's validator.

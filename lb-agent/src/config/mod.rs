@@ -213,6 +213,17 @@ pub struct HealthConfig {
     /// Fewest backends the service keeps in its table: below it, failing backends stay in
     /// (fail open) rather than leaving the survivors every flow, or no backend at all.
     pub min_healthy: u32,
+    /// How a backend starts when nothing is known of it (no state file entry, no data path
+    /// to take over): false (the default) keeps it out until its first successful check.
+    pub initial_up: bool,
+}
+
+/// `initial_state` in a `[health]` section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum InitialState {
+    Down,
+    Up,
 }
 
 /// The kind of active health check.

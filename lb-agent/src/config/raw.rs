@@ -16,8 +16,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    BackendConfig, Check, CheckKind, Config, ConfigError, ConfigErrors, FlowConfig, Forward, HealthConfig, InvalidKind,
-    IpipConfig, PassiveConfig, Protocol, Scheduler, ServiceConfig, XdpMode,
+    BackendConfig, Check, CheckKind, Config, ConfigError, ConfigErrors, FlowConfig, Forward, HealthConfig, InitialState,
+    InvalidKind, IpipConfig, PassiveConfig, Protocol, Scheduler, ServiceConfig, XdpMode,
 };
 use crate::net::mac::parse_mac;
 
@@ -89,6 +89,7 @@ struct RawHealth {
     udp_payload: Option<String>,
     jitter: Option<Spanned<f64>>,
     min_healthy: Option<Spanned<u32>>,
+    initial_state: Option<InitialState>,
     port: Option<Spanned<u16>>,
     interval_ms: Option<Spanned<u64>>,
     timeout_ms: Option<Spanned<u64>>,
@@ -133,6 +134,7 @@ const DEFAULT_HEALTH: HealthConfig = HealthConfig {
     fall: 3,
     jitter: 0.1,
     min_healthy: 1,
+    initial_up: false,
 };
 
 /// Collects errors against the source text, turning byte spans into line and column, and the
@@ -417,6 +419,7 @@ fn merge_health(
 ) -> HealthConfig {
     let mut h = DEFAULT_HEALTH;
     h.enabled = own.enabled.or(top.enabled).unwrap_or(true);
+    h.initial_up = own.initial_state.or(top.initial_state) == Some(InitialState::Up);
     h.port = service_port;
     h.check = match own.kind.or(top.kind).unwrap_or(CheckKind::Tcp) {
         CheckKind::Tcp => Check::Tcp,

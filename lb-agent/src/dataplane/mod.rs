@@ -267,6 +267,12 @@ impl Dataplane {
         self.pins.as_ref().map(|p| p.dir.as_path())
     }
 
+    /// Whether a previous agent left its program attached: [`Dataplane::attach`] will take
+    /// it over.
+    pub fn takes_over(&self) -> bool {
+        self.pins.as_ref().is_some_and(|p| p.old_link.is_some())
+    }
+
     /// Whether [`Dataplane::attach`] took over a program a previous agent left attached.
     pub fn adopted_link(&self) -> bool {
         self.pins.as_ref().is_some_and(|p| p.adopted_link)
