@@ -265,7 +265,8 @@ async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
     }
     // What a previous agent left: backend health, and control-API changes made again here.
     let state_path = state_file.unwrap_or_else(|| state::default_path(&file_config.interface));
-    let mut state = State::load(&state_path, &file_config.interface).unwrap_or_else(|| State::new(&file_config.interface));
+    let mut state =
+        State::load(&state_path, &file_config.interface).unwrap_or_else(|| State::new(&file_config.interface));
     if forget_runtime_changes && !state.changes.is_empty() {
         info!("--forget-runtime-changes: {} control-API changes dropped", state.changes.len());
         state.changes.clear();

@@ -22,7 +22,7 @@ use xlb_tests::{
     agent::{agent_binary, AgentProcess, TempDir},
     netns::Netns,
     scenario::{backend_name, config, vip, Scenario, METRICS, PORT},
-    topology::{L2Bed, IFACE, VIP},
+    topology::{backend_addr, L2Bed, IFACE, VIP},
     traffic::{open_connections, Conn, Server},
 };
 
@@ -362,4 +362,72 @@ fn a_failed_start_changes_nothing_and_a_new_flow_table_size_is_taken() {
     next.stop().unwrap();
     assert!(!xdp_on(&ns, "veth0"));
     assert_no_pins(&fs);
+}
+
+/// What a new agent must not lose: with one backend dead and evicted, one added and one
+/// drained through the control API, a `kill -9` and a new agent (sharing the state file)
+/// change nothing for the clients: the dead one stays out (no retry of its `rise` checks with
+/// clients on it), the API changes are made again on the file's config.
+#[test]
+fn health_and_runtime_changes_survive_kill_9() {
+    let fs = BpfFs::new();
+    let pin_arg = fs.pin_dir().to_str().unwrap().to_string();
+    let state_dir = TempDir::new("state").unwrap();
+    let state_file = state_dir.0.join("eth0.state.json");
+    let state_arg = state_file.to_str().unwrap().to_string();
+    let bed = L2Bed::new(BACKENDS + 1).expect("test bed");
+    let mut servers: Vec<Server> = (0..=BACKENDS)
+        .map(|i| Server::start(&bed.backends[i], &backend_name(i), &[VIP.into()], PORT))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .unwrap();
+    let args = ["--pin-dir", pin_arg.as_str(), "--state-file", state_arg.as_str()];
+    let mut agent = AgentProcess::start(&bed.lb, &config(BACKENDS), &args).unwrap();
+
+    // Backend 2 dies and is evicted (both services); backend 3 joins, backend 0 drains.
+    let (dead, added, drained) =
+        (backend_addr(2).to_string(), backend_addr(3).to_string(), backend_addr(0).to_string());
+    servers[2].stop();
+    agent.wait_for_count(&format!("backend {dead} DOWN"), 2, Duration::from_secs(10)).unwrap();
+    for cmd in [["add-backend", "demo-tcp", &added], ["drain", "demo-tcp", &drained]] {
+        let (ok, out, err) = agent.ctl(&cmd).unwrap();
+        assert!(ok, "{cmd:?}: {out}{err}");
+    }
+    let before = agent.ctl(&["list"]).unwrap().1;
+
+    let stream = Stream::start(&bed.client, vip());
+    std::thread::sleep(Duration::from_millis(300));
+    agent.kill9().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let mut agent = AgentProcess::start(&bed.lb, &config(BACKENDS), &args).unwrap();
+    eprintln!("new agent ready after {:?}", t0.elapsed());
+    // Longer than fall + rise checks: a dead backend let back in would have failed requests.
+    std::thread::sleep(Duration::from_millis(1500));
+    let results = stream.finish();
+    let failed: Vec<_> = results.iter().filter(|(r, _)| r.is_err()).collect();
+    let mut per_backend = BTreeMap::new();
+    for (r, _) in &results {
+        *per_backend.entry(r.clone().unwrap_or_else(|e| format!("error: {e}"))).or_insert(0) += 1;
+    }
+    eprintln!("requests across the restart: {} sent, {} failed: {per_backend:?}", results.len(), failed.len());
+    assert!(results.len() >= 50, "the stream hardly ran: {}", results.len());
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(!per_backend.contains_key(&backend_name(2)) && !per_backend.contains_key(&backend_name(0)));
+    assert!(per_backend.contains_key(&backend_name(3)), "the added backend is still in: {per_backend:?}");
+
+    let after = agent.ctl(&["list"]).unwrap().1;
+    eprintln!("before:\n{before}\nafter:\n{after}");
+    let state_of = |list: &str, addr: &str| -> Vec<String> {
+        list.lines()
+            .filter(|l| l.contains(addr))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+            .collect()
+    };
+    for addr in [&dead, &added, &drained] {
+        assert_eq!(state_of(&before, addr), state_of(&after, addr), "{addr}:\n{before}\n{after}");
+    }
+    let log = agent.stop().unwrap();
+    assert!(log.contains("runtime change kept"), "{log}");
+    assert!(!log.contains(&format!("backend {dead} UP")), "the dead backend came back:\n{log}");
+    drop(servers);
 }

@@ -20,9 +20,9 @@ use tokio::{
 
 use self::state::{BackendHealth, State};
 use crate::{
+    api::Request,
     config::{BackendConfig, Config, Forward, IpipConfig, ServiceConfig},
     dataplane::{BackendId, Dataplane, ServiceId, ServiceSlot, FLOW_WALK_PERIOD},
-    api::Request,
     health::{self, Event, Start},
     net::{mac::format_mac, neigh},
     sys::if_index,
@@ -184,8 +184,15 @@ impl Agent {
             let index = if_index(name).ok_or_else(|| anyhow!("unknown egress interface {name:?}"))?;
             dataplane.add_tx_port(index)?;
         }
-        let mut agent =
-            Self { dataplane, services: Vec::new(), config: config.clone(), events, start: starts, state, ready: false };
+        let mut agent = Self {
+            dataplane,
+            services: Vec::new(),
+            config: config.clone(),
+            events,
+            start: starts,
+            state,
+            ready: false,
+        };
         let macs = resolve_macs(config.services.iter().collect(), &config.interface);
         for sc in &config.services {
             agent.add_service(sc, &macs)?;
@@ -366,17 +373,8 @@ impl Agent {
         };
         let last_flows = self.dataplane.backend_flows(id.0).unwrap_or_default();
         let (up, checked) = (start == Start::Up, start != Start::Unknown);
-        let state = BackendState {
-            id,
-            config: config.clone(),
-            up,
-            checked,
-            mac,
-            health,
-            poke,
-            held_until: None,
-            last_flows,
-        };
+        let state =
+            BackendState { id, config: config.clone(), up, checked, mac, health, poke, held_until: None, last_flows };
         self.service_mut(s).backends.push(state);
         self.write_backend(s, id)
     }

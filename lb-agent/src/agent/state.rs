@@ -103,7 +103,11 @@ mod tests {
     use super::*;
 
     fn dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("xlb-state-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let d = std::env::temp_dir().join(format!(
+            "xlb-state-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         std::fs::create_dir_all(&d).unwrap();
         d
     }
@@ -115,7 +119,11 @@ mod tests {
         assert_eq!(State::load(&path, "eth0"), None, "nothing there yet");
         let mut s = State::new("eth0");
         s.changes.push(Request::RemoveService { service: "web".into() });
-        s.health.push(BackendHealth { service: "10.0.0.1:80/tcp".into(), address: "10.0.0.11".parse().unwrap(), up: false });
+        s.health.push(BackendHealth {
+            service: "10.0.0.1:80/tcp".into(),
+            address: "10.0.0.11".parse().unwrap(),
+            up: false,
+        });
         s.save(&path).unwrap();
         assert_eq!(State::load(&path, "eth0"), Some(s.clone()));
         s.health[0].up = true;

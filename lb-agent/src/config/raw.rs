@@ -16,8 +16,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    BackendConfig, Check, CheckKind, Config, ConfigError, ConfigErrors, FlowConfig, Forward, HealthConfig, InitialState,
-    InvalidKind, IpipConfig, PassiveConfig, Protocol, Scheduler, ServiceConfig, XdpMode,
+    BackendConfig, Check, CheckKind, Config, ConfigError, ConfigErrors, FlowConfig, Forward, HealthConfig,
+    InitialState, InvalidKind, IpipConfig, PassiveConfig, Protocol, Scheduler, ServiceConfig, XdpMode,
 };
 use crate::net::mac::parse_mac;
 
