@@ -125,6 +125,7 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
     let mut fail_open = Vec::new();
     let (mut packets, mut bytes, mut up, mut weight) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut new_flows, mut retransmits, mut active) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut pinned, mut established, mut ejections) = (Vec::new(), Vec::new(), Vec::new());
     for s in agent.services() {
         let c = dp.service_counters(s.id.0)?;
         let labels = service_labels(s);
@@ -142,6 +143,9 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
             weight.push((labels.clone(), u64::from(b.config.weight)));
             new_flows.push((labels.clone(), flows.new_flows));
             retransmits.push((labels.clone(), flows.syn_retransmits));
+            pinned.push((labels.clone(), flows.syn_pinned));
+            established.push((labels.clone(), flows.established));
+            ejections.push((labels.clone(), b.ejections_total));
             active.push((labels, dp.active_flows(b.id.0)?));
         }
     }
@@ -162,6 +166,13 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
         Counter,
         "SYNs sent again on flows pinned to the backend (the passive health signal).",
     ) = retransmits;
+    *snap.family("xlb_backend_syn_pinned", Counter, "TCP flows pinned to the backend on their SYN.") = pinned;
+    *snap.family(
+        "xlb_backend_handshakes",
+        Counter,
+        "Of those, the ones whose client sent the handshake's ACK (the backend answered).",
+    ) = established;
+    *snap.family("xlb_backend_ejections", Counter, "Times the in-band signal held the backend out.") = ejections;
     *snap.family(
         "xlb_backend_active_flows",
         Gauge,

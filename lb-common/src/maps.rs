@@ -217,6 +217,17 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 16);
 /// by an older data path (which stored the pin time) reads as open. A new SYN reopens it.
 pub const FLOW_TCP_CLOSED: u64 = 0;
 
+/// Bit 0 of [`Flow::last_seen_ns`] of an open TCP flow: the client's ACK of the handshake was
+/// seen (the backend answered its SYN). A pin on a SYN starts without it.
+pub const FLOW_TCP_ESTABLISHED: u64 = 1;
+
+impl Flow {
+    /// Whether an open TCP flow has seen its handshake complete.
+    pub const fn established(&self) -> bool {
+        self.last_seen_ns & FLOW_TCP_ESTABLISHED != 0
+    }
+}
+
 impl Flow {
     /// Whether the flow counts in [`map_names::ACTIVE_FLOWS`] (of the FLOWS entry's protocol).
     pub const fn active(&self, proto: u8) -> bool {
@@ -287,8 +298,12 @@ pub struct BackendFlows {
     pub new_flows: u64,
     /// TCP SYNs (without ACK) of flows already pinned to the backend.
     pub syn_retransmits: u64,
+    /// TCP flows pinned to the backend on their SYN.
+    pub syn_pinned: u64,
+    /// Of those, the ones whose client sent the handshake's ACK: the backend answered.
+    pub established: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendFlows>() == 16);
+const _: () = assert!(core::mem::size_of::<BackendFlows>() == 32);
 
 /// Per-CPU counter pair, summed over CPUs by the agent.
 #[repr(C)]

@@ -99,6 +99,12 @@ impl TcpFlags {
         self.0 & (Self::FIN | Self::RST) != 0
     }
 
+    /// An ACK without SYN or RST: what completes the client's side of a handshake.
+    #[inline(always)]
+    pub const fn is_ack_only(self) -> bool {
+        self.0 & (Self::ACK | Self::SYN | Self::RST) == Self::ACK
+    }
+
     /// Any of SYN, FIN, RST: a packet that may change the flow's state.
     #[inline(always)]
     pub const fn changes_state(self) -> bool {

@@ -4,7 +4,10 @@
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{Backend, Flow, FlowEvent, FlowKey, Service, TcpFlags, BACKEND_F_VALID, FLOW_TCP_CLOSED, IPPROTO_UDP};
+use lb_common::{
+    Backend, Flow, FlowEvent, FlowKey, Service, TcpFlags, BACKEND_F_VALID, FLOW_TCP_CLOSED, FLOW_TCP_ESTABLISHED,
+    IPPROTO_UDP,
+};
 
 use crate::{
     maps::{ACTIVE_FLOWS, BACKENDS, FLOWS, NEW_FLOW_RATE, SETTINGS},
@@ -71,7 +74,8 @@ fn track_tcp(flow: *mut Flow, tcp_flags: TcpFlags) {
                 active_sub((*flow).backend);
             }
         } else if closed && tcp_flags.is_syn_only() {
-            (*flow).last_seen_ns = bpf_ktime_get_ns();
+            // Reopened: a flow already counted, not a new handshake to watch.
+            (*flow).last_seen_ns = bpf_ktime_get_ns() | FLOW_TCP_ESTABLISHED;
             active_add((*flow).backend);
         }
     }
@@ -156,6 +160,11 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: u32) 
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 stats::count_flow(FlowEvent::Hit);
+                if !udp && !f.established() && f.last_seen_ns != FLOW_TCP_CLOSED && tcp_flags.is_ack_only() {
+                    // SAFETY: as above.
+                    unsafe { (*flow).last_seen_ns |= FLOW_TCP_ESTABLISHED };
+                    stats::count_established(f.backend);
+                }
                 if tcp_flags.is_syn_only() {
                     stats::count_syn_retransmit(f.backend);
                 }
@@ -173,9 +182,16 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: u32) 
     stats::count_new_flow(id);
     if !tcp_flags.is_rst() {
         if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) {
-            let flow = Flow { backend: id, generation: backend.generation, last_seen_ns: now };
+            // A TCP pin on anything but a SYN (a flow older than its pin) is not a handshake
+            // to watch: it starts established.
+            let watch = !udp && tcp_flags.is_syn_only();
+            let last_seen_ns = if watch || udp { now & !FLOW_TCP_ESTABLISHED } else { now | FLOW_TCP_ESTABLISHED };
+            let flow = Flow { backend: id, generation: backend.generation, last_seen_ns };
             if FLOWS.insert(key, &flow, 0).is_ok() {
                 active_add(id);
+                if watch {
+                    stats::count_syn_pinned(id);
+                }
             }
             stats::count_flow(FlowEvent::New);
         } else {

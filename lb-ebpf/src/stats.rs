@@ -47,6 +47,24 @@ pub fn count_new_flow(backend: u32) {
     }
 }
 
+/// A TCP flow pinned to `backend` on its SYN: a handshake to watch.
+#[inline(always)]
+pub fn count_syn_pinned(backend: u32) {
+    if let Some(c) = BACKEND_FLOW_STATS.get_ptr_mut(backend) {
+        // SAFETY: as above.
+        unsafe { (*c).syn_pinned += 1 };
+    }
+}
+
+/// The client's ACK completed the handshake of a flow pinned to `backend`.
+#[inline(always)]
+pub fn count_established(backend: u32) {
+    if let Some(c) = BACKEND_FLOW_STATS.get_ptr_mut(backend) {
+        // SAFETY: as above.
+        unsafe { (*c).established += 1 };
+    }
+}
+
 /// A SYN again on a flow already pinned to `backend`: its first one got no answer.
 #[inline(always)]
 pub fn count_syn_retransmit(backend: u32) {

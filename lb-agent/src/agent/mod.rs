@@ -47,6 +47,10 @@ pub struct BackendState {
     pub poke: Arc<Notify>,
     /// Set by a passive alarm: out of the table until then, whatever the active checks say.
     pub held_until: Option<std::time::Instant>,
+    /// Passive ejections in a row (each holds the backend out longer); a clean window resets it.
+    pub ejections: u32,
+    /// Passive ejections since the backend was added.
+    pub ejections_total: u64,
     /// The in-band counters at the last passive check.
     last_flows: lb_common::BackendFlows,
 }
@@ -373,8 +377,19 @@ impl Agent {
         };
         let last_flows = self.dataplane.backend_flows(id.0).unwrap_or_default();
         let (up, checked) = (start == Start::Up, start != Start::Unknown);
-        let state =
-            BackendState { id, config: config.clone(), up, checked, mac, health, poke, held_until: None, last_flows };
+        let state = BackendState {
+            id,
+            config: config.clone(),
+            up,
+            checked,
+            mac,
+            health,
+            poke,
+            held_until: None,
+            ejections: 0,
+            ejections_total: 0,
+            last_flows,
+        };
         self.service_mut(s).backends.push(state);
         self.write_backend(s, id)
     }

@@ -164,8 +164,17 @@ pub struct PassiveConfig {
     pub min_flows: u64,
     /// SYN retransmissions per new flow above which the backend is suspect.
     pub ratio: f64,
-    /// How long a suspect backend stays out, whatever its active checks say.
+    /// How long a suspect backend stays out the first time, whatever its active checks say;
+    /// each consecutive ejection holds it out once more as long.
     pub hold: Duration,
+    /// The longest hold, however many ejections in a row.
+    pub max_hold: Duration,
+    /// Share of a service's new TCP flows whose handshake completes (the client's ACK seen)
+    /// below which the backend is suspect, when the service's other backends do better.
+    pub min_completion: f64,
+    /// At most this share of a service's backends (percent) is held out by the in-band signal
+    /// at once: the signal alone never empties a pool.
+    pub max_ejected_percent: u32,
 }
 
 /// Outer source addresses of encapsulated packets: the prefix, with the host part varying per

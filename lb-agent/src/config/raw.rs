@@ -63,6 +63,9 @@ struct RawPassive {
     min_flows: Option<u64>,
     ratio: Option<Spanned<f64>>,
     hold_ms: Option<Spanned<u64>>,
+    max_hold_ms: Option<Spanned<u64>>,
+    min_completion: Option<Spanned<f64>>,
+    max_ejected_percent: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -281,6 +284,23 @@ fn read(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
             None => 0.5,
         },
         hold: ms(&p.hold_ms, "hold_ms", 10_000, errors),
+        max_hold: ms(&p.max_hold_ms, "max_hold_ms", 300_000, errors),
+        min_completion: match &p.min_completion {
+            Some(r) if !(0.0..=1.0).contains(r.get_ref()) => {
+                errors.at(r.span(), "passive.min_completion", format!("expected 0 to 1, got {}", r.get_ref()));
+                0.5
+            }
+            Some(r) => *r.get_ref(),
+            None => 0.5,
+        },
+        max_ejected_percent: match &p.max_ejected_percent {
+            Some(n) if *n.get_ref() > 100 => {
+                errors.at(n.span(), "passive.max_ejected_percent", format!("expected 0 to 100, got {}", n.get_ref()));
+                50
+            }
+            Some(n) => *n.get_ref(),
+            None => 50,
+        },
     };
     let ipip = IpipConfig {
         source_v4: raw.ipip.source_v4.as_ref().and_then(|p| parse_prefix(p, "ipip.source_v4", errors)),

@@ -567,12 +567,15 @@ impl Dataplane {
         Ok(data.info()?)
     }
 
-    /// New flows and SYN retransmissions of a backend, summed over CPUs (since load).
+    /// New flows, SYN retransmissions and handshakes of a backend, summed over CPUs (since
+    /// load).
     pub fn backend_flows(&self, id: u32) -> Result<lb_common::BackendFlows> {
         let values = self.backend_flows.get(&id, 0)?;
         Ok(values.iter().fold(lb_common::BackendFlows::default(), |a, c| lb_common::BackendFlows {
             new_flows: a.new_flows + c.new_flows,
             syn_retransmits: a.syn_retransmits + c.syn_retransmits,
+            syn_pinned: a.syn_pinned + c.syn_pinned,
+            established: a.established + c.established,
         }))
     }
 }
