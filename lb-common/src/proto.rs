@@ -99,10 +99,11 @@ impl TcpFlags {
         self.0 & (Self::FIN | Self::RST) != 0
     }
 
-    /// An ACK without SYN or RST: what completes the client's side of a handshake.
+    /// An ACK without SYN, FIN or RST (data may ride on it): what completes the client's side
+    /// of a handshake, and changes nothing else.
     #[inline(always)]
     pub const fn is_ack_only(self) -> bool {
-        self.0 & (Self::ACK | Self::SYN | Self::RST) == Self::ACK
+        self.0 & (Self::ACK | Self::SYN | Self::RST | Self::FIN) == Self::ACK
     }
 
     /// Any of SYN, FIN, RST: a packet that may change the flow's state.
@@ -124,5 +125,6 @@ mod tests {
         assert!(syn.is_syn_only() && !syn_ack.is_syn_only() && !syn.is_rst() && !syn.closes());
         assert!(fin_ack.closes() && !fin_ack.is_rst() && TcpFlags(TcpFlags::RST).is_rst());
         assert!(syn.changes_state() && !TcpFlags(TcpFlags::ACK).changes_state());
+        assert!(TcpFlags(TcpFlags::ACK | 0x08).is_ack_only() && !fin_ack.is_ack_only() && !syn_ack.is_ack_only());
     }
 }

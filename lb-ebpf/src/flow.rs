@@ -160,7 +160,8 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: u32) 
                     unsafe { (*flow).last_seen_ns = now };
                 }
                 stats::count_flow(FlowEvent::Hit);
-                if !udp && !f.established() && f.last_seen_ns != FLOW_TCP_CLOSED && tcp_flags.is_ack_only() {
+                // A pure ACK changes no state (track_tcp left the entry alone): `f` is current.
+                if !udp && tcp_flags.is_ack_only() && !f.established() && f.last_seen_ns != FLOW_TCP_CLOSED {
                     // SAFETY: as above.
                     unsafe { (*flow).last_seen_ns |= FLOW_TCP_ESTABLISHED };
                     stats::count_established(f.backend);

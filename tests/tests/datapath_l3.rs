@@ -702,6 +702,44 @@ fn an_active_udp_flow_does_not_expire() {
     });
 }
 
+/// The handshake signal: a flow pinned on its SYN counts once as a handshake to watch, its
+/// first pure ACK once as completed; FIN, a second ACK, or a pin on anything but a SYN do not.
+#[test]
+fn handshakes_are_counted_once_per_flow() {
+    with_bed(|bed| {
+        let counts = |bed: &Bed, b: u32| {
+            let f = bed.dp.backend_flows(b).unwrap();
+            (f.syn_pinned, f.established)
+        };
+        let syn = tcp(CLIENT4, 61_000, VIP4, PORT_L2_TCP);
+        let b = bed.expected_backend(&syn);
+        let (pinned0, est0) = counts(bed, b);
+        bed.run_flow(&syn.build(), Reason::TxForwarded, &[New]);
+        assert_eq!(counts(bed, b), (pinned0 + 1, est0), "a SYN pinned: one handshake to watch");
+        bed.run_flow(&syn.clone().tcp_flags(0x12).build(), Reason::TxForwarded, &[Hit]); // SYN|ACK: not the client's
+        assert_eq!(counts(bed, b), (pinned0 + 1, est0));
+        bed.run_flow(&syn.clone().tcp_flags(0x18).build(), Reason::TxForwarded, &[Hit]); // ACK|PSH
+        assert_eq!(counts(bed, b), (pinned0 + 1, est0 + 1), "the client's ACK completes it");
+        bed.run_flow(&syn.clone().tcp_flags(0x10).build(), Reason::TxForwarded, &[Hit]);
+        assert_eq!(counts(bed, b), (pinned0 + 1, est0 + 1), "counted once");
+        // A SYN then its FIN: the handshake never completes.
+        let other = tcp(CLIENT4, 61_001, VIP4, PORT_L2_TCP);
+        let c = bed.expected_backend(&other);
+        let (pinned1, est1) = counts(bed, c);
+        bed.run_flow(&other.build(), Reason::TxForwarded, &[New]);
+        bed.run_flow(&other.clone().tcp_flags(0x11).build(), Reason::TxForwarded, &[Hit]); // FIN|ACK
+        bed.run_flow(&other.clone().tcp_flags(0x10).build(), Reason::TxForwarded, &[Hit]); // closed: an ACK
+        assert_eq!(counts(bed, c), (pinned1 + 1, est1), "a closed flow does not complete");
+        // A flow first seen mid-connection (an ACK): pinned, not a handshake to watch.
+        let mid = tcp(CLIENT4, 61_002, VIP4, PORT_L2_TCP).tcp_flags(0x10);
+        let d = bed.expected_backend(&mid);
+        let (pinned2, est2) = counts(bed, d);
+        bed.run_flow(&mid.build(), Reason::TxForwarded, &[New]);
+        bed.run_flow(&mid.build(), Reason::TxForwarded, &[Hit]);
+        assert_eq!(counts(bed, d), (pinned2, est2));
+    });
+}
+
 #[test]
 fn tcp_rst_closes_the_flow() {
     with_bed(|bed| {

@@ -429,5 +429,15 @@ fn health_and_runtime_changes_survive_kill_9() {
     let log = agent.stop().unwrap();
     assert!(log.contains("runtime change kept"), "{log}");
     assert!(!log.contains(&format!("backend {dead} UP")), "the dead backend came back:\n{log}");
+
+    // A cold start (the clean stop detached and removed the pins) from the same state file.
+    let mut agent = AgentProcess::start(&bed.lb, &config(BACKENDS), &args).unwrap();
+    let cold = agent.ctl(&["list"]).unwrap().1;
+    for addr in [&dead, &added, &drained] {
+        assert_eq!(state_of(&before, addr), state_of(&cold, addr), "cold start, {addr}:\n{before}\n{cold}");
+    }
+    let t = xlb_tests::traffic::tcp_requests(&bed.client, vip(), 60).unwrap();
+    assert!(xlb_tests::traffic::failures(&t) == 0 && !t.contains_key(&backend_name(2)), "{t:?}");
+    agent.stop().unwrap();
     drop(servers);
 }
