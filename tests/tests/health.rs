@@ -187,6 +187,16 @@ fn a_blackhole_is_found_with_impatient_clients_and_stays_out() {
                 })
             })
             .collect();
+        // Meanwhile: when does `ctl list` first show the victim out?
+        let mut detected_at = None;
+        while started.elapsed() < BLACKHOLE && detected_at.is_none() {
+            let (_, list, _) = s.agent.ctl(&["list"]).unwrap();
+            if list.lines().any(|l| l.contains(&victim.to_string()) && l.contains("down")) {
+                detected_at = Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("blackhole: the victim was out {detected_at:?} after the clients started");
         workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
     });
     let log = s.agent.log_text();
