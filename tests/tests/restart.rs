@@ -285,7 +285,7 @@ fn run_to_exit(ns: &Netns, pins: &str, config: &str) -> (Option<i32>, String) {
     let out = ns
         .command(agent_binary().unwrap().to_str().unwrap())
         .args(["run", "--config", path.to_str().unwrap(), "--api-socket", socket.to_str().unwrap()])
-        .args(["--pin-dir", pins])
+        .args(["--pin-dir", pins, "--state-file", dir.0.join("state.json").to_str().unwrap()])
         .output()
         .unwrap();
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
