@@ -94,6 +94,18 @@ fn below_min_healthy_the_service_fails_open() {
     s.agent.stop().unwrap();
 }
 
+/// Makes `backend` drop every SYN to the service (nftables; `delete table inet xlbtest` lifts
+/// it). Its health port, on its own address, still answers.
+fn blackhole_syns(backend: &xlb_tests::netns::Netns) {
+    for rule in [
+        "add table inet xlbtest".to_string(),
+        "add chain inet xlbtest in { type filter hook input priority 0 ; }".to_string(),
+        format!("add rule inet xlbtest in ip daddr {VIP} tcp dport {PORT} tcp flags syn drop"),
+    ] {
+        backend.exec(&["nft", &rule]).expect("nftables");
+    }
+}
+
 /// A backend that silently drops SYNs to the service while its health port still answers:
 /// only the in-band signal (SYN retransmissions) can find it.
 #[test]
@@ -103,14 +115,7 @@ fn a_backend_that_blackholes_syns_is_evicted_by_the_passive_signal() {
         .replace("[health]\n", "[passive]\nwindow_ms = 500\nmin_flows = 3\nratio = 0.5\nhold_ms = 60000\n\n[health]\n");
     let mut s = Scenario::start_with(3, &config).expect("test bed");
     let victim = backend_addr(1);
-    let rules = [
-        "add table inet xlbtest".to_string(),
-        "add chain inet xlbtest in { type filter hook input priority 0 ; }".to_string(),
-        format!("add rule inet xlbtest in ip daddr {VIP} tcp dport {PORT} tcp flags syn drop"),
-    ];
-    for rule in &rules {
-        s.bed.backends[1].exec(&["nft", rule]).expect("nftables");
-    }
+    blackhole_syns(&s.bed.backends[1]);
 
     // Clients in parallel: those sent to the victim resend their SYN after a second.
     let started = std::time::Instant::now();
@@ -158,14 +163,7 @@ fn a_blackhole_is_found_with_impatient_clients_and_stays_out() {
     );
     let mut s = Scenario::start_with(3, &config).expect("test bed");
     let victim = backend_addr(1);
-    let rules = [
-        "add table inet xlbtest".to_string(),
-        "add chain inet xlbtest in { type filter hook input priority 0 ; }".to_string(),
-        format!("add rule inet xlbtest in ip daddr {VIP} tcp dport {PORT} tcp flags syn drop"),
-    ];
-    for rule in &rules {
-        s.bed.backends[1].exec(&["nft", rule]).expect("nftables");
-    }
+    blackhole_syns(&s.bed.backends[1]);
     // Six clients, each a request every 50 ms at most, for the blackhole's duration.
     let started = std::time::Instant::now();
     let client = &s.bed.client;
@@ -242,13 +240,7 @@ fn a_pool_that_blackholes_everywhere_is_not_emptied_by_the_passive_signal() {
     );
     let mut s = Scenario::start_with(3, &config).expect("test bed");
     for b in &s.bed.backends {
-        for rule in [
-            "add table inet xlbtest".to_string(),
-            "add chain inet xlbtest in { type filter hook input priority 0 ; }".to_string(),
-            format!("add rule inet xlbtest in ip daddr {VIP} tcp dport {PORT} tcp flags syn drop"),
-        ] {
-            b.exec(&["nft", &rule]).expect("nftables");
-        }
+        blackhole_syns(b);
     }
     // Patient clients: their SYNs are sent again, every backend's signal is bad.
     let client = &s.bed.client;
