@@ -107,6 +107,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Write the man pages (section 8) or a shell's completions into a directory: what the
+    /// package installs.
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generated,
+    },
     /// Strip the outer IPIP/IP6IP6 header of packets addressed to this host (run on each
     /// backend of an ipip service). Runs until SIGINT/SIGTERM; SIGUSR1 logs the counters.
     Decap {
@@ -121,6 +128,44 @@ enum Command {
         #[arg(long = "address", value_name = "ADDR")]
         addresses: Vec<std::net::IpAddr>,
     },
+}
+
+#[derive(Subcommand)]
+enum Generated {
+    /// lb-agent(8) and a page per subcommand.
+    Man { dir: PathBuf },
+    /// The completion script of a shell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+        dir: PathBuf,
+    },
+}
+
+/// Writes what `lb-agent generate` is asked for; returns the files written.
+fn generate(what: Generated) -> Result<Vec<PathBuf>> {
+    use clap::CommandFactory as _;
+    let mut cmd = Cli::command();
+    cmd.build();
+    match what {
+        Generated::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let mut written = Vec::new();
+            let mut stack = vec![cmd];
+            while let Some(cmd) = stack.pop() {
+                stack.extend(cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help").cloned());
+                let man = clap_mangen::Man::new(cmd).section("8");
+                written.push(man.generate_to(&dir).with_context(|| format!("cannot write into {}", dir.display()))?);
+            }
+            Ok(written)
+        }
+        Generated::Completions { shell, dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let path = clap_complete::generate_to(shell, &mut cmd, "lb-agent", &dir)
+                .with_context(|| format!("cannot write into {}", dir.display()))?;
+            Ok(vec![path])
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -191,6 +236,20 @@ fn main() -> ExitCode {
             return match ctl::run(&socket, json, command) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Generate { what } => {
+            return match generate(what) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("{e:#}");
                     ExitCode::FAILURE

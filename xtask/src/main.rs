@@ -1,5 +1,6 @@
 //! Developer tasks for xlb: `cargo xtask <command>` (alias in .cargo/config.toml).
 
+mod package;
 mod run;
 mod setup;
 
@@ -56,6 +57,14 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "pkt,maglev,e2e")]
         only: Vec<String>,
     },
+    /// Build the Debian package (target/debian/xlb_*.deb): the agent, systemd units, the
+    /// example config, man pages and completions.
+    Package {
+        /// Then install it (dpkg -i), check the agent, its man pages and its units, and purge it
+        /// again (as root; what `cargo xtask test` does after the tests).
+        #[arg(long)]
+        check: bool,
+    },
     /// Delete leftover `xlb-*` network namespaces, e.g. after a crashed test run.
     CleanNetns,
 }
@@ -88,7 +97,22 @@ fn dispatch(command: Command) -> Result<()> {
             // `cargo test` builds only the tested package's own binaries; the namespace tests
             // run lb-agent as a process, so build it first.
             run::run(run::cargo().args(["build", "-p", "lb-agent", "--bins"]))?;
-            run::run(&mut test_command(args))
+            let full = args.is_empty();
+            run::run(&mut test_command(args))?;
+            // The whole suite also installs the package, uses it and removes it again.
+            if full {
+                package::check()?;
+            }
+            Ok(())
+        }
+        Command::Package { check } => {
+            setup::setup()?;
+            if check {
+                run::require_root("installing a package needs root")?;
+                package::check()
+            } else {
+                package::package().map(drop)
+            }
         }
         Command::Demo { args } => {
             run::require_root("the demo loads XDP programs and creates network namespaces")?;
