@@ -35,10 +35,15 @@ pub fn package() -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&out);
     run::run(command(agent.to_str().context("path")?).arg("generate").arg("man").arg(out.join("man")))?;
     for shell in ["bash", "zsh", "fish"] {
-        run::run(command(agent.to_str().context("path")?).args(["generate", "completions", shell]).arg(out.join("completions")))?;
+        run::run(
+            command(agent.to_str().context("path")?)
+                .args(["generate", "completions", shell])
+                .arg(out.join("completions")),
+        )?;
     }
     let printed = run::output(run::cargo().args(["deb", "-p", "lb-agent", "--no-build"]))?;
-    let deb = printed.lines().rev().map(str::trim).find(|l| l.ends_with(".deb")).context("cargo deb printed no .deb")?;
+    let deb =
+        printed.lines().rev().map(str::trim).find(|l| l.ends_with(".deb")).context("cargo deb printed no .deb")?;
     let deb = PathBuf::from(deb);
     let size = std::fs::metadata(&deb).with_context(|| format!("{}", deb.display()))?.len();
     eprintln!("xtask: {} ({:.1} MB)", deb.display(), size as f64 / 1e6);
