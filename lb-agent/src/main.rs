@@ -52,32 +52,8 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
-        /// Force an XDP mode; by default native, falling back to generic with a warning.
-        #[arg(long, value_enum)]
-        xdp_mode: Option<XdpMode>,
-        /// Log the counters every N seconds (0: only on SIGUSR1 and at exit).
-        #[arg(long, default_value_t = 0)]
-        stats_interval: u64,
-        /// Unix socket of the control API (`lb-agent ctl`); created with mode 0600.
-        #[arg(long, default_value = api::DEFAULT_SOCKET)]
-        api_socket: PathBuf,
-        /// bpffs directory the program's link and maps are pinned under, in a directory per
-        /// interface: a new agent adopts what a crashed one (or one stopped with
-        /// --keep-on-exit) left there, without a packet going unbalanced.
-        #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// On SIGINT/SIGTERM leave the program attached and its maps pinned, for the next agent
-        /// to take over (an upgrade); by default the agent detaches and removes its pins.
-        #[arg(long)]
-        keep_on_exit: bool,
-        /// The state file: each backend's health and the control-API changes, carried across
-        /// restarts and upgrades [default: /var/lib/xlb/<interface>.state.json].
-        #[arg(long)]
-        state_file: Option<PathBuf>,
-        /// Start from the config file alone: drop the control-API changes the state file
-        /// remembers (backend health is still remembered).
-        #[arg(long)]
-        forget_runtime_changes: bool,
+        #[command(flatten)]
+        opts: RunOptions,
     },
     /// A live, refreshing table of services and backends: state, weight, packets, rates.
     Status {
@@ -142,6 +118,19 @@ enum Generated {
     },
 }
 
+/// The exit status of a command that talks to a human or a script in plain text: Ok(true)
+/// succeeds, Ok(false) (refused) and errors (printed whole) fail.
+fn plain(result: Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Writes what `lb-agent generate` is asked for; returns the files written.
 fn generate(what: Generated) -> Result<Vec<PathBuf>> {
     use clap::CommandFactory as _;
@@ -185,76 +174,26 @@ fn main() -> ExitCode {
     }
     logger.init();
     let result = match cli.command {
-        Command::Check { config } => {
-            // Plain text for a human or a deploy script: no log prefixes.
-            return match check(&config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
-        Command::Run {
-            config,
-            xdp_mode,
-            stats_interval,
-            api_socket,
-            pin_dir,
-            keep_on_exit,
-            state_file,
-            forget_runtime_changes,
-        } => {
-            let opts = RunOptions {
-                xdp_mode,
-                stats_interval,
-                api_socket,
-                pin_dir,
-                keep_on_exit,
-                state_file,
-                forget_runtime_changes,
-            };
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")
-                .and_then(|rt| rt.block_on(run(&config, opts)))
-        }
+        // Plain text for a human or a deploy script: no log prefixes.
+        Command::Check { config } => return plain(check(&config).map(|()| true)),
+        Command::Run { config, opts } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(run(&config, opts))),
         Command::Status { socket, interval, once } => {
             let interval = Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
-            return match ctl::status(&socket, interval, once) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            };
+            return plain(ctl::status(&socket, interval, once).map(|()| true));
         }
-        Command::Ctl { socket, json, command } => {
-            // Plain text for a human or a script: no log prefixes.
-            return match ctl::run(&socket, json, command) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        Command::Ctl { socket, json, command } => return plain(ctl::run(&socket, json, command)),
         Command::Generate { what } => {
-            return match generate(what) {
-                Ok(files) => {
-                    for f in files {
-                        println!("{}", f.display());
-                    }
-                    ExitCode::SUCCESS
+            return plain(generate(what).map(|files| {
+                for f in files {
+                    println!("{}", f.display());
                 }
-                Err(e) => {
-                    eprintln!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            };
+                true
+            }))
         }
         Command::Decap { iface, xdp_mode, addresses } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -296,13 +235,33 @@ fn reload(agent: &mut Agent, path: &std::path::Path) {
 }
 
 /// `lb-agent run`'s options besides the config.
+#[derive(clap::Args)]
 struct RunOptions {
+    /// Force an XDP mode; by default native, falling back to generic with a warning.
+    #[arg(long, value_enum)]
     xdp_mode: Option<XdpMode>,
+    /// Log the counters every N seconds (0: only on SIGUSR1 and at exit).
+    #[arg(long, default_value_t = 0)]
     stats_interval: u64,
+    /// Unix socket of the control API (`lb-agent ctl`); created with mode 0600.
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
     api_socket: PathBuf,
+    /// bpffs directory the program's link and maps are pinned under, in a directory per
+    /// interface: a new agent adopts what a crashed one (or one stopped with
+    /// --keep-on-exit) left there, without a packet going unbalanced.
+    #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// On SIGINT/SIGTERM leave the program attached and its maps pinned, for the next agent
+    /// to take over (an upgrade); by default the agent detaches and removes its pins.
+    #[arg(long)]
     keep_on_exit: bool,
+    /// The state file: each backend's health and the control-API changes, carried across
+    /// restarts and upgrades [default: /var/lib/xlb/<interface>.state.json].
+    #[arg(long)]
     state_file: Option<PathBuf>,
+    /// Start from the config file alone: drop the control-API changes the state file
+    /// remembers (backend health is still remembered).
+    #[arg(long)]
     forget_runtime_changes: bool,
 }
 

@@ -184,9 +184,9 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: u32) 
     if !tcp_flags.is_rst() {
         if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) {
             // A TCP pin on anything but a SYN (a flow older than its pin) is not a handshake
-            // to watch: it starts established.
+            // to watch: it starts established. (UDP ignores the bit: a nanosecond.)
             let watch = !udp && tcp_flags.is_syn_only();
-            let last_seen_ns = if watch || udp { now & !FLOW_TCP_ESTABLISHED } else { now | FLOW_TCP_ESTABLISHED };
+            let last_seen_ns = if watch { now & !FLOW_TCP_ESTABLISHED } else { now | FLOW_TCP_ESTABLISHED };
             let flow = Flow { backend: id, generation: backend.generation, last_seen_ns };
             if FLOWS.insert(key, &flow, 0).is_ok() {
                 active_add(id);

@@ -1,7 +1,7 @@
 //! Entry points of the XDP programs. Each module holds one concern; this file only assembles them.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 // The atomic intrinsics: core::sync::atomic has no read-modify-write operations on this target,
-// but LLVM lowers these to BPF_ATOMIC instructions (flow.rs and sched.rs: ACTIVE_FLOWS).
+// but LLVM lowers these to BPF_ATOMIC instructions (flow.rs: ACTIVE_FLOWS).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics), allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]

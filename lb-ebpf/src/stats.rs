@@ -1,7 +1,7 @@
 //! Per-CPU counters: one per verdict reason, per flow-table event, per service and per backend,
 //! and the decapsulator's per reason.
 use aya_ebpf::btf_maps::PerCpuArray;
-use lb_common::{reason::DecapReason, Counters, FlowEvent, Reason};
+use lb_common::{reason::DecapReason, BackendFlows, Counters, FlowEvent, Reason};
 
 use crate::maps::{BACKEND_FLOW_STATS, BACKEND_STATS, DECAP_STATS, FLOW_STATS, REASON_STATS, SERVICE_STATS};
 
@@ -38,38 +38,35 @@ pub fn count_forward(service: u32, backend: u32, bytes: u64) {
     add(&BACKEND_STATS, backend, bytes);
 }
 
+/// One more of a backend's in-band counters (`field` picks which).
+#[inline(always)]
+fn bump(backend: u32, field: impl FnOnce(&mut BackendFlows) -> &mut u64) {
+    if let Some(c) = BACKEND_FLOW_STATS.get_ptr_mut(backend) {
+        // SAFETY: per-CPU slot, valid for the program's run; no other writer on this CPU.
+        *field(unsafe { &mut *c }) += 1;
+    }
+}
+
 /// A flow given to `backend`.
 #[inline(always)]
 pub fn count_new_flow(backend: u32) {
-    if let Some(c) = BACKEND_FLOW_STATS.get_ptr_mut(backend) {
-        // SAFETY: per-CPU slot, valid for the program's run.
-        unsafe { (*c).new_flows += 1 };
-    }
+    bump(backend, |c| &mut c.new_flows);
 }
 
 /// A TCP flow pinned to `backend` on its SYN: a handshake to watch.
 #[inline(always)]
 pub fn count_syn_pinned(backend: u32) {
-    if let Some(c) = BACKEND_FLOW_STATS.get_ptr_mut(backend) {
-        // SAFETY: as above.
-        unsafe { (*c).syn_pinned += 1 };
-    }
+    bump(backend, |c| &mut c.syn_pinned);
 }
 
 /// The client's ACK completed the handshake of a flow pinned to `backend`.
 #[inline(always)]
 pub fn count_established(backend: u32) {
-    if let Some(c) = BACKEND_FLOW_STATS.get_ptr_mut(backend) {
-        // SAFETY: as above.
-        unsafe { (*c).established += 1 };
-    }
+    bump(backend, |c| &mut c.established);
 }
 
 /// A SYN again on a flow already pinned to `backend`: its first one got no answer.
 #[inline(always)]
 pub fn count_syn_retransmit(backend: u32) {
-    if let Some(c) = BACKEND_FLOW_STATS.get_ptr_mut(backend) {
-        // SAFETY: as above.
-        unsafe { (*c).syn_retransmits += 1 };
-    }
+    bump(backend, |c| &mut c.syn_retransmits);
 }

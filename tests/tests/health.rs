@@ -214,7 +214,7 @@ fn a_blackhole_is_found_with_impatient_clients_and_stays_out() {
          {later_failed} of {} requests failed",
         later.len()
     );
-    assert!(ejections >= 2 && ejections <= 5, "held out with a growing hold, not flapping every second:\n{log}");
+    assert!((2..=5).contains(&ejections), "held out with a growing hold, not flapping every second:\n{log}");
     assert!(later_failed * 20 <= later.len(), "{later_failed} of {} failed after detection", later.len());
 
     // Lifted: the backend is back after its hold and rise.

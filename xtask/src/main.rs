@@ -158,7 +158,7 @@ fn bench(quick: bool, only: &[String]) -> Result<()> {
         anyhow::bail!("unknown bench part {unknown:?}: expected pkt, maglev or e2e");
     }
     run::run(run::cargo().args(["build", "--release", "-p", "lb-agent", "-p", "xlb-tests", "--bins"]))?;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let root = run::workspace_root()?;
     let mut summary = String::new();
     for (part, bin) in BENCHES.iter().filter(|(part, _)| only.iter().any(|o| o == part)) {
         let mut cmd = std::process::Command::new(root.join("target/release").join(bin));

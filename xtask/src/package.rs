@@ -11,11 +11,6 @@ use crate::run::{self, command};
 const CARGO_DEB: &str = "3.8.0";
 const PACKAGE: &str = "xlb";
 
-fn workspace_root() -> Result<PathBuf> {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    Ok(here.parent().context("xtask has no parent directory")?.to_path_buf())
-}
-
 fn ensure_cargo_deb() -> Result<()> {
     let installed = run::output(run::cargo().args(["deb", "--version"])).unwrap_or_default();
     if installed.contains(CARGO_DEB) {
@@ -28,7 +23,7 @@ fn ensure_cargo_deb() -> Result<()> {
 /// Builds the .deb; returns its path.
 pub fn package() -> Result<PathBuf> {
     ensure_cargo_deb()?;
-    let root = workspace_root()?;
+    let root = run::workspace_root()?;
     run::run(run::cargo().args(["build", "--release", "-p", "lb-agent"]))?;
     let agent = root.join("target/release/lb-agent");
     let out = root.join("target/package");

@@ -53,6 +53,12 @@ pub fn cargo_bin_dir() -> Result<PathBuf> {
     Ok(home_dir()?.join(".cargo").join("bin"))
 }
 
+/// The workspace's root directory (xtask's parent): where target/ and the packaging files are.
+pub fn workspace_root() -> Result<PathBuf> {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    Ok(here.parent().context("xtask has no parent directory")?.to_path_buf())
+}
+
 pub fn home_dir() -> Result<PathBuf> {
     env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from).context("HOME is not set")
 }

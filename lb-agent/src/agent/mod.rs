@@ -165,10 +165,10 @@ pub fn settings(config: &Config) -> Settings {
 }
 
 impl Agent {
-    /// Fills the maps from `config`: every backend starts up (health checks take it out), an L2
-    /// backend with its MAC from the config or the neighbour table. With `events`, a health
-    /// task per backend reports there and the flow table's walker runs (the caller must be
-    /// inside a tokio runtime).
+    /// Fills the maps from `config`, an L2 backend with its MAC from the config or the neighbour
+    /// table. With `events`, a health task per backend reports there (a backend starts as its
+    /// `initial_state`) and the flow table's walker runs (the caller must be inside a tokio
+    /// runtime); without, every backend is up.
     pub fn new(dataplane: Dataplane, config: &Config, events: Option<mpsc::Sender<Event>>) -> Result<Self> {
         Self::start(dataplane, config, events, Starts::default(), None)
     }
@@ -217,14 +217,10 @@ impl Agent {
         self.state.as_ref().map_or(&[], |(_, s)| s.changes.as_slice())
     }
 
-    /// Records a control-API change that was applied, or (`None`) forgets every change, and
-    /// writes the state file.
-    pub fn record_change(&mut self, change: Option<Request>) {
+    /// Records a control-API change that was applied and writes the state file.
+    pub fn record_change(&mut self, change: Request) {
         if let Some((_, state)) = &mut self.state {
-            match change {
-                Some(change) => state.changes.push(change),
-                None => state.changes.clear(),
-            }
+            state.changes.push(change);
         }
         self.save_state();
     }
@@ -238,7 +234,8 @@ impl Agent {
     }
 
     /// Writes the state file: the recorded changes and every checked backend's health. A
-    /// failure is logged; the agent goes on.
+    /// failure is logged; the agent goes on. Called where the state changes: a health verdict,
+    /// a recorded or dropped API change, the start.
     fn save_state(&mut self) {
         let health: Vec<BackendHealth> = self
             .services

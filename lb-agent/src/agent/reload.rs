@@ -94,7 +94,7 @@ impl Agent {
         let order: HashMap<_, usize> = new.services.iter().enumerate().map(|(i, s)| (service_key(s), i)).collect();
         self.services.sort_by_key(|s| order.get(&service_key(&s.config)).copied().unwrap_or(usize::MAX));
         self.config = new.clone();
-        self.save_state();
+        // The state file is written by the caller, once it has recorded the change.
         self.log_ready();
         Ok(format!("{added} services added, {} removed, {changed} changed", going.len()))
     }

@@ -128,7 +128,7 @@ mod tests {
         assert_eq!(State::load(&path, "eth0"), Some(s.clone()));
         s.health[0].up = true;
         s.save(&path).unwrap();
-        assert_eq!(State::load(&path, "eth0").unwrap().health[0].up, true);
+        assert!(State::load(&path, "eth0").unwrap().health[0].up);
         assert!(!path.with_extension("json.tmp").exists(), "no temporary file left");
         std::fs::remove_dir_all(d).unwrap();
     }

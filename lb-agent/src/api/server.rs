@@ -53,7 +53,7 @@ fn apply(agent: &mut Agent, change: Request) -> Result<String, ChangeError> {
     let mut config = agent.config().clone();
     let summary = edit(&mut config, change.clone())?;
     agent.reload(&config)?;
-    agent.record_change(Some(change));
+    agent.record_change(change);
     Ok(summary)
 }
 

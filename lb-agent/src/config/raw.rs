@@ -316,7 +316,7 @@ fn read(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         }
         // Headroom for services added at run time.
         None => {
-            let needed: u64 = services.iter().map(|s| 2 * u64::from(s.maglev_size)).sum();
+            let needed = super::maglev_entries_needed(&services);
             needed.max(u64::from(DEFAULT_MAGLEV_CAPACITY)).min(u64::from(u32::MAX)) as u32
         }
     };

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use lb_common::limits::{MAX_BACKENDS, MAX_MAGLEV_SIZE, MAX_SERVICES, MAX_TX_PORTS, MAX_VIPS};
 use lb_common::MAX_AFFINITY_TIMEOUT_SECS;
 
-use super::{Config, Forward, Invalid, InvalidKind, Scheduler, MAX_WEIGHT};
+use super::{Config, Forward, Invalid, InvalidKind, Scheduler, ServiceConfig, MAX_WEIGHT};
 use crate::tables::maglev::is_prime;
 
 /// Every problem of `config` as a whole, in the order of its fields; empty when it is valid.
@@ -96,7 +96,7 @@ pub fn validate(config: &Config) -> Vec<Invalid> {
         let message = format!("at most {MAX_BACKENDS} backends over all services, got {backend_count}");
         bad("service".into(), InvalidKind::Limit, message);
     }
-    let needed = maglev_entries_needed(config);
+    let needed = maglev_entries_needed(&config.services);
     if u64::from(config.maglev_capacity) < needed {
         let message =
             format!("the services need {needed} entries (twice each maglev_size), got {}", config.maglev_capacity);
@@ -105,9 +105,9 @@ pub fn validate(config: &Config) -> Vec<Invalid> {
     out
 }
 
-/// Entries of the MAGLEV map the services take: two copies of each table.
-pub fn maglev_entries_needed(config: &Config) -> u64 {
-    config.services.iter().map(|s| 2 * u64::from(s.maglev_size)).sum()
+/// Entries of the MAGLEV map these services take: two copies of each table.
+pub fn maglev_entries_needed(services: &[ServiceConfig]) -> u64 {
+    services.iter().map(|s| 2 * u64::from(s.maglev_size)).sum()
 }
 
 fn is_unicast(a: std::net::IpAddr) -> bool {

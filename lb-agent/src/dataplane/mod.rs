@@ -106,6 +106,11 @@ pub struct ServiceSlot {
 }
 
 impl ServiceSlot {
+    /// Where the service's two tables lie in MAGLEV: (first entry, entries).
+    fn tables_range(&self) -> (u32, u32) {
+        (self.bases[0].min(self.bases[1]), 2 * self.table_size)
+    }
+
     /// Changes how the service forwards; written with its next table.
     pub fn set_forward(&mut self, forward: Forward) {
         self.forward = forward_id(forward);
@@ -411,7 +416,8 @@ impl Dataplane {
     fn space_after(&self, removed: &[&ServiceSlot]) -> TableSpace {
         let mut space = self.tables.clone();
         for slot in removed {
-            space.release(slot.bases[0].min(slot.bases[1]), 2 * slot.table_size);
+            let (start, len) = slot.tables_range();
+            space.release(start, len);
         }
         space
     }
@@ -420,7 +426,8 @@ impl Dataplane {
     /// VIP's last service). Its two tables go back to MAGLEV's free space.
     pub fn remove_service(&mut self, slot: &ServiceSlot) -> Result<()> {
         self.services.remove(&slot.key).context("cannot remove the service")?;
-        self.tables.release(slot.bases[0].min(slot.bases[1]), 2 * slot.table_size);
+        let (start, len) = slot.tables_range();
+        self.tables.release(start, len);
         let vip_key = VipKey { addr: slot.key.addr, family: slot.key.family, _pad: [0; 3] };
         match self.vips.get(&vip_key, 0).map_or(0, |v| v.services) {
             0 | 1 => self.vips.remove(&vip_key).context("cannot remove the VIP")?,
