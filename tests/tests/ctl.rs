@@ -103,6 +103,9 @@ fn ctl_changes_the_running_balancer() {
     args.extend(backends.iter().map(String::as_str));
     let (ok, out, err) = ctl(&s, &args);
     assert!(ok, "{out}{err}");
+    // Its backends start down (initial_state) and come in as their first checks pass: wait for
+    // all three, or the table changes under the client mid-run.
+    s.agent.wait_for_count("service demo-udp-again: backend", 3, std::time::Duration::from_secs(10)).unwrap();
     let t = udp_requests(&s.bed.client, vip(), 60).unwrap();
     assert_eq!(failures(&t), 0, "{t:?}");
     assert_eq!(t.len(), 1, "source-hash: one client, one backend: {t:?}");
