@@ -7,12 +7,14 @@
 //! - `dataplane`: the only code that touches a map (load, pin, attach, publish, count);
 //! - `tables`: Maglev and round-robin tables, built here, looked up by the kernel;
 //! - `health`: active checks; `api`: the control socket and `lb-agent ctl`; `metrics`;
+//! - `bgp`: the VIPs announced through BIRD while this host can serve them;
 //! - `net`: interface addresses, MACs, neighbours; `decap`: the backend side of L3 DSR;
 //! - `sys`: every raw system call (the only `unsafe`); `error`: the errors callers branch on.
 #![deny(unsafe_code)]
 
 pub mod agent;
 pub mod api;
+pub mod bgp;
 pub mod config;
 pub mod dataplane;
 pub mod decap;

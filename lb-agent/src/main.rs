@@ -82,6 +82,10 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also print the BIRD config the agent would write for its [bgp] (with bird_socket:
+        /// what to add to your BIRD's config).
+        #[arg(long)]
+        bird_config: bool,
     },
     /// Write the man pages (section 8) or a shell's completions into a directory: what the
     /// package installs.
@@ -175,7 +179,7 @@ fn main() -> ExitCode {
     logger.init();
     let result = match cli.command {
         // Plain text for a human or a deploy script: no log prefixes.
-        Command::Check { config } => return plain(check(&config).map(|()| true)),
+        Command::Check { config, bird_config } => return plain(check(&config, bird_config).map(|()| true)),
         Command::Run { config, opts } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -210,7 +214,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &std::path::Path) -> Result<()> {
+fn check(path: &std::path::Path, bird_config: bool) -> Result<()> {
+    use lb_agent::{bgp::bird_conf, config::Bird};
     let config = Config::load(path)?;
     let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
     println!(
@@ -221,6 +226,16 @@ fn check(path: &std::path::Path) -> Result<()> {
     );
     for w in config.warnings() {
         println!("warning: {w}");
+    }
+    if bird_config {
+        let Some(bgp) = &config.bgp else { anyhow::bail!("{}: has no [bgp] section", path.display()) };
+        let mut vips: Vec<std::net::IpAddr> = config.services.iter().map(|s| s.vip).collect();
+        vips.sort();
+        vips.dedup();
+        match &bgp.bird {
+            Bird::Managed(bird) => print!("{}", bird_conf::render(bgp, bird, &vips)),
+            Bird::External { .. } => print!("{}", bird_conf::render_external(bgp, &vips)),
+        }
     }
     Ok(())
 }
@@ -292,6 +307,18 @@ async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
     let (config, kept) = api::server::replay(file_config, &state.changes);
     state.changes = kept;
     let iface_mac = iface_mac(&config.interface)?;
+    // BIRD starts with every VIP withdrawn; they are announced once the data path is attached
+    // and their backends pass their checks. A BIRD that is missing or refuses its config stops
+    // the start here, before the kernel is touched.
+    let speaker = match &config.bgp {
+        Some(bgp) => {
+            let mut vips: Vec<std::net::IpAddr> = config.services.iter().map(|s| s.vip).collect();
+            vips.sort();
+            vips.dedup();
+            Some(lb_agent::bgp::Speaker::start(bgp, vips).await?)
+        }
+        None => None,
+    };
     // Locks <pin_dir>/<interface> (a second agent is refused) and adopts what a previous agent
     // left there: the flow table and the counters; its program stays attached meanwhile.
     let dataplane = Dataplane::load_pinned(
@@ -319,6 +346,9 @@ async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
     }
     info!("balancing {} services on {} (XDP {mode:?} mode)", config.services.len(), config.interface);
     agent.log_ready();
+    if let Some(speaker) = speaker {
+        agent.set_speaker(speaker);
+    }
 
     let (scrape_tx, mut scrapes) = mpsc::channel::<metrics::Scrape>(16);
     if let Some(addr) = config.metrics_listen {
@@ -363,6 +393,12 @@ async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
             }
             _ = stats_tick.tick(), if stats_interval > 0 => info!("counters:\n{}", agent.stats_table()?),
         }
+        // Whatever happened may change what the VIPs' health says (sent only when it does).
+        agent.announce();
+    }
+    // The routes go first, while the data path still balances what is in flight.
+    if let Some(speaker) = agent.take_speaker() {
+        speaker.stop().await;
     }
     info!("counters:\n{}", agent.stats_table()?);
     let pins = agent.dataplane.pin_dir().map(|d| d.display().to_string()).unwrap_or_default();

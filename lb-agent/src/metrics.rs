@@ -179,6 +179,17 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
         "Flows pinned to the backend and not closed, as the data path counts them for lc/wlc (reconciled with the \
          flow table every few seconds).",
     ) = active;
+    if let Some(bgp) = agent.speaker().map(|s| s.view()) {
+        *snap.family("xlb_vip_announced", Gauge, "1 while BIRD announces the VIP (draining included).") = bgp
+            .vips
+            .iter()
+            .map(|v| (vec![("vip", v.vip.to_string())], u64::from(v.state != "withdrawn")))
+            .collect();
+        snap.family("xlb_bgp_host_draining", Gauge, "1 from ctl drain-host until undrain-host.")
+            .push((Vec::new(), u64::from(bgp.host != "serving")));
+        *snap.family("xlb_bgp_session_up", Gauge, "1 while the BGP session with the neighbour is established.") =
+            bgp.sessions.iter().map(|s| (vec![("neighbor", s.neighbor.clone())], u64::from(s.up))).collect();
+    }
     Ok(snap)
 }
 

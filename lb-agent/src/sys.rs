@@ -207,3 +207,26 @@ mod tests {
         assert!(addrs.iter().any(|(name, a)| name == "lo" && a.is_loopback()), "{addrs:?}");
     }
 }
+
+/// Makes a child started by `cmd` receive SIGTERM when this thread's process goes away, even
+/// by SIGKILL: a BIRD the agent runs must not go on announcing for a dead agent. The signal
+/// follows the thread that forks, so call this from a thread that lives as long as the agent
+/// (the main thread, or a runtime worker).
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure makes only async-signal-safe calls (prctl,
+    // getppid) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the prctl took effect: nobody would signal us.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}

@@ -3,7 +3,9 @@
 //! are addressed by the ids the data path knows them by ([`ServiceId`], [`BackendId`]).
 //!
 //! - `reload`: bringing the running state to a new config (a file reload or an API change);
-//! - `passive`: the in-band health signal.
+//! - `passive`: the in-band health signal;
+//! - `announce`: which VIPs this host should announce, and the fingerprint hosts compare.
+mod announce;
 mod passive;
 mod reload;
 pub mod state;
@@ -77,6 +79,8 @@ pub struct ServiceState {
     pub backends: Vec<BackendState>,
     /// Fewer than `health.min_healthy` backends are up: the failing ones stay in the table.
     pub fail_open: bool,
+    /// The table last published (backend ids), for the fingerprint.
+    table: Vec<u32>,
 }
 
 impl ServiceState {
@@ -130,6 +134,8 @@ pub struct Agent {
     state: Option<(PathBuf, State)>,
     /// Every backend has been checked once: logged once.
     ready: bool,
+    /// Announces the VIPs over BGP, once the data path is attached.
+    speaker: Option<crate::bgp::Speaker>,
 }
 
 /// How backends start.
@@ -196,6 +202,7 @@ impl Agent {
             start: starts,
             state,
             ready: false,
+            speaker: None,
         };
         let macs = resolve_macs(config.services.iter().collect(), &config.interface);
         for sc in &config.services {
@@ -276,6 +283,22 @@ impl Agent {
         info!("ready: every backend checked, {up} of {total} up");
     }
 
+    /// Hands the BGP speaker to the agent, which tells it of every health change from here on.
+    pub fn set_speaker(&mut self, speaker: crate::bgp::Speaker) {
+        self.speaker = Some(speaker);
+        self.announce();
+    }
+
+    /// The BGP speaker, for status and `ctl drain-host`.
+    pub fn speaker(&self) -> Option<&crate::bgp::Speaker> {
+        self.speaker.as_ref()
+    }
+
+    /// Takes the speaker back, at shutdown: its VIPs are withdrawn before the data path goes.
+    pub fn take_speaker(&mut self) -> Option<crate::bgp::Speaker> {
+        self.speaker.take()
+    }
+
     /// The services, in the config's order.
     pub fn services(&self) -> impl Iterator<Item = &ServiceState> {
         self.services.iter()
@@ -311,7 +334,7 @@ impl Agent {
         };
         slot.set_scheduler(sc.scheduler.id());
         slot.set_affinity_timeout(sc.affinity_timeout_secs);
-        self.services.push(ServiceState { id, config: sc.clone(), slot, backends: Vec::new(), fail_open: false });
+        self.services.push(ServiceState { id, config: sc.clone(), slot, backends: Vec::new(), fail_open: false, table: Vec::new() });
         for b in &sc.backends {
             self.add_backend(id, b, macs.get(&b.address).copied(), None)?;
         }
@@ -450,6 +473,7 @@ impl Agent {
         self.dataplane
             .publish_table(&mut service.slot, &table)
             .with_context(|| format!("cannot publish the table of service {}", service.config.name))?;
+        service.table = table;
         if !members.iter().any(|m| m.weight > 0) {
             error!("service {}: no usable backend; its new flows are dropped", service.config.name);
         }

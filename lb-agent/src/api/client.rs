@@ -55,6 +55,14 @@ pub enum CtlCommand {
     RemoveService { service: String },
     /// Re-read the config file (as SIGHUP does).
     Reload,
+    /// Move new flows off this host: its routes are tagged GRACEFUL_SHUTDOWN with a worse MED
+    /// for bgp.drain_secs, then withdrawn; established connections go on.
+    DrainHost,
+    /// Announce the VIPs again (as their health says) after drain-host.
+    UndrainHost,
+    /// A digest of the hash seed and every service's table: compare it between hosts that
+    /// share VIPs (equal: a flow gets the same backend on either).
+    Fingerprint,
 }
 
 impl From<CtlCommand> for Request {
@@ -72,6 +80,9 @@ impl From<CtlCommand> for Request {
             }
             CtlCommand::RemoveService { service } => Request::RemoveService { service },
             CtlCommand::Reload => Request::Reload,
+            CtlCommand::DrainHost => Request::DrainHost,
+            CtlCommand::UndrainHost => Request::UndrainHost,
+            CtlCommand::Fingerprint => Request::Fingerprint,
         }
     }
 }
@@ -145,6 +156,7 @@ pub fn status(socket: &Path, interval: Duration, once: bool) -> Result<()> {
                     &format!("{:<28} {:<40} {:>8} {:>6} {:>12} {r:>10}\n", "", b.address, b.state, b.weight, b.packets);
             }
         }
+        out += &bgp_table(&response);
         print!("{out}");
         std::io::stdout().flush()?;
         if once {
@@ -168,6 +180,24 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
     serde_json::from_str(&answer).with_context(|| format!("unexpected answer: {answer:?}"))
 }
 
+/// The VIPs' announcements and the BGP sessions, when the agent has `[bgp]`.
+fn bgp_table(r: &Response) -> String {
+    let Some(bgp) = &r.bgp else { return String::new() };
+    let mut out = format!("\nBGP: host {}", bgp.host);
+    if let Some(e) = &bgp.error {
+        out += &format!(" (BIRD: {e})");
+    }
+    out += &format!("\n{:<28} {:<10} {}\n", "VIP", "STATE", "REASON");
+    for v in &bgp.vips {
+        out += &format!("{:<28} {:<10} {}\n", v.vip, v.state, v.reason);
+    }
+    out += &format!("{:<28} {:<10} {}\n", "NEIGHBOR", "SESSION", "BIRD");
+    for s in &bgp.sessions {
+        out += &format!("{:<28} {:<10} {}\n", s.neighbor, if s.up { "up" } else { "down" }, s.state);
+    }
+    out
+}
+
 fn table(r: &Response) -> String {
     let mut out = format!(
         "{:<28} {:<40} {:>6} {:>6} {:>12} {:>14}\n",
@@ -184,5 +214,5 @@ fn table(r: &Response) -> String {
             );
         }
     }
-    out
+    out + &bgp_table(r)
 }

@@ -39,6 +39,14 @@ pub enum Request {
     RemoveService { service: String },
     /// Re-reads the config file, as SIGHUP does.
     Reload,
+    /// Moves new flows off this host: the VIPs' routes are tagged GRACEFUL_SHUTDOWN with a
+    /// worse MED for `bgp.drain_secs`, then withdrawn.
+    DrainHost,
+    /// Announces the VIPs again after a drain-host.
+    UndrainHost,
+    /// A digest of the hash seed and every service's table: equal on hosts that send a
+    /// flow to the same backend.
+    Fingerprint,
 }
 
 /// A backend in an `add_service` request.
@@ -59,6 +67,39 @@ pub struct Response {
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub services: Vec<ServiceView>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bgp: Option<BgpView>,
+}
+
+/// The VIPs' announcements and the BGP sessions, as BIRD reports them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct BgpView {
+    /// "serving", "draining" (routes tagged, until the drain time is over) or "drained".
+    pub host: String,
+    pub vips: Vec<VipView>,
+    pub sessions: Vec<SessionView>,
+    /// The last error talking to BIRD, while it lasts.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VipView {
+    pub vip: IpAddr,
+    /// "announced", "draining" (announced, tagged GRACEFUL_SHUTDOWN) or "withdrawn".
+    pub state: String,
+    /// Why, in the agent's words (the health of the VIP's services, a drain, a shutdown).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionView {
+    /// The neighbour's address (the protocol's name for a BIRD the operator runs).
+    pub neighbor: String,
+    pub protocol: String,
+    pub up: bool,
+    /// BIRD's words: "Established", "Active", "Connect", …
+    pub state: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -34,12 +34,36 @@ pub struct Call {
 /// Carries out one request against the running agent; `config_path` serves `reload`.
 pub fn handle(agent: &mut Agent, request: Request, config_path: &Path) -> Response {
     let result = match request {
-        Request::List => list(agent).map(|services| Response { ok: true, services, ..Default::default() }),
+        Request::List => list(agent).map(|services| Response {
+            ok: true,
+            services,
+            bgp: agent.speaker().map(|s| s.view()),
+            ..Default::default()
+        }),
+        Request::DrainHost => drain_host(agent, true),
+        Request::UndrainHost => drain_host(agent, false),
+        Request::Fingerprint => Ok(Response { ok: true, message: Some(agent.fingerprint()), ..Default::default() }),
         Request::Reload => reload_file(agent, config_path)
             .map(|summary| message(format!("reloaded {}: {summary}", config_path.display()))),
         change => apply(agent, change).map(message).map_err(anyhow::Error::from),
     };
     result.unwrap_or_else(|e| Response { ok: false, error: Some(format!("{e:#}")), ..Default::default() })
+}
+
+/// `ctl drain-host` / `undrain-host`: only with `[bgp]`; not remembered across restarts (a
+/// restarted agent announces what its health says).
+fn drain_host(agent: &Agent, drain: bool) -> Result<Response> {
+    let Some(speaker) = agent.speaker() else {
+        anyhow::bail!("this agent announces nothing: the config has no [bgp]");
+    };
+    let changed = speaker.drain_host(drain);
+    let text = match (drain, changed) {
+        (true, true) => "host draining: routes tagged GRACEFUL_SHUTDOWN with a worse MED, then withdrawn after bgp.drain_secs",
+        (true, false) => "host already draining",
+        (false, true) => "host serving again: the VIPs are announced as their health says",
+        (false, false) => "host was not draining",
+    };
+    Ok(message(text.to_string()))
 }
 
 fn message(text: String) -> Response {
@@ -156,7 +180,9 @@ fn change_config(config: &mut Config, change: Request) -> Result<String, ChangeE
             config.services.remove(s);
             Ok(format!("service {service} removed"))
         }
-        Request::List | Request::Reload => unreachable!("not a change"),
+        Request::List | Request::Reload | Request::DrainHost | Request::UndrainHost | Request::Fingerprint => {
+            unreachable!("not a change")
+        }
     }
 }
 

@@ -127,6 +127,8 @@ pub struct Config {
     pub xdp_mode: Option<XdpMode>,
     /// Flow hash seed; the same on every balancer host that shares a VIP.
     pub hash_seed: u32,
+    /// `hash_seed` was written in the file (not left at its default of 0).
+    pub hash_seed_set: bool,
     /// Entries of the MAGLEV map (every service needs twice its table size).
     pub maglev_capacity: u32,
     pub flows: FlowConfig,
@@ -142,8 +144,67 @@ pub struct Config {
     /// Several balancer hosts share the VIPs behind ECMP: schedulers that may answer
     /// differently on each host (rr, wrr) draw a warning.
     pub multi_host: bool,
+    /// Announcing the VIPs over BGP (through BIRD); None: not announced.
+    pub bgp: Option<BgpConfig>,
     pub services: Vec<ServiceConfig>,
 }
+
+/// `[bgp]`: each VIP announced while this host can serve it, through a BIRD the agent runs
+/// (or one the operator runs, `bird_socket`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BgpConfig {
+    pub bird: Bird,
+    /// Communities added to a VIP's announcement, by VIP.
+    pub communities: Vec<(IpAddr, Vec<Community>)>,
+    /// `ctl drain-host`: how long the routes stay, tagged GRACEFUL_SHUTDOWN with a worse MED,
+    /// before they are withdrawn.
+    pub drain: Duration,
+    /// At shutdown: how long the data path keeps balancing after the withdrawal, while the
+    /// router moves the flows elsewhere.
+    pub withdraw_wait: Duration,
+}
+
+/// Who runs BIRD.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Bird {
+    /// The agent writes BIRD's config and runs it as a child that dies with the agent.
+    Managed(ManagedBird),
+    /// The operator runs BIRD with the agent's VIP protocols in its config; the agent only
+    /// enables and disables them through this control socket.
+    External { socket: std::path::PathBuf },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ManagedBird {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+    /// The `bird` executable.
+    pub binary: std::path::PathBuf,
+    /// Where BIRD's config, control socket and pid file are kept.
+    pub run_dir: std::path::PathBuf,
+    pub neighbors: Vec<NeighborConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NeighborConfig {
+    pub address: IpAddr,
+    pub peer_as: u32,
+    /// TCP MD5 signature of the session.
+    pub password: Option<String>,
+    /// BGP hold time; keepalives go at a third of it.
+    pub hold_secs: u16,
+    pub bfd: Option<BfdConfig>,
+}
+
+/// BFD on a session: the session drops after `multiplier` missed packets at `interval`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BfdConfig {
+    pub interval: Duration,
+    pub multiplier: u32,
+}
+
+/// A standard BGP community, `ASN:VALUE`.
+pub type Community = (u16, u16);
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct FlowConfig {
@@ -356,10 +417,18 @@ impl Config {
     /// What is valid but probably not meant: services whose scheduler answers differently on
     /// each balancer host while `multi_host` says several hosts share the VIPs.
     pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.bgp_warnings();
         if !self.multi_host {
-            return Vec::new();
+            return out;
         }
-        self.services
+        if !self.hash_seed_set {
+            out.push(
+                "hash_seed: left at its default with multi_host = true: set the same random seed on every host \
+                 that shares the VIPs (a seed nobody else uses keeps clients from predicting the spread)"
+                    .into(),
+            );
+        }
+        out.extend(self.services
             .iter()
             .enumerate()
             .filter(|(_, s)| !s.scheduler.same_on_every_host())
@@ -371,8 +440,33 @@ impl Config {
                      the same answer on every host",
                     s.name, s.scheduler
                 )
-            })
-            .collect()
+            }));
+        out
+    }
+
+    /// VIPs no neighbour can carry, communities for addresses that are no VIP.
+    fn bgp_warnings(&self) -> Vec<String> {
+        let Some(bgp) = &self.bgp else { return Vec::new() };
+        let mut out = Vec::new();
+        if let Bird::Managed(m) = &bgp.bird {
+            let mut vips: Vec<IpAddr> = self.services.iter().map(|s| s.vip).collect();
+            vips.sort();
+            vips.dedup();
+            for vip in vips {
+                if !m.neighbors.iter().any(|n| n.address.is_ipv4() == vip.is_ipv4()) {
+                    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+                    out.push(format!(
+                        "bgp.neighbor: VIP {vip} is {family} but no {family} neighbour is configured: it is not announced"
+                    ));
+                }
+            }
+        }
+        for (i, (vip, _)) in bgp.communities.iter().enumerate() {
+            if !self.services.iter().any(|s| s.vip == *vip) {
+                out.push(format!("bgp.vip[{i}].address: {vip} is the VIP of no service"));
+            }
+        }
+        out
     }
 
     /// Parses and validates a config; on failure, every error found.

@@ -202,3 +202,69 @@ fn affinity_timeout_only_with_source_hash() {
     assert_eq!((e[0].line, e[0].field.as_str()), (14, "service[0].affinity_timeout_secs"), "{e:?}");
     assert!(e[0].message.contains("65535"), "{e:?}");
 }
+
+const BGP: &str = r#"
+[bgp]
+local_as = 65001
+router_id = "10.10.0.2"
+drain_secs = 5
+
+[[bgp.neighbor]]
+address = "10.10.0.1"
+peer_as = 65000
+bfd = true
+bfd_interval_ms = 50
+
+[[bgp.neighbor]]
+address = "fd10::1"
+peer_as = 65000
+hold_secs = 9
+
+[[bgp.vip]]
+address = "10.0.0.100"
+communities = ["65001:100"]
+"#;
+
+#[test]
+fn bgp_section() {
+    let c = Config::parse(&format!("{GOOD}{BGP}")).unwrap();
+    let bgp = c.bgp.as_ref().unwrap();
+    assert_eq!(bgp.drain, Duration::from_secs(5));
+    assert_eq!(bgp.withdraw_wait, Duration::from_secs(1));
+    assert_eq!(bgp.communities, vec![("10.0.0.100".parse().unwrap(), vec![(65001, 100)])]);
+    let Bird::Managed(bird) = &bgp.bird else { panic!("managed by default") };
+    assert_eq!((bird.local_as, bird.router_id), (65001, "10.10.0.2".parse().unwrap()));
+    assert_eq!(bird.neighbors[0].bfd, Some(BfdConfig { interval: Duration::from_millis(50), multiplier: 3 }));
+    assert_eq!((bird.neighbors[1].hold_secs, bird.neighbors[1].bfd), (9, None));
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    assert!(Config::parse(GOOD).unwrap().bgp.is_none());
+
+    let e = errors(&format!("{GOOD}{}", BGP.replace("local_as = 65001", "local_as = 0")));
+    assert_eq!((e[0].field.as_str(), e[0].line), ("bgp.local_as", 36), "{e:?}");
+    let e = errors(&format!("{GOOD}{}", BGP.replace("\"65001:100\"", "\"65001:x\"")));
+    assert_eq!(e[0].field, "bgp.vip[0].communities[0]", "{e:?}");
+    let e = errors(&format!("{GOOD}{}", BGP.replace("fd10::1", "10.10.0.1")));
+    assert_eq!((e[0].field.as_str(), e[0].kind), ("bgp.neighbor[1].address", InvalidKind::Duplicate), "{e:?}");
+    // A password goes between quotes in BIRD's config: nothing may end the string early.
+    let e = errors(&format!("{GOOD}{}", BGP.replace("hold_secs = 9", "password = 'x\";}'")));
+    assert_eq!(e[0].field, "bgp.neighbor[1].password", "{e:?}");
+    let e = errors(&format!("{GOOD}\n[bgp]\nlocal_as = 65001\n"));
+    let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["bgp.router_id", "bgp.neighbor"], "{e:?}");
+    let e = errors(&format!("{GOOD}\n[bgp]\nbird_socket = \"/run/bird/bird.ctl\"\nlocal_as = 65001\n"));
+    assert_eq!(e[0].field, "bgp.local_as", "{e:?}");
+    let external = Config::parse(&format!("{GOOD}\n[bgp]\nbird_socket = \"/run/bird/bird.ctl\"\n")).unwrap();
+    assert_eq!(external.bgp.unwrap().bird, Bird::External { socket: "/run/bird/bird.ctl".into() });
+
+    let v4_only = BGP.replace("[[bgp.neighbor]]\naddress = \"fd10::1\"\npeer_as = 65000\nhold_secs = 9\n", "");
+    let c = Config::parse(&format!("{GOOD}{}", v4_only.replace("10.0.0.100", "10.0.0.200"))).unwrap();
+    assert_eq!(c.warnings(), ["bgp.vip[0].address: 10.0.0.200 is the VIP of no service"]);
+}
+
+#[test]
+fn multi_host_wants_a_seed() {
+    let c = Config::parse(&GOOD.replace("hash_seed = 42", "multi_host = true")).unwrap();
+    let w = c.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("hash_seed: left at its default"), "{w:?}");
+}
