@@ -10,6 +10,7 @@ pub mod dpbed;
 pub mod loadgen;
 pub mod netns;
 pub mod rng;
+pub mod scaleout;
 pub mod scenario;
 pub mod testrun;
 pub mod topology;

@@ -127,6 +127,11 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The client's port: with the addresses, the flow's 5-tuple.
+    pub fn local_port(&self) -> u16 {
+        self.lines.get_ref().local_addr().map_or(0, |a| a.port())
+    }
+
     /// Asks again: the name of the backend that answers now.
     pub fn ask(&mut self) -> Result<String, String> {
         self.lines.get_mut().write_all(b"again\n").map_err(|e| e.kind().to_string())?;

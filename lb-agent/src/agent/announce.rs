@@ -50,26 +50,28 @@ impl Agent {
         vips
     }
 
-    /// Per VIP: this host serves it while at least one of its services has `min_healthy`
-    /// (at least one) backends up. A service failing open forwards, but to backends that
-    /// may be down: another host that has healthy ones should take the traffic.
+    /// Per VIP: this host serves it once every backend of its services has a first verdict
+    /// (until then this host's tables may differ from the other hosts', and a connection the
+    /// router moves here could land on another backend), and while at least one of its
+    /// services has `min_healthy` (at least one) backends up. A service failing open
+    /// forwards, but to backends that may be down: a host with healthy ones should take it.
     pub fn bgp_wants(&self) -> BTreeMap<IpAddr, Want> {
         self.vips()
             .into_iter()
             .map(|vip| {
                 let services: Vec<&ServiceState> = self.services.iter().filter(|s| s.config.vip == vip).collect();
                 let need = |s: &ServiceState| (s.config.health.min_healthy as usize).max(1);
-                let counts: Vec<String> = services
+                let counts = services
                     .iter()
                     .map(|s| format!("{} {} of {} up", s.config.name, s.serving(), s.backends.len()))
-                    .collect();
-                let serve = services.iter().any(|s| s.serving() >= need(s));
-                let reason = if serve {
-                    counts.join(", ")
-                } else if !services.iter().all(|s| s.backends.iter().all(|b| b.checked)) {
-                    format!("waiting for the first health checks ({})", counts.join(", "))
-                } else {
-                    format!("no service has min_healthy backends up ({})", counts.join(", "))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let checked = services.iter().all(|s| s.backends.iter().all(|b| b.checked));
+                let healthy = services.iter().any(|s| s.serving() >= need(s));
+                let (serve, reason) = match (checked, healthy) {
+                    (false, _) => (false, format!("waiting for the first health checks ({counts})")),
+                    (true, true) => (true, counts),
+                    (true, false) => (false, format!("no service has min_healthy backends up ({counts})")),
                 };
                 (vip, Want { serve, reason })
             })
