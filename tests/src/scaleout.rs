@@ -7,9 +7,11 @@
 //!                      (BIRD, ECMP)                   ├ bridge ─ lb i: 10.96.0.(2+i), AS 65001
 //!                                                     └─────── ─ backend j: 10.96.0.(11+j), VIP on lo
 //!  VIP 10.95.0.100, announced by every lb; the router is AS 65000
+//!  IPv6 beside it: client fd97::2, router fd97::1 | fd96::1, lb i fd96::(2+i),
+//!  backend j fd96::(11+j), VIP fd95::100 (sessions over IPv6)
 //! ```
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -26,6 +28,9 @@ use crate::{
 };
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 2);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd97, 0, 0, 0, 0, 0, 0, 2);
+pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd96, 0, 0, 0, 0, 0, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd95, 0, 0, 0, 0, 0, 0, 0x100);
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 95, 0, 100);
 pub const PORT: u16 = 80;
@@ -46,8 +51,20 @@ pub fn backend_addr(j: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, 0, 11 + j as u8)
 }
 
+pub fn lb_addr6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd96, 0, 0, 0, 0, 0, 0, 2 + i as u16)
+}
+
+pub fn backend_addr6(j: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd96, 0, 0, 0, 0, 0, 0, 0x11 + j as u16)
+}
+
 pub fn vip() -> SocketAddr {
     (VIP, PORT).into()
+}
+
+pub fn vip6() -> SocketAddr {
+    (VIP6, PORT).into()
 }
 
 /// A BIRD process in a namespace, killed on drop.
@@ -70,14 +87,16 @@ fn router_bird(ns: &Netns, dir: &TempDir, lbs: usize) -> Result<BirdProcess> {
     let mut conf = format!(
         "log \"{}\" all;\nrouter id {ROUTER};\nprotocol device {{ }}\nprotocol bfd {{ }}\n\
          protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+         protocol kernel {{ ipv6 {{ import none; export all; }}; merge paths on; }}\n\
          template bgp lbs {{\n  local as {ROUTER_AS};\n  hold time 3; keepalive time 1;\n  \
          connect retry time 1; error wait time 1, 5;\n  \
          bfd {{ min rx interval {BFD_INTERVAL_MS} ms; min tx interval {BFD_INTERVAL_MS} ms; multiplier 3; }};\n  \
-         ipv4 {{ import all; export none; }};\n}}\n",
+         ipv4 {{ import all; export none; }};\n  ipv6 {{ import all; export none; }};\n}}\n",
         dir.0.join("router-bird.log").display()
     );
     for i in 0..lbs {
         conf += &format!("protocol bgp lb{i} from lbs {{ neighbor {} as {LB_AS}; }}\n", lb_addr(i));
+        conf += &format!("protocol bgp lb{i}v6 from lbs {{ neighbor {} as {LB_AS}; }}\n", lb_addr6(i));
     }
     let path = dir.0.join("router-bird.conf");
     std::fs::write(&path, conf)?;
@@ -109,9 +128,14 @@ pub fn lb_config(i: usize, run_dir: &str, backends: usize) -> String {
     for j in 0..backends {
         c += &format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_addr(j));
     }
+    c += &format!("\n[[service]]\nname = \"web6\"\nvip = \"{VIP6}\"\nport = {PORT}\nprotocol = \"tcp\"\n");
+    for j in 0..backends {
+        c += &format!("\n[[service.backend]]\naddress = \"{}\"\n", backend_addr6(j));
+    }
     c += &format!(
         "\n[bgp]\nlocal_as = {LB_AS}\nrouter_id = \"{}\"\nrun_dir = \"{run_dir}\"\ndrain_secs = {DRAIN_SECS}\n\
          withdraw_wait_ms = 300\n\n[[bgp.neighbor]]\naddress = \"{ROUTER}\"\npeer_as = {ROUTER_AS}\nbfd = true\n\
+         bfd_interval_ms = {BFD_INTERVAL_MS}\n\n[[bgp.neighbor]]\naddress = \"{ROUTER6}\"\npeer_as = {ROUTER_AS}\nbfd = true\n\
          bfd_interval_ms = {BFD_INTERVAL_MS}\n",
         lb_addr(i)
     );
@@ -153,10 +177,13 @@ impl ScaleOutBed {
 
         let router = Netns::new("router")?;
         plug(&switch, &router, "v-router", ROUTER)?;
+        add6(&router, IFACE, &format!("{ROUTER6}/64"))?;
         for key in [
             "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
             // ECMP by the 5-tuple, not by addresses alone: the connections of one client spread.
             "net.ipv4.fib_multipath_hash_policy=1",
+            "net.ipv6.fib_multipath_hash_policy=1",
         ] {
             router.exec(&["sysctl", "-qw", key])?;
         }
@@ -164,9 +191,12 @@ impl ScaleOutBed {
         router.exec(&["ip", "link", "add", "c0", "type", "veth", "peer", "name", IFACE, "netns", &client.name])?;
         router.exec(&["ip", "addr", "add", "10.97.0.1/24", "dev", "c0"])?;
         router.exec(&["ip", "link", "set", "c0", "up"])?;
+        add6(&router, "c0", "fd97::1/64")?;
         client.exec(&["ip", "addr", "add", &format!("{CLIENT}/24"), "dev", IFACE])?;
+        add6(&client, IFACE, &format!("{CLIENT6}/64"))?;
         client.exec(&["ip", "link", "set", IFACE, "up"])?;
         client.exec(&["ip", "route", "add", "default", "via", "10.97.0.1"])?;
+        client.exec(&["ip", "-6", "route", "add", "default", "via", "fd97::1"])?;
         // The balancers run native XDP: checksums complete before the frame leaves the client.
         client.exec(&["ethtool", "-K", IFACE, "tx", "off"])?;
         // A retransmission keeps its flow's hash, so its path (TOOLCHAIN.md).
@@ -178,6 +208,7 @@ impl ScaleOutBed {
             let ns = Netns::new(&format!("lb{i}"))?;
             let port = format!("v-lb{i}");
             plug(&switch, &ns, &port, lb_addr(i))?;
+            add6(&ns, IFACE, &format!("{}/64", lb_addr6(i)))?;
             let p = port.clone();
             peer_xdp.push(switch.run(move || lb_agent::dataplane::attach_pass_program(&p))??);
             lbs_ns.push(ns);
@@ -187,9 +218,12 @@ impl ScaleOutBed {
         for j in 0..backends {
             let ns = Netns::new(&format!("b{j}"))?;
             plug(&switch, &ns, &format!("v-b{j}"), backend_addr(j))?;
+            add6(&ns, IFACE, &format!("{}/64", backend_addr6(j)))?;
             ns.exec(&["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"])?;
+            add6(&ns, "lo", &format!("{VIP6}/128"))?;
             ns.exec(&["ip", "route", "add", "default", "via", &ROUTER.to_string()])?;
-            servers.push(Server::start(&ns, &backend_name(j), &[VIP.into()], PORT)?);
+            ns.exec(&["ip", "-6", "route", "add", "default", "via", &ROUTER6.to_string()])?;
+            servers.push(Server::start(&ns, &backend_name(j), &[VIP.into(), VIP6.into()], PORT)?);
             backend_ns.push(ns);
         }
         let router_bird = router_bird(&router, &dir, lbs)?;
@@ -246,6 +280,28 @@ impl ScaleOutBed {
         Ok(hops)
     }
 
+    /// How many next hops the router's route to the IPv6 VIP has (BIRD may install the
+    /// balancers' link-local addresses: counted, not named).
+    pub fn next_hops6(&self) -> Result<usize> {
+        let out = self.router.exec(&["ip", "-6", "route", "show", &format!("{VIP6}/128")])?;
+        Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().filter(|w| *w == "via").count())
+    }
+
+    /// Waits until the router's route to the IPv6 VIP has `n` next hops.
+    pub fn wait_next_hops6(&self, n: usize, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let hops = self.next_hops6()?;
+            if hops == n {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!("the router's route to {VIP6} has {hops} next hops, not {n}, after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Waits until the router's next hops for the VIP are those of the balancers `lbs`;
     /// returns how long that took (polled every 2 ms).
     pub fn wait_next_hops(&self, lbs: &[usize], timeout: Duration) -> Result<Duration> {
@@ -271,6 +327,11 @@ impl ScaleOutBed {
         let state = if restore { "up" } else { "down" };
         self.switch.exec(&["ip", "link", "set", &format!("v-lb{i}"), state]).map(|_| ())
     }
+}
+
+/// An IPv6 address usable at once (no duplicate address detection).
+fn add6(ns: &Netns, dev: &str, cidr: &str) -> Result<()> {
+    ns.exec(&["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"]).map(|_| ())
 }
 
 /// Connects `host` to the bridge: `eth0` in the host, `port` on the switch.

@@ -132,6 +132,11 @@ impl Conn {
         self.lines.get_ref().local_addr().map_or(0, |a| a.port())
     }
 
+    /// Whether the connection goes to an IPv6 address.
+    pub fn peer_is_v6(&self) -> bool {
+        self.lines.get_ref().peer_addr().is_ok_and(|a| a.is_ipv6())
+    }
+
     /// Asks again: the name of the backend that answers now.
     pub fn ask(&mut self) -> Result<String, String> {
         self.lines.get_mut().write_all(b"again\n").map_err(|e| e.kind().to_string())?;

@@ -37,6 +37,30 @@ mac = "02:00:00:00:00:0b"
 }
 
 #[test]
+fn check_prints_the_bird_config_of_the_bgp_section() {
+    let dir = TempDir::new("cli").unwrap();
+    let bgp = "\n[bgp]\nlocal_as = 65001\nrouter_id = \"10.0.0.2\"\n\n[[bgp.neighbor]]\naddress = \"10.0.0.1\"\npeer_as = 65000\n";
+    let path = write_config(&dir, &format!("{}{bgp}", config("eth0")));
+    let out = agent(&["check", "--config", &path, "--bird-config"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in ["neighbor 10.0.0.1 as 65000;", "protocol static xlb_vip4_0a620064 {", "route 10.98.0.100/32 blackhole;"] {
+        assert!(text.contains(needle), "no {needle:?} in:\n{text}");
+    }
+    // An operator's BIRD: the filter and the VIP protocols to add to its config.
+    let path = write_config(&dir, &format!("{}\n[bgp]\nbird_socket = \"/run/bird/bird.ctl\"\n", config("eth0")));
+    let out = agent(&["check", "--config", &path, "--bird-config"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("filter xlb_export") && text.contains("xlb_vip4_0a620064_drain"), "{text}");
+    assert!(!text.contains("protocol bgp"), "{text}");
+    // Without [bgp] there is nothing to print: say so.
+    let path = write_config(&dir, &config("eth0"));
+    let out = agent(&["check", "--config", &path, "--bird-config"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no [bgp] section"), "{out:?}");
+}
+
+#[test]
 fn check_accepts_a_good_config_and_explains_a_bad_one() {
     let dir = TempDir::new("cli").unwrap();
     let good = write_config(&dir, &config("eth0"));

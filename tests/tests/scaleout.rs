@@ -5,28 +5,42 @@
 use std::time::{Duration, Instant};
 
 use lb_agent::tables::maglev::{self, address_key, Member};
-use lb_common::{addr_v4, hash::flow_hash, limits::DEFAULT_MAGLEV_SIZE, IPPROTO_TCP};
+use std::net::IpAddr;
+
+use lb_common::{addr_v4, addr_v6, hash::flow_hash, limits::DEFAULT_MAGLEV_SIZE, IPPROTO_TCP};
 use xlb_tests::{
     agent::AgentProcess,
-    scaleout::{backend_addr, lb_config, vip, ScaleOutBed, CLIENT, DRAIN_SECS, HASH_SEED, METRICS, PORT, VIP},
+    scaleout::{
+        backend_addr, backend_addr6, lb_config, vip, vip6, ScaleOutBed, CLIENT, CLIENT6, DRAIN_SECS, HASH_SEED, METRICS,
+        PORT, VIP, VIP6,
+    },
     scenario::backend_name,
     traffic::{failures, open_connections, tcp_requests, Conn, Server},
 };
 
 const LBS: usize = 3;
 const BACKENDS: usize = 3;
+/// Long-lived connections to the IPv4 VIP, and to the IPv6 one.
 const LONG_LIVED: usize = 90;
+const LONG_LIVED6: usize = 30;
 
 /// The backend every host's Maglev table gives the client's connection from `port`: the
 /// lookup a single host makes, computed here from the seed and the backends' addresses.
-fn expected_backend(port: u16) -> String {
+fn expected_backend(c: &Conn) -> String {
+    let v6 = c.peer_is_v6();
+    let address = |j: usize| if v6 { IpAddr::from(backend_addr6(j)) } else { backend_addr(j).into() };
     let members: Vec<Member> =
-        (0..BACKENDS).map(|j| Member { id: j as u32, key: address_key(backend_addr(j).into()), weight: 1 }).collect();
+        (0..BACKENDS).map(|j| Member { id: j as u32, key: address_key(address(j)), weight: 1 }).collect();
     let table = maglev::build(&members, DEFAULT_MAGLEV_SIZE);
-    let [s0, s1] = port.to_be_bytes();
+    let [s0, s1] = c.local_port().to_be_bytes();
     let [d0, d1] = PORT.to_be_bytes();
     let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
-    let hash = flow_hash(&addr_v4(CLIENT.octets()), &addr_v4(VIP.octets()), ports, IPPROTO_TCP, HASH_SEED);
+    let (src, dst) = if v6 {
+        (addr_v6(CLIENT6.octets()), addr_v6(VIP6.octets()))
+    } else {
+        (addr_v4(CLIENT.octets()), addr_v4(VIP.octets()))
+    };
+    let hash = flow_hash(&src, &dst, ports, IPPROTO_TCP, HASH_SEED);
     backend_name(table[(hash % DEFAULT_MAGLEV_SIZE) as usize] as usize)
 }
 
@@ -65,6 +79,14 @@ fn forwarded(bed: &mut ScaleOutBed, i: usize) -> u64 {
     v["services"][0]["packets"].as_u64().unwrap()
 }
 
+/// The same for the IPv6 service.
+fn forwarded6(bed: &mut ScaleOutBed, i: usize) -> u64 {
+    let (ok, out, err) = bed.agent(i).ctl(&["--json", "list"]).unwrap();
+    assert!(ok, "ctl list on lb{i}: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["services"][1]["packets"].as_u64().unwrap()
+}
+
 fn bgp_view(bed: &mut ScaleOutBed, i: usize) -> serde_json::Value {
     let (ok, out, err) = bed.agent(i).ctl(&["--json", "list"]).unwrap();
     assert!(ok, "ctl list on lb{i}: {err}");
@@ -91,13 +113,16 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
         bed.start_agent(i).unwrap();
     }
     let converged = bed.wait_next_hops(&[0, 1, 2], Duration::from_secs(30)).unwrap();
-    eprintln!("router: 3 ECMP next hops {converged:?} after the last agent was ready");
+    bed.wait_next_hops6(3, Duration::from_secs(10)).unwrap();
+    eprintln!("router: 3 ECMP next hops {converged:?} after the last agent was ready (IPv4 and IPv6)");
     for i in 0..LBS {
         bed.agent(i).wait_for_log(&format!("bgp: VIP {VIP} announced: web 3 of 3 up"), Duration::from_secs(5)).unwrap();
-        let bgp = wait_bgp(&mut bed, i, |v| v["sessions"][0]["up"] == true);
-        assert_eq!(bgp["vips"][0]["state"], "announced", "lb{i}: {bgp}");
-        assert_eq!(bgp["sessions"][0]["up"], true, "lb{i}: {bgp}");
-        assert_eq!(bgp["sessions"][0]["state"], "Established", "lb{i}: {bgp}");
+        let bgp = wait_bgp(&mut bed, i, |v| v["sessions"][0]["up"] == true && v["sessions"][1]["up"] == true);
+        for k in 0..2 {
+            assert_eq!(bgp["vips"][k]["state"], "announced", "lb{i}: {bgp}");
+            assert_eq!(bgp["sessions"][k]["up"], true, "lb{i}: {bgp}");
+            assert_eq!(bgp["sessions"][k]["state"], "Established", "lb{i}: {bgp}");
+        }
     }
     // Every host builds the same tables from the same seed: one fingerprint.
     let prints: Vec<String> = (0..LBS).map(|i| bed.agent(i).ctl(&["fingerprint"]).unwrap().1).collect();
@@ -118,17 +143,23 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     for i in 0..LBS {
         assert!(after[i] > before[i] + 10, "lb{i} forwarded {} packets of {LONG_LIVED} connections", after[i] - before[i]);
     }
+    let before6: Vec<u64> = (0..LBS).map(|i| forwarded6(&mut bed, i)).collect();
+    conns.extend(open_connections(&bed.client, vip6(), LONG_LIVED6).unwrap());
+    for i in 0..LBS {
+        let n = forwarded6(&mut bed, i) - before6[i];
+        assert!(n > 3, "lb{i} forwarded {n} packets of {LONG_LIVED6} IPv6 connections");
+    }
     let wrong: Vec<(u16, String, String)> = conns
         .iter()
-        .filter(|c| c.backend != expected_backend(c.local_port()))
-        .map(|c| (c.local_port(), c.backend.clone(), expected_backend(c.local_port())))
+        .filter(|c| c.backend != expected_backend(c))
+        .map(|c| (c.local_port(), c.backend.clone(), expected_backend(c)))
         .collect();
     assert!(wrong.is_empty(), "connections on another backend than the lookup's: {wrong:?}");
     let spread: std::collections::BTreeMap<&str, usize> = conns.iter().fold(Default::default(), |mut m, c| {
         *m.entry(c.backend.as_str()).or_default() += 1;
         m
     });
-    eprintln!("{LONG_LIVED} connections over the backends: {spread:?}; packets per host {:?}", {
+    eprintln!("{} connections over the backends: {spread:?}; IPv4 packets per host {:?}", conns.len(), {
         (0..LBS).map(|i| after[i] - before[i]).collect::<Vec<_>>()
     });
 
@@ -143,9 +174,11 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     bed.agent(1).kill9().unwrap();
     bed.wait_next_hops(&[0, 2], Duration::from_secs(5)).unwrap();
     let withdraw_kill = t0.elapsed();
+    bed.wait_next_hops6(2, Duration::from_secs(5)).unwrap();
+    let withdraw_kill6 = t0.elapsed();
     let (c, asked) = asker.join().unwrap();
     conns = c;
-    eprintln!("SIGKILL of lb1: withdrawn from the router's FIB in {withdraw_kill:?}; {asked:?}");
+    eprintln!("SIGKILL of lb1: withdrawn from the router's FIB in {withdraw_kill:?} (IPv6 {withdraw_kill6:?}); {asked:?}");
     assert!(withdraw_kill < Duration::from_secs(1), "withdrawal took {withdraw_kill:?}");
     assert_eq!((asked.failed, asked.moved), (0, 0), "{asked:?}");
 
@@ -153,6 +186,7 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     let t0 = Instant::now();
     bed.start_agent(1).unwrap();
     bed.wait_next_hops(&[0, 1, 2], Duration::from_secs(30)).unwrap();
+    bed.wait_next_hops6(3, Duration::from_secs(30)).unwrap();
     let rejoin = t0.elapsed();
     let asked = ask_for(&mut conns, Duration::from_millis(500));
     eprintln!("lb1 back: announced again {rejoin:?} after its agent started; {asked:?}");
@@ -173,9 +207,11 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     bed.cut(2, false).unwrap();
     bed.wait_next_hops(&[0, 1], Duration::from_secs(10)).unwrap();
     let withdraw_silent = t0.elapsed();
+    bed.wait_next_hops6(2, Duration::from_secs(10)).unwrap();
+    let withdraw_silent6 = t0.elapsed();
     let (c, asked) = asker.join().unwrap();
     conns = c;
-    eprintln!("lb2's link cut: withdrawn from the router's FIB in {withdraw_silent:?} (BFD); {asked:?}");
+    eprintln!("lb2's link cut: withdrawn from the router's FIB in {withdraw_silent:?} (IPv6 {withdraw_silent6:?}; BFD); {asked:?}");
     assert!(withdraw_silent < Duration::from_secs(1), "withdrawal took {withdraw_silent:?}");
     assert_eq!((asked.failed, asked.moved), (0, 0), "{asked:?}");
 
@@ -186,6 +222,7 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     let t0 = Instant::now();
     bed.wait_next_hops(&[1], Duration::from_secs(5)).unwrap();
     let moved_away = t0.elapsed();
+    bed.wait_next_hops6(1, Duration::from_secs(5)).unwrap();
     assert_eq!(wait_bgp(&mut bed, 0, |v| v["host"] == "draining")["host"], "draining");
     let asked = ask_for(&mut conns, Duration::from_millis(300));
     assert_eq!((asked.failed, asked.moved), (0, 0), "{asked:?}");
@@ -206,6 +243,7 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     let t0 = Instant::now();
     bed.cut(2, true).unwrap();
     bed.wait_next_hops(&[0, 1, 2], Duration::from_secs(30)).unwrap();
+    bed.wait_next_hops6(3, Duration::from_secs(30)).unwrap();
     eprintln!("lb2's link back: announced again after {:?}", t0.elapsed());
     let asked = ask_for(&mut conns, Duration::from_millis(300));
     assert_eq!((asked.failed, asked.moved), (0, 0), "{asked:?}");
@@ -216,6 +254,7 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
         s.stop();
     }
     bed.wait_next_hops(&[], Duration::from_secs(10)).unwrap();
+    bed.wait_next_hops6(0, Duration::from_secs(10)).unwrap();
     for i in 0..LBS {
         bed.agent(i)
             .wait_for_log(&format!("bgp: VIP {VIP} withdrawn: no service has min_healthy backends up"), Duration::from_secs(5))
@@ -235,7 +274,9 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     assert!(log.contains("bgp: BIRD stopped"), "{log}");
     bed.wait_next_hops(&[0, 1], Duration::from_secs(2)).unwrap();
     eprintln!(
-        "withdraw times: SIGKILL {withdraw_kill:?}, silent link failure {withdraw_silent:?}; connections broken: 0 of {LONG_LIVED}"
+        "withdraw times: SIGKILL {withdraw_kill:?} (IPv6 {withdraw_kill6:?}), silent link failure {withdraw_silent:?} \
+         (IPv6 {withdraw_silent6:?}); connections broken: 0 of {}",
+        LONG_LIVED + LONG_LIVED6
     );
 }
 

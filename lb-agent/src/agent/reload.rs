@@ -35,6 +35,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.egress_interfaces != new.egress_interfaces {
         changed.push("egress_interfaces");
     }
+    // BIRD's sessions are set up at start; the VIPs themselves follow the services.
+    if old.bgp != new.bgp {
+        changed.push("bgp");
+    }
     changed
 }
 
