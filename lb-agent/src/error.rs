@@ -26,6 +26,9 @@ pub enum ChangeError {
          size; {available} free): raise maglev_capacity and restart; nothing was changed"
     )]
     NoTableSpace { needed: u64, available: u64 },
+    /// An L7 listener could not be bound or a certificate read: nothing was changed.
+    #[error("{0:#}; nothing was changed")]
+    L7(anyhow::Error),
     /// A map write failed half-way: the maps hold part of the change.
     #[error(transparent)]
     Dataplane(#[from] anyhow::Error),

@@ -8,6 +8,7 @@
 //! - `tables`: Maglev and round-robin tables, built here, looked up by the kernel;
 //! - `health`: active checks; `api`: the control socket and `lb-agent ctl`; `metrics`;
 //! - `bgp`: the VIPs announced through BIRD while this host can serve them;
+//! - `l7`: the services the agent proxies itself (HTTP, HTTPS, TCP with PROXY headers);
 //! - `net`: interface addresses, MACs, neighbours; `decap`: the backend side of L3 DSR;
 //! - `sys`: every raw system call (the only `unsafe`); `error`: the errors callers branch on.
 #![deny(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod error;
 pub mod health;
+pub mod l7;
 pub mod metrics;
 pub mod net;
 pub mod sys;

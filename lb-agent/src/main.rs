@@ -400,6 +400,7 @@ async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
     if let Some(speaker) = agent.take_speaker() {
         speaker.stop().await;
     }
+    agent.l7.shutdown().await;
     info!("counters:\n{}", agent.stats_table()?);
     let pins = agent.dataplane.pin_dir().map(|d| d.display().to_string()).unwrap_or_default();
     if !keep_on_exit {

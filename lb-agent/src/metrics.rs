@@ -39,10 +39,19 @@ struct Family {
     samples: Vec<(Labels, u64)>,
 }
 
+/// A histogram's samples: per label set, the sum, the count and (bound, count) per bucket.
+#[derive(Debug)]
+struct Histograms {
+    name: &'static str,
+    help: &'static str,
+    samples: Vec<(Labels, f64, u64, Vec<(f64, u64)>)>,
+}
+
 /// Every metric's value at one scrape.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     families: Vec<Family>,
+    histograms: Vec<Histograms>,
 }
 
 impl Snapshot {
@@ -80,6 +89,15 @@ impl Collector for Snapshot {
                         value_of(f.kind, *value, family.encode_family(&labels)?)?;
                     }
                 }
+            }
+        }
+        for h in &self.histograms {
+            let mut family = encoder.encode_descriptor(h.name, h.help, None, MetricType::Histogram)?;
+            for (labels, sum, count, buckets) in &h.samples {
+                let labels: Labels = labels.iter().map(|(k, v)| (*k, escape(v))).collect();
+                family.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    *sum, *count, buckets, None,
+                )?;
             }
         }
         Ok(())
@@ -179,6 +197,7 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
         "Flows pinned to the backend and not closed, as the data path counts them for lc/wlc (reconciled with the \
          flow table every few seconds).",
     ) = active;
+    l7_metrics(agent, &mut snap);
     if let Some(bgp) = agent.speaker().map(|s| s.view()) {
         *snap.family("xlb_vip_announced", Gauge, "1 while BIRD announces the VIP (draining included).") = bgp
             .vips
@@ -191,6 +210,62 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
             bgp.sessions.iter().map(|s| (vec![("neighbor", s.neighbor.clone())], u64::from(s.up))).collect();
     }
     Ok(snap)
+}
+
+/// The L7 services: requests by status class, durations, connections, TLS failures, and each
+/// backend's state.
+fn l7_metrics(agent: &Agent, snap: &mut Snapshot) {
+    use std::sync::atomic::Ordering::Relaxed;
+    use MetricType::{Counter, Gauge};
+    let (mut requests, mut up, mut in_flight, mut failures) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut active, mut connections, mut tls, mut durations) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (config, stats, backends) in agent.l7.services() {
+        let service = vec![("service", config.name.clone())];
+        active.push((service.clone(), stats.active.load(Relaxed).max(0) as u64));
+        connections.push((service.clone(), stats.connections.load(Relaxed)));
+        tls.push((service.clone(), stats.tls_failures.load(Relaxed)));
+        let mut cumulative = 0;
+        let mut buckets = Vec::new();
+        for (i, bound) in crate::l7::DURATION_BUCKETS.iter().enumerate() {
+            cumulative += stats.durations[i].load(Relaxed);
+            buckets.push((*bound, stats.durations[i].load(Relaxed)));
+        }
+        let last = stats.durations[crate::l7::DURATION_BUCKETS.len()].load(Relaxed);
+        buckets.push((f64::INFINITY, last));
+        let sum = stats.duration_sum_us.load(Relaxed) as f64 / 1e6;
+        durations.push((service.clone(), sum, cumulative + last, buckets));
+        for b in backends {
+            let labels = vec![
+                ("service", config.name.clone()),
+                ("backend", b.address.to_string()),
+                ("pool", b.pool.clone()),
+            ];
+            for (class, c) in b.counts.by_class.iter().enumerate() {
+                let mut l = labels.clone();
+                l.push(("class", format!("{}xx", class + 1)));
+                requests.push((l, c.load(Relaxed)));
+            }
+            up.push((labels.clone(), u64::from(b.is_up())));
+            in_flight.push((labels.clone(), b.in_flight.load(Relaxed).max(0) as u64));
+            failures.push((labels, b.counts.connect_failures.load(Relaxed)));
+        }
+    }
+    if active.is_empty() {
+        return;
+    }
+    *snap.family("xlb_l7_requests", Counter, "L7 responses per backend by status class (tcp-proxy: relays as 2xx).") = requests;
+    *snap.family("xlb_l7_backend_up", Gauge, "1 when the L7 backend passes its health checks.") = up;
+    *snap.family("xlb_l7_backend_in_flight", Gauge, "Requests (or relays) in progress on the L7 backend.") = in_flight;
+    *snap.family("xlb_l7_connect_failures", Counter, "Connections to the L7 backend that failed (then retried elsewhere).") =
+        failures;
+    *snap.family("xlb_l7_active_connections", Gauge, "Client connections open on the L7 service.") = active;
+    *snap.family("xlb_l7_connections", Counter, "Client connections accepted by the L7 service.") = connections;
+    *snap.family("xlb_l7_tls_handshake_failures", Counter, "TLS handshakes that failed or timed out.") = tls;
+    snap.histograms.push(Histograms {
+        name: "xlb_l7_request_duration_seconds",
+        help: "Time from a request's headers to its response's headers, per L7 service.",
+        samples: durations,
+    });
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

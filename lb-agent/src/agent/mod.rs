@@ -136,6 +136,8 @@ pub struct Agent {
     ready: bool,
     /// Announces the VIPs over BGP, once the data path is attached.
     speaker: Option<crate::bgp::Speaker>,
+    /// The services proxied at L7.
+    pub l7: crate::l7::L7,
 }
 
 /// How backends start.
@@ -194,6 +196,7 @@ impl Agent {
             let index = if_index(name).ok_or_else(|| anyhow!("unknown egress interface {name:?}"))?;
             dataplane.add_tx_port(index)?;
         }
+        let events_for_l7 = events.clone();
         let mut agent = Self {
             dataplane,
             services: Vec::new(),
@@ -203,11 +206,14 @@ impl Agent {
             state,
             ready: false,
             speaker: None,
+            l7: crate::l7::L7::new(events_for_l7),
         };
         let macs = resolve_macs(config.services.iter().collect(), &config.interface);
         for sc in &config.services {
             agent.add_service(sc, &macs)?;
         }
+        let l7 = agent.l7.prepare(&config.l7)?;
+        agent.l7.commit(l7);
         // Slots of a previous agent that no backend claimed are free from here on, and so are
         // remembered states: a backend added later starts as its initial_state.
         agent.dataplane.ids().forget_adopted();
@@ -265,7 +271,7 @@ impl Agent {
 
     /// Whether every backend has a verdict of its checks.
     pub fn all_checked(&self) -> bool {
-        self.services.iter().all(|s| s.backends.iter().all(|b| b.checked))
+        self.services.iter().all(|s| s.backends.iter().all(|b| b.checked)) && self.l7.all_checked()
     }
 
     /// Logs, once, that every backend has been checked: from then on the tables say what the
@@ -280,7 +286,8 @@ impl Agent {
             .iter()
             .flat_map(|s| &s.backends)
             .fold((0, 0), |(u, t), b| (u + usize::from(b.healthy()), t + 1));
-        info!("ready: every backend checked, {up} of {total} up");
+        let (l7_up, l7_total) = self.l7.counts();
+        info!("ready: every backend checked, {} of {} up", up + l7_up, total + l7_total);
     }
 
     /// Hands the BGP speaker to the agent, which tells it of every health change from here on.
@@ -483,6 +490,11 @@ impl Agent {
     /// Applies a health report (one about a backend removed since is ignored).
     pub fn handle(&mut self, event: Event) -> Result<()> {
         match event {
+            Event::State { target, .. } if self.owner(target).is_none() => {
+                if self.l7.handle(&event) {
+                    self.log_ready();
+                }
+            }
             Event::State { target, up, detail } => {
                 let Some(s) = self.owner(target) else { return Ok(()) };
                 let interface = self.config.interface.clone();

@@ -71,6 +71,9 @@ impl Agent {
             let needed = new_sizes.iter().map(|&n| 2 * u64::from(n)).sum();
             return Err(ChangeError::NoTableSpace { needed, available: self.dataplane.tables_available(&freed) });
         }
+        // Certificates read and new listeners bound before anything changes. Certificates are
+        // read again on every reload, so that a reload picks up renewed files.
+        let l7 = self.l7.prepare(&new.l7).map_err(ChangeError::L7)?;
 
         let (mut added, mut changed) = (0, 0);
         for &id in &going {
@@ -97,10 +100,11 @@ impl Agent {
         // The config's order is the order services are listed in.
         let order: HashMap<_, usize> = new.services.iter().enumerate().map(|(i, s)| (service_key(s), i)).collect();
         self.services.sort_by_key(|s| order.get(&service_key(&s.config)).copied().unwrap_or(usize::MAX));
+        self.l7.commit(l7);
         self.config = new.clone();
         // The state file is written by the caller, once it has recorded the change.
         self.log_ready();
-        Ok(format!("{added} services added, {} removed, {changed} changed", going.len()))
+        Ok(format!("{added} services added, {} removed, {changed} changed; {} L7 services", going.len(), new.l7.len()))
     }
 
     /// Applies a service's new config; true when anything changed.

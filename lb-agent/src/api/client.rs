@@ -156,6 +156,7 @@ pub fn status(socket: &Path, interval: Duration, once: bool) -> Result<()> {
                     &format!("{:<28} {:<40} {:>8} {:>6} {:>12} {r:>10}\n", "", b.address, b.state, b.weight, b.packets);
             }
         }
+        out += &l7_table(&response);
         out += &bgp_table(&response);
         print!("{out}");
         std::io::stdout().flush()?;
@@ -178,6 +179,20 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
     let mut answer = String::new();
     BufReader::new(conn).read_line(&mut answer).context("no answer from the agent")?;
     serde_json::from_str(&answer).with_context(|| format!("unexpected answer: {answer:?}"))
+}
+
+/// The L7 services and their backends, in the services table's columns.
+fn l7_table(r: &Response) -> String {
+    let mut out = String::new();
+    for s in &r.l7 {
+        let service = format!("{} (l7 {})", s.name, s.mode);
+        out += &format!("{service:<28} {:<40} {:>6} {:>6} {:>12} {:>14}\n", s.listen.to_string(), "", "", s.requests, format!("{} conns", s.active_connections));
+        for b in &s.backends {
+            let addr = if b.pool == "default" { b.address.to_string() } else { format!("{} [{}]", b.address, b.pool) };
+            out += &format!("{:<28} {addr:<40} {:>6} {:>6} {:>12} {:>14}\n", "", b.state, b.weight, b.requests, format!("{} busy", b.in_flight));
+        }
+    }
+    out
 }
 
 /// The VIPs' announcements and the BGP sessions, when the agent has `[bgp]`.
@@ -214,5 +229,5 @@ fn table(r: &Response) -> String {
             );
         }
     }
-    out + &bgp_table(r)
+    out + &l7_table(r) + &bgp_table(r)
 }

@@ -69,6 +69,33 @@ pub struct Response {
     pub services: Vec<ServiceView>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bgp: Option<BgpView>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub l7: Vec<L7ServiceView>,
+}
+
+/// An L7 service, as `ctl list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct L7ServiceView {
+    pub name: String,
+    pub listen: std::net::SocketAddr,
+    /// "http", "https" or "tcp-proxy".
+    pub mode: String,
+    pub scheduler: String,
+    pub active_connections: u64,
+    /// Responses (tcp-proxy: relays) so far.
+    pub requests: u64,
+    pub backends: Vec<L7BackendView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct L7BackendView {
+    pub address: std::net::SocketAddr,
+    pub pool: String,
+    pub weight: u32,
+    /// "up", "down" or "drain".
+    pub state: String,
+    pub in_flight: u64,
+    pub requests: u64,
 }
 
 /// The VIPs' announcements and the BGP sessions, as BIRD reports them.

@@ -17,7 +17,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use super::proto::{BackendView, NewBackend, Request, Response, ServiceView};
+use super::proto::{BackendView, L7BackendView, L7ServiceView, NewBackend, Request, Response, ServiceView};
 use crate::{
     agent::Agent,
     config::{BackendConfig, Config, Forward, Protocol, ServiceConfig},
@@ -38,6 +38,7 @@ pub fn handle(agent: &mut Agent, request: Request, config_path: &Path) -> Respon
             ok: true,
             services,
             bgp: agent.speaker().map(|s| s.view()),
+            l7: l7_list(agent),
             ..Default::default()
         }),
         Request::DrainHost => drain_host(agent, true),
@@ -251,6 +252,33 @@ fn list(agent: &Agent) -> Result<Vec<ServiceView>> {
                 bytes: c.bytes,
                 backends,
             })
+        })
+        .collect()
+}
+
+fn l7_list(agent: &Agent) -> Vec<L7ServiceView> {
+    use std::sync::atomic::Ordering::Relaxed;
+    agent
+        .l7
+        .services()
+        .map(|(config, stats, backends)| L7ServiceView {
+            name: config.name.clone(),
+            listen: config.listen,
+            mode: config.mode.to_string(),
+            scheduler: config.scheduler.to_string(),
+            active_connections: stats.active.load(Relaxed).max(0) as u64,
+            requests: stats.requests.total(),
+            backends: backends
+                .iter()
+                .map(|b| L7BackendView {
+                    address: b.address,
+                    pool: b.pool.clone(),
+                    weight: b.weight.load(Relaxed),
+                    state: b.state().to_string(),
+                    in_flight: b.in_flight.load(Relaxed).max(0) as u64,
+                    requests: b.counts.total(),
+                })
+                .collect(),
         })
         .collect()
 }

@@ -3,6 +3,7 @@
 //! validator of a whole config (`validate`), which the file and the control API share. A
 //! config that passes fits every limit of the data path, so applying it cannot half-fail on a
 //! limit; every error of a file names its line, column and field.
+pub mod l7;
 mod raw;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -147,6 +148,8 @@ pub struct Config {
     /// Announcing the VIPs over BGP (through BIRD); None: not announced.
     pub bgp: Option<BgpConfig>,
     pub services: Vec<ServiceConfig>,
+    /// Services the agent proxies itself (HTTP, HTTPS, TCP with PROXY headers).
+    pub l7: Vec<l7::L7Service>,
 }
 
 /// `[bgp]`: each VIP announced while this host can serve it, through a BIRD the agent runs

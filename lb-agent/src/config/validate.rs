@@ -15,8 +15,8 @@ use crate::tables::maglev::is_prime;
 pub fn validate(config: &Config) -> Vec<Invalid> {
     let mut out = Vec::new();
     let mut bad = |field: String, kind: InvalidKind, message: String| out.push(Invalid { field, kind, message });
-    if config.services.is_empty() {
-        bad("service".into(), InvalidKind::Missing, "expected at least one [[service]]".into());
+    if config.services.is_empty() && config.l7.is_empty() {
+        bad("service".into(), InvalidKind::Missing, "expected at least one [[service]] or [[l7]]".into());
     }
     if config.egress_interfaces.len() >= MAX_TX_PORTS as usize {
         bad("egress_interfaces".into(), InvalidKind::Limit, format!("at most {} interfaces", MAX_TX_PORTS - 1));
@@ -101,6 +101,72 @@ pub fn validate(config: &Config) -> Vec<Invalid> {
         let message =
             format!("the services need {needed} entries (twice each maglev_size), got {}", config.maglev_capacity);
         bad("maglev_capacity".into(), InvalidKind::Limit, message);
+    }
+    let names: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+    out.extend(validate_l7(config, &names));
+    out
+}
+
+/// The L7 services as a whole: names, listeners, what each mode takes, routes and pools.
+fn validate_l7(config: &Config, l4_names: &HashSet<&str>) -> Vec<Invalid> {
+    use super::l7::L7Mode;
+    let mut out = Vec::new();
+    let mut bad = |field: String, kind: InvalidKind, message: String| out.push(Invalid { field, kind, message });
+    let (mut names, mut listens) = (HashSet::new(), HashSet::new());
+    for (i, s) in config.l7.iter().enumerate() {
+        let path = format!("l7[{i}]");
+        if l4_names.contains(s.name.as_str()) || !names.insert(s.name.as_str()) {
+            bad(format!("{path}.name"), InvalidKind::Duplicate, format!("a service is already named {:?}", s.name));
+        }
+        if s.listen.port() == 0 {
+            bad(format!("{path}.listen"), InvalidKind::BadValue, "expected a port from 1 to 65535, got 0".into());
+        } else if !listens.insert(s.listen) {
+            bad(format!("{path}.listen"), InvalidKind::Duplicate, format!("another [[l7]] listens on {}", s.listen));
+        }
+        match (s.mode, s.tls.is_empty()) {
+            (L7Mode::Https, true) => {
+                bad(format!("{path}.tls"), InvalidKind::Missing, "mode \"https\" needs at least one [[l7.tls]]".into())
+            }
+            (L7Mode::Http | L7Mode::TcpProxy, false) => bad(
+                format!("{path}.tls"),
+                InvalidKind::BadValue,
+                format!("[[l7.tls]] is for mode \"https\", not \"{}\"", s.mode),
+            ),
+            _ => {}
+        }
+        if s.mode == L7Mode::TcpProxy {
+            if s.cookie.is_some() {
+                let message = "cookies need HTTP: mode \"http\" or \"https\"".to_string();
+                bad(format!("{path}.cookie"), InvalidKind::BadValue, message);
+            }
+            if !s.routes.is_empty() {
+                let message = "routes need HTTP: mode \"http\" or \"https\"".to_string();
+                bad(format!("{path}.route"), InvalidKind::BadValue, message);
+            }
+        }
+        if matches!(s.health.check, super::Check::Udp { .. }) {
+            bad(format!("{path}.health.kind"), InvalidKind::BadValue, "expected \"tcp\" or \"http\" for an L7 service".into());
+        }
+        let pools: HashSet<&str> = s.backends.iter().map(|b| b.pool.as_str()).collect();
+        for (k, r) in s.routes.iter().enumerate() {
+            if !pools.contains(r.pool.as_str()) {
+                let message = format!("no [[l7.backend]] is in pool {:?}", r.pool);
+                bad(format!("{path}.route[{k}].pool"), InvalidKind::Missing, message);
+            }
+        }
+        let mut seen = HashSet::new();
+        for (j, b) in s.backends.iter().enumerate() {
+            let field = format!("{path}.backend[{j}].address");
+            if !is_unicast(b.address.ip()) || b.address.port() == 0 {
+                bad(field, InvalidKind::BadValue, format!("expected a unicast address and a port, got {}", b.address));
+            } else if !seen.insert((b.address, b.pool.as_str())) {
+                bad(field, InvalidKind::Duplicate, format!("{} is already in pool {:?}", b.address, b.pool));
+            }
+            if b.weight > MAX_WEIGHT {
+                let message = format!("expected a weight from 0 to {MAX_WEIGHT}, got {}", b.weight);
+                bad(format!("{path}.backend[{j}].weight"), InvalidKind::BadValue, message);
+            }
+        }
     }
     out
 }

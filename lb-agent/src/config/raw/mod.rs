@@ -22,6 +22,8 @@ use super::{
 };
 use crate::net::mac::parse_mac;
 
+mod l7;
+
 // The file as written: every value keeps its span so that validation can point at it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +49,8 @@ struct RawConfig {
     bgp: Option<Spanned<RawBgp>>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    l7: Vec<Spanned<l7::RawL7>>,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +364,7 @@ fn read(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         }
     };
     let bgp = raw.bgp.as_ref().map(|b| read_bgp(b, errors));
+    let l7 = raw.l7.iter().enumerate().map(|(i, s)| l7::read(i, s, &raw.health, errors)).collect();
     Config {
         interface: interface.clone(),
         xdp_mode: raw.xdp_mode,
@@ -375,6 +380,7 @@ fn read(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         egress_interfaces,
         multi_host: raw.multi_host,
         services,
+        l7,
     }
 }
 
