@@ -6,6 +6,7 @@ pub mod agent;
 pub mod bed;
 pub mod bench;
 pub mod capture;
+pub mod certs;
 pub mod dpbed;
 pub mod http;
 pub mod loadgen;

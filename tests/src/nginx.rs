@@ -18,6 +18,7 @@ pub const PROXY_PORT: u16 = 8081;
 
 pub struct Nginx {
     child: Child,
+    killed: bool,
     pub dir: TempDir,
     pub name: String,
 }
@@ -74,7 +75,7 @@ http {{
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start nginx (cargo xtask setup installs it)")?;
-        let nginx = Self { child, dir, name: name.to_string() };
+        let nginx = Self { child, killed: false, dir, name: name.to_string() };
         // Ready once its pid file is written (the sockets are bound before).
         let start = Instant::now();
         while !nginx.dir.0.join("nginx.pid").exists() {
@@ -103,9 +104,15 @@ http {{
     /// Kills it at once: the master stopped first (it would start new workers), then its
     /// workers, then the master.
     pub fn kill(&mut self) {
+        if std::mem::replace(&mut self.killed, true) {
+            return;
+        }
         let master = self.child.id().to_string();
-        let _ = std::process::Command::new("kill").args(["-STOP", &master]).status();
-        let _ = std::process::Command::new("pkill").args(["-9", "-P", &master]).status();
+        let quiet = |cmd: &mut std::process::Command| {
+            let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        };
+        quiet(std::process::Command::new("kill").args(["-STOP", &master]));
+        quiet(std::process::Command::new("pkill").args(["-9", "-P", &master]));
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
