@@ -96,6 +96,18 @@ fn http_routes_spreads_forwards_and_survives_a_dead_backend() {
     assert_eq!(line[5].replace("\\x22", "\""), format!("for={CLIENT};proto=http;host=\"api.test\""), "{line:?}");
     assert_ne!(line[6].to_ascii_lowercase(), "close, x-drop", "hop-by-hop headers reached the backend: {line:?}");
 
+    // Backends drained and weighted through the control API, as L4 ones are.
+    let (ok, out, err) = s.agent.ctl(&["drain", "web", &backend_addr(0).to_string(), "--port", &HTTP_PORT.to_string()]).unwrap();
+    assert!(ok, "{out}{err}");
+    assert_even(&tally(&s.bed.client, web(), "www.test", 30).unwrap(), &all[1..], 30);
+    let (ok, list, _) = s.agent.ctl(&["list"]).unwrap();
+    assert!(ok && list.contains("drain"), "{list}");
+    let (ok, _, err) = s.agent.ctl(&["drain", "web", &backend_addr(0).to_string()]).unwrap();
+    assert!(!ok && err.contains("--port"), "{err}");
+    let (ok, out, err) = s.agent.ctl(&["set-weight", "web", &backend_addr(0).to_string(), "1", "--port", &HTTP_PORT.to_string()]).unwrap();
+    assert!(ok, "{out}{err}");
+    assert_even(&tally(&s.bed.client, web(), "www.test", 30).unwrap(), &all, 30);
+
     // A backend killed mid-run: connect failures are retried on another backend, and once the
     // checks evict it, nothing reaches it.
     let before = Instant::now();

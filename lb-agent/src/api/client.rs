@@ -27,13 +27,38 @@ pub enum CtlCommand {
         /// For L2 services: the backend's MAC, instead of the neighbour table's.
         #[arg(long)]
         mac: Option<String>,
+        /// For L7 services: the backend's port (required there).
+        #[arg(long)]
+        port: Option<u16>,
+        /// For L7 services: the pool it joins (default "default").
+        #[arg(long)]
+        pool: Option<String>,
     },
     /// Remove a backend; its pinned flows re-hash.
-    RemoveBackend { service: String, address: IpAddr },
+    RemoveBackend {
+        service: String,
+        address: IpAddr,
+        /// For L7 services: the backend's port.
+        #[arg(long)]
+        port: Option<u16>,
+    },
     /// Drain a backend: no new flows, pinned ones stay (weight 0).
-    Drain { service: String, address: IpAddr },
+    Drain {
+        service: String,
+        address: IpAddr,
+        /// For L7 services: the backend's port.
+        #[arg(long)]
+        port: Option<u16>,
+    },
     /// Set a backend's weight.
-    SetWeight { service: String, address: IpAddr, weight: u32 },
+    SetWeight {
+        service: String,
+        address: IpAddr,
+        weight: u32,
+        /// For L7 services: the backend's port.
+        #[arg(long)]
+        port: Option<u16>,
+    },
     /// Add a service; `--backend ADDR[=WEIGHT]` (repeatable) gives its backends.
     AddService {
         vip: IpAddr,
@@ -69,12 +94,14 @@ impl From<CtlCommand> for Request {
     fn from(c: CtlCommand) -> Self {
         match c {
             CtlCommand::List => Request::List,
-            CtlCommand::AddBackend { service, address, weight, mac } => {
-                Request::AddBackend { service, address, weight, mac }
+            CtlCommand::AddBackend { service, address, weight, mac, port, pool } => {
+                Request::AddBackend { service, address, weight, mac, port, pool }
             }
-            CtlCommand::RemoveBackend { service, address } => Request::RemoveBackend { service, address },
-            CtlCommand::Drain { service, address } => Request::SetWeight { service, address, weight: 0 },
-            CtlCommand::SetWeight { service, address, weight } => Request::SetWeight { service, address, weight },
+            CtlCommand::RemoveBackend { service, address, port } => Request::RemoveBackend { service, address, port },
+            CtlCommand::Drain { service, address, port } => Request::SetWeight { service, address, weight: 0, port },
+            CtlCommand::SetWeight { service, address, weight, port } => {
+                Request::SetWeight { service, address, weight, port }
+            }
             CtlCommand::AddService { vip, port, protocol, name, forward, scheduler, maglev_size, backends } => {
                 Request::AddService { name, vip, port, protocol, forward, scheduler, maglev_size, backends }
             }

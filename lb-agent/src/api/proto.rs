@@ -15,12 +15,33 @@ pub const DEFAULT_SOCKET: &str = "/run/xlb/agent.sock";
 pub enum Request {
     /// Services and backends with state, weight and counters.
     List,
-    /// Adds a backend to a service (weight 1 unless given).
-    AddBackend { service: String, address: IpAddr, weight: Option<u32>, mac: Option<String> },
+    /// Adds a backend to a service (weight 1 unless given). An L7 service's backend needs its
+    /// `port`, and may name its `pool`.
+    AddBackend {
+        service: String,
+        address: IpAddr,
+        weight: Option<u32>,
+        mac: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<String>,
+    },
     /// Removes a backend: its pinned flows re-hash.
-    RemoveBackend { service: String, address: IpAddr },
-    /// Sets a backend's weight; 0 drains it (no new flows, pinned ones stay).
-    SetWeight { service: String, address: IpAddr, weight: u32 },
+    RemoveBackend {
+        service: String,
+        address: IpAddr,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+    },
+    /// Sets a backend's weight; 0 drains it (no new flows, pinned ones and sticky sessions stay).
+    SetWeight {
+        service: String,
+        address: IpAddr,
+        weight: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+    },
     /// Adds a service with its backends; health checks follow the config's `[health]`.
     AddService {
         name: Option<String>,

@@ -146,22 +146,78 @@ fn mac(text: Option<String>) -> Result<Option<[u8; 6]>, ChangeError> {
     text.map(|m| parse_mac(&m).ok_or(ChangeError::BadMac(m))).transpose()
 }
 
+/// A change of an L7 service's backends; None when `service` is not an L7 service.
+fn change_l7(config: &mut Config, change: &Request) -> Option<Result<String, ChangeError>> {
+    use crate::config::l7::{L7Backend, DEFAULT_POOL};
+    let (service, address, port) = match change {
+        Request::AddBackend { service, address, port, .. }
+        | Request::RemoveBackend { service, address, port }
+        | Request::SetWeight { service, address, port, .. } => (service, *address, *port),
+        _ => return None,
+    };
+    let s = config.l7.iter().position(|s| s.name == *service)?;
+    let Some(port) = port else {
+        return Some(Err(ChangeError::Invalid(vec![crate::config::Invalid {
+            field: "port".into(),
+            kind: crate::config::InvalidKind::Missing,
+            message: format!("{service} is an L7 service: give the backend's port (--port)"),
+        }])));
+    };
+    let at = std::net::SocketAddr::new(address, port);
+    let backends = &mut config.l7[s].backends;
+    let not_one = || ChangeError::NotABackend { service: service.clone(), address };
+    Some(match change {
+        Request::AddBackend { weight, pool, .. } => {
+            let weight = weight.unwrap_or(1);
+            let pool = pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_string());
+            backends.push(L7Backend { address: at, weight, pool: pool.clone() });
+            Ok(format!("{service}: backend {at} added to pool {pool} with weight {weight}"))
+        }
+        Request::RemoveBackend { .. } => {
+            let before = backends.len();
+            backends.retain(|b| b.address != at);
+            if backends.len() == before {
+                Err(not_one())
+            } else {
+                Ok(format!("{service}: backend {at} removed"))
+            }
+        }
+        Request::SetWeight { weight, .. } => {
+            let mut found = false;
+            for b in backends.iter_mut().filter(|b| b.address == at) {
+                b.weight = *weight;
+                found = true;
+            }
+            let what = if *weight == 0 { "draining".to_string() } else { format!("weight {weight}") };
+            if found {
+                Ok(format!("{service}: backend {at} {what}"))
+            } else {
+                Err(not_one())
+            }
+        }
+        _ => unreachable!("matched above"),
+    })
+}
+
 /// The change itself; what it leads to is the validator's to judge.
 fn change_config(config: &mut Config, change: Request) -> Result<String, ChangeError> {
+    if let Some(result) = change_l7(config, &change) {
+        return result;
+    }
     match change {
-        Request::AddBackend { service, address, weight, mac: m } => {
+        Request::AddBackend { service, address, weight, mac: m, .. } => {
             let s = find(config, &service)?;
             let weight = weight.unwrap_or(1);
             config.services[s].backends.push(BackendConfig { address, weight, mac: mac(m)? });
             Ok(format!("{service}: backend {address} added with weight {weight}"))
         }
-        Request::RemoveBackend { service, address } => {
+        Request::RemoveBackend { service, address, .. } => {
             find_backend(config, &service, address)?;
             let s = find(config, &service)?;
             config.services[s].backends.retain(|b| b.address != address);
             Ok(format!("{service}: backend {address} removed"))
         }
-        Request::SetWeight { service, address, weight } => {
+        Request::SetWeight { service, address, weight, .. } => {
             find_backend(config, &service, address)?.weight = weight;
             let what = if weight == 0 { "draining".to_string() } else { format!("weight {weight}") };
             Ok(format!("{service}: backend {address} {what}"))
@@ -341,7 +397,7 @@ mod tests {
     fn requests_are_tagged_json() {
         let r: Request =
             serde_json::from_str(r#"{"cmd":"set_weight","service":"web","address":"10.0.0.11","weight":0}"#).unwrap();
-        assert_eq!(r, Request::SetWeight { service: "web".into(), address: addr("10.0.0.11"), weight: 0 });
+        assert_eq!(r, Request::SetWeight { service: "web".into(), address: addr("10.0.0.11"), weight: 0, port: None });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format_disk"}"#).is_err());
     }
 
@@ -370,6 +426,35 @@ mod tests {
     }
 
     #[test]
+    fn l7_backends_are_changed_by_address_and_port() {
+        let l7 = "\n[[l7]]\nname = \"www\"\nlisten = \"10.0.0.100:8080\"\nmode = \"http\"\n[[l7.backend]]\naddress = \"10.0.0.21:80\"\n";
+        let mut c = Config::parse(&format!("{GOOD}{l7}")).unwrap();
+        let add = |port: Option<u16>| Request::AddBackend {
+            service: "www".into(),
+            address: addr("10.0.0.22"),
+            weight: Some(2),
+            mac: None,
+            port,
+            pool: Some("api".into()),
+        };
+        let mut scratch = c.clone();
+        assert_eq!(refused(&mut scratch, add(None)).invalid_kinds(), [InvalidKind::Missing]);
+        assert!(edit(&mut c, add(Some(80))).is_ok());
+        assert_eq!(c.l7[0].backends[1].address, "10.0.0.22:80".parse().unwrap());
+        assert_eq!((c.l7[0].backends[1].weight, c.l7[0].backends[1].pool.as_str()), (2, "api"));
+        let mut scratch = c.clone();
+        assert_eq!(refused(&mut scratch, add(Some(80))).invalid_kinds(), [InvalidKind::Duplicate]);
+        let drain = Request::SetWeight { service: "www".into(), address: addr("10.0.0.22"), weight: 0, port: Some(80) };
+        assert!(edit(&mut c, drain).is_ok());
+        assert_eq!(c.l7[0].backends[1].weight, 0);
+        let rm = Request::RemoveBackend { service: "www".into(), address: addr("10.0.0.22"), port: Some(81) };
+        assert!(matches!(refused(&mut c.clone(), rm), ChangeError::NotABackend { .. }));
+        let rm = Request::RemoveBackend { service: "www".into(), address: addr("10.0.0.22"), port: Some(80) };
+        assert!(edit(&mut c, rm).is_ok());
+        assert_eq!(c.l7[0].backends.len(), 1);
+    }
+
+    #[test]
     fn edits_go_through_the_validator() {
         let mut c = Config::parse(GOOD).unwrap();
         let add = |service: &str, a: &str| Request::AddBackend {
@@ -377,6 +462,8 @@ mod tests {
             address: addr(a),
             weight: None,
             mac: None,
+            port: None,
+            pool: None,
         };
         assert!(edit(&mut c, add("web", "10.0.0.14")).is_ok());
         assert_eq!(c.services[0].backends.len(), 3);
@@ -389,12 +476,12 @@ mod tests {
             edit(&mut c, add("10.0.0.100:53/udp", "10.0.0.15")).is_ok(),
             "services can be named by VIP:PORT/PROTOCOL"
         );
-        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.14"), weight: 70_000 };
+        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.14"), weight: 70_000, port: None };
         let mut scratch = c.clone();
         assert_eq!(refused(&mut scratch, w).invalid_kinds(), [InvalidKind::BadValue]);
-        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.14"), weight: 0 };
+        let w = Request::SetWeight { service: "web".into(), address: addr("10.0.0.14"), weight: 0, port: None };
         assert!(edit(&mut c, w).unwrap().contains("draining"));
-        let rm = Request::RemoveBackend { service: "web".into(), address: addr("10.0.0.99") };
+        let rm = Request::RemoveBackend { service: "web".into(), address: addr("10.0.0.99"), port: None };
         assert!(matches!(refused(&mut c, rm), ChangeError::NotABackend { .. }));
         let dns = add_service(Some("dns"), "10.0.0.53", Forward::L2);
         assert!(edit(&mut c, dns.clone()).unwrap().contains("service dns added with 1 backends"));
