@@ -146,7 +146,21 @@ fn http_routes_spreads_forwards_and_survives_a_dead_backend() {
     let (ok, list, err) = s.agent.ctl(&["list"]).unwrap();
     assert!(ok, "{err}");
     assert!(list.contains("web (l7 http)") && list.contains("10.99.0.11:8080") && list.contains("down"), "{list}");
-    s.agent.stop().unwrap();
+
+    // Shutdown drains: a download in progress (about 4 s) finishes, then the agent exits.
+    let download = s
+        .bed
+        .client
+        .command("curl")
+        .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code} %{size_download}"])
+        .arg(format!("http://{LB}/big.bin"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let log = s.agent.stop().unwrap();
+    let done = download.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&done.stdout), "200 1048576", "the download was cut at shutdown:\n{log}");
 }
 
 /// curl in `ns` with `args`: (exit success, stdout, stderr).
@@ -441,4 +455,46 @@ fn upgrades_are_tunnelled_and_bad_clients_are_cut() {
     assert_eq!(upgrade().1, "hello through the tunnel", "the proxy no longer serves after bad clients");
     let log = agent.stop().unwrap();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Katran in front of Proxygen, here: an L4 service of the XDP tier whose backends are hosts
+/// running an L7 listener on the VIP (DSR to them); each L7 host proxies to its nginx. The L7
+/// tier sees the real client (L2 DSR keeps the client's address) and answers it directly.
+#[test]
+fn the_xdp_tier_fronts_l7_hosts_by_dsr() {
+    use xlb_tests::topology::VIP;
+    let bed = L2Bed::new(2).expect("test bed");
+    let mut hosts = Vec::new();
+    for i in 0..2 {
+        let nginx = Nginx::start(&bed.backends[i], &format!("l7host-{i}")).unwrap();
+        let config = format!(
+            "interface = \"{IFACE}\"\n\n[health]\ninterval_ms = 200\ntimeout_ms = 100\nrise = 1\nfall = 2\n\n\
+             [[l7]]\nname = \"edge\"\nlisten = \"0.0.0.0:80\"\nmode = \"http\"\n\n[[l7.backend]]\naddress = \"127.0.0.1:{HTTP_PORT}\"\n"
+        );
+        let agent = AgentProcess::start(&bed.backends[i], &config, &[]).unwrap();
+        hosts.push((nginx, agent));
+    }
+    let front = format!(
+        "interface = \"{IFACE}\"\nhash_seed = 7\n\n[health]\ninterval_ms = 200\ntimeout_ms = 100\nrise = 1\nfall = 2\n\n\
+         [[service]]\nname = \"front\"\nvip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\n\n\
+         [[service.backend]]\naddress = \"{}\"\n\n[[service.backend]]\naddress = \"{}\"\n",
+        backend_addr(0),
+        backend_addr(1)
+    );
+    let mut agent = AgentProcess::start(&bed.lb, &front, &[]).unwrap();
+    let t = tally(&bed.client, (VIP, 80).into(), "edge.test", 100).unwrap();
+    for i in 0..2 {
+        let n = t.get(&format!("l7host-{i}")).copied().unwrap_or(0);
+        assert!(n > 25, "l7host-{i} answered {n} of 100: {t:?}");
+    }
+    assert_eq!(t.values().sum::<usize>(), 100, "{t:?}");
+    for (nginx, _) in &hosts {
+        // The L7 host's own health checks carry no X-Forwarded-For; every proxied request does.
+        let proxied: Vec<Vec<String>> = nginx.log().into_iter().filter(|l| l[1] != "-").collect();
+        assert!(proxied.len() > 25 && proxied.iter().all(|l| l[1] == CLIENT.to_string()), "the L7 tier did not see the client: {proxied:?}");
+    }
+    agent.stop().unwrap();
+    for (_, mut a) in hosts {
+        a.stop().unwrap();
+    }
 }
