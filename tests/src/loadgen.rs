@@ -157,6 +157,11 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process's pid (`ip netns exec` execs the program: the child is the program).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Fails with the log if the process has already exited.
     pub fn check_running(&mut self) -> Result<()> {
         if let Some(how) = self.exited() {

@@ -53,8 +53,9 @@ enum Command {
         #[arg(long)]
         quick: bool,
         /// Only these parts: pkt (per-packet cost), maglev (table quality, agent), e2e
-        /// (throughput against HAProxy and nginx). Comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "pkt,maglev,e2e")]
+        /// (throughput against HAProxy and nginx), l7 (the L7 proxy against HAProxy and nginx,
+        /// HTTP/1.1, h2 over TLS, memory per idle connection). Comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "pkt,maglev,e2e,l7")]
         only: Vec<String>,
     },
     /// Build the Debian package (target/debian/xlb_*.deb): the agent, systemd units, the
@@ -149,13 +150,14 @@ fn test_command(args: Vec<String>) -> std::process::Command {
 }
 
 /// The benchmark binaries, in the order they run, with the part name that selects them.
-const BENCHES: [(&str, &str); 3] = [("pkt", "xlb-bench"), ("maglev", "xlb-bench-maglev"), ("e2e", "xlb-bench-e2e")];
+const BENCHES: [(&str, &str); 4] =
+    [("pkt", "xlb-bench"), ("maglev", "xlb-bench-maglev"), ("e2e", "xlb-bench-e2e"), ("l7", "xlb-bench-l7")];
 
 /// Builds the release binaries (the end-to-end part runs the release lb-agent), runs each
 /// selected part, and writes their tables together to target/bench/summary-latest.md.
 fn bench(quick: bool, only: &[String]) -> Result<()> {
     if let Some(unknown) = only.iter().find(|o| !BENCHES.iter().any(|(part, _)| part == o)) {
-        anyhow::bail!("unknown bench part {unknown:?}: expected pkt, maglev or e2e");
+        anyhow::bail!("unknown bench part {unknown:?}: expected pkt, maglev, e2e or l7");
     }
     run::run(run::cargo().args(["build", "--release", "-p", "lb-agent", "-p", "xlb-tests", "--bins"]))?;
     let root = run::workspace_root()?;
