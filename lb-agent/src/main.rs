@@ -218,8 +218,14 @@ fn check(path: &std::path::Path, bird_config: bool) -> Result<()> {
     use lb_agent::{bgp::bird_conf, config::Bird};
     let config = Config::load(path)?;
     let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+    let l7 = if config.l7.is_empty() {
+        String::new()
+    } else {
+        let l7_backends: usize = config.l7.iter().map(|s| s.backends.len()).sum();
+        format!(", {} L7 services with {l7_backends} backends", config.l7.len())
+    };
     println!(
-        "{}: valid ({} services, {backends} backends, interface {})",
+        "{}: valid ({} services, {backends} backends{l7}, interface {})",
         path.display(),
         config.services.len(),
         config.interface

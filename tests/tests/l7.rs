@@ -96,6 +96,10 @@ fn http_routes_spreads_forwards_and_survives_a_dead_backend() {
     assert_eq!(line[5].replace("\\x22", "\""), format!("for={CLIENT};proto=http;host=\"api.test\""), "{line:?}");
     assert_ne!(line[6].to_ascii_lowercase(), "close, x-drop", "hop-by-hop headers reached the backend: {line:?}");
 
+    // HTTP/2 without TLS (prior knowledge) from the client, HTTP/1.1 to the backend.
+    let (ok, out, err) = curl(&s.bed.client, &["--http2-prior-knowledge", "-H", "Host: api.test", &format!("http://{LB}/h2c"), "-w", "|%{http_version}"]);
+    assert!(ok && out.ends_with("|2") && out.starts_with(&backend_name(2)), "{out} {err}");
+
     // Backends drained and weighted through the control API, as L4 ones are.
     let (ok, out, err) = s.agent.ctl(&["drain", "web", &backend_addr(0).to_string(), "--port", &HTTP_PORT.to_string()]).unwrap();
     assert!(ok, "{out}{err}");

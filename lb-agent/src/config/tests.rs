@@ -268,3 +268,61 @@ fn multi_host_wants_a_seed() {
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].starts_with("hash_seed: left at its default"), "{w:?}");
 }
+
+const L7: &str = r#"
+[[l7]]
+name = "www"
+listen = "10.0.0.100:443"
+mode = "https"
+scheduler = "hash-header:X-User"
+[[l7.tls]]
+cert = "/etc/xlb/www.crt"
+key = "/etc/xlb/www.key"
+[l7.cookie]
+secret = "sixteen or more chars"
+[l7.timeouts]
+header_read_ms = 2000
+[[l7.route]]
+host = "API.example"
+path_prefix = "/v1/"
+pool = "api"
+[[l7.backend]]
+address = "10.0.0.21:8080"
+[[l7.backend]]
+address = "[fd00::22]:8080"
+pool = "api"
+weight = 0
+"#;
+
+#[test]
+fn l7_services() {
+    use super::l7::{HashOn, L7Mode, L7Scheduler};
+    let c = Config::parse(&format!("{GOOD}{L7}")).unwrap();
+    let s = &c.l7[0];
+    assert_eq!((s.name.as_str(), s.mode, s.listen), ("www", L7Mode::Https, "10.0.0.100:443".parse().unwrap()));
+    assert_eq!(s.scheduler, L7Scheduler::Hash(HashOn::Header("x-user".into())));
+    assert_eq!(s.routes[0].host.as_deref(), Some("api.example"), "hosts compare in lower case");
+    assert_eq!(s.timeouts.header_read, Duration::from_secs(2));
+    assert_eq!(s.cookie.as_ref().unwrap().name, "XLBSRV");
+    assert!(matches!(s.health.check, Check::Http { .. }), "an HTTP service is checked with GET by default");
+    assert_eq!(s.health.port, 0, "each backend's own port");
+    assert_eq!(s.pools(), ["default", "api"]);
+    // An L7-only file is a config.
+    let only = format!("interface = \"eth0\"\n{L7}");
+    assert!(Config::parse(&only).unwrap().services.is_empty());
+
+    let bad = |from: &str, to: &str| errors(&format!("{GOOD}{}", L7.replace(from, to)));
+    let e = bad("mode = \"https\"", "mode = \"tcp-proxy\"");
+    let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["l7[0].tls", "l7[0].route", "l7[0].cookie"], "{e:?}");
+    let e = bad("secret = \"sixteen or more chars\"", "secret = \"short\"");
+    assert_eq!(e[0].field, "l7[0].cookie.secret", "{e:?}");
+    let e = bad("hash-header:X-User", "lottery");
+    assert_eq!(e[0].field, "l7[0].scheduler", "{e:?}");
+    let e = bad("pool = \"api\"\nweight", "pool = \"other\"\nweight");
+    assert_eq!((e[0].field.as_str(), e[0].kind), ("l7[0].route[0].pool", InvalidKind::Missing), "{e:?}");
+    let e = errors(&format!("{GOOD}{L7}{}", L7.replace("443", "444")));
+    assert_eq!((e[0].field.as_str(), e[0].kind), ("l7[1].name", InvalidKind::Duplicate), "{e:?}");
+    let e = errors(&format!("{GOOD}{L7}{}", L7.replace("\"www\"", "\"web\"")));
+    assert_eq!((e[0].field.as_str(), e[0].kind), ("l7[1].name", InvalidKind::Duplicate), "an L4 service is named web: {e:?}");
+}

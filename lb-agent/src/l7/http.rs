@@ -148,12 +148,17 @@ struct Outcome {
 }
 
 /// Serves one request; never fails (a failure is a 4xx/5xx answer).
-pub async fn handle(service: Arc<Service>, peer: Peer, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    service: Arc<Service>,
+    upstream: Upstream,
+    peer: Peer,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
     let version = req.version();
-    let (response, outcome) = proxy(&service, peer, req).await;
+    let (response, outcome) = proxy(&service, &upstream, peer, req).await;
     let seconds = start.elapsed().as_secs_f64();
     service.stats.observe(outcome.status.as_u16(), seconds);
     if let Some(b) = &outcome.backend {
@@ -175,7 +180,7 @@ pub async fn handle(service: Arc<Service>, peer: Peer, req: Request<Incoming>) -
     Ok(response)
 }
 
-async fn proxy(service: &Service, peer: Peer, mut req: Request<Incoming>) -> (Response<Body>, Outcome) {
+async fn proxy(service: &Service, upstream: &Upstream, peer: Peer, mut req: Request<Incoming>) -> (Response<Body>, Outcome) {
     let config = &service.config;
     let local = |status: StatusCode, text: &str| (full(status, text), Outcome { status, backend: None });
     if let Some(len) = req.body().size_hint().exact().filter(|&n| n > config.limits.max_body_bytes) {
@@ -249,7 +254,7 @@ async fn proxy(service: &Service, peer: Peer, mut req: Request<Incoming>) -> (Re
         *up.uri_mut() = uri;
         *up.headers_mut() = headers.clone();
         let guard = backend.busy();
-        let sent = tokio::time::timeout(config.timeouts.response, service.client.request(up)).await;
+        let sent = tokio::time::timeout(config.timeouts.response, upstream.request(up)).await;
         drop(guard);
         let mut response = match sent {
             Ok(Ok(r)) => r,

@@ -35,6 +35,8 @@ pub async fn run(listener: std::net::TcpListener, current: Arc<RwLock<Arc<Servic
             return;
         }
     };
+    // This thread's own upstream connections (its runtime drives them).
+    let client = http::upstream(&current.read().expect("never poisoned: no panic while held").config);
     // Every connection holds a sender: when all are dropped, the drain is over.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     loop {
@@ -42,9 +44,9 @@ pub async fn run(listener: std::net::TcpListener, current: Arc<RwLock<Arc<Servic
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let service = current.read().expect("never poisoned: no panic while held").clone();
-                    let (stop, done) = (stop.clone(), done_tx.clone());
+                    let (stop, done, client) = (stop.clone(), done_tx.clone(), client.clone());
                     tokio::spawn(async move {
-                        connection(stream, peer, service, stop).await;
+                        connection(stream, peer, service, client, stop).await;
                         drop(done);
                     });
                 }
@@ -71,7 +73,14 @@ impl Drop for Open {
     }
 }
 
-async fn connection(mut stream: TcpStream, peer: SocketAddr, service: Arc<Service>, stop: watch::Receiver<bool>) {
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    service: Arc<Service>,
+    client: http::Upstream,
+    stop: watch::Receiver<bool>,
+) {
+    let upstream = client;
     let config = &service.config;
     service.stats.connections.fetch_add(1, Ordering::Relaxed);
     service.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -97,13 +106,17 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, service: Arc<Servic
     let io = Conn::new(stream, ahead, activity.clone());
     match config.mode {
         L7Mode::TcpProxy => tcp::relay(io, client, reached, &service, stop).await,
-        L7Mode::Http => serve(io, Peer { client, local: reached, tls: false }, service.clone(), activity, stop).await,
+        L7Mode::Http => {
+            let peer = Peer { client, local: reached, tls: false };
+            serve(io, peer, service.clone(), upstream, activity, stop).await
+        }
         L7Mode::Https => {
             let Some(tls) = service.tls.clone() else { return };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
             match tokio::time::timeout(config.timeouts.header_read, acceptor.accept(io)).await {
                 Ok(Ok(tls_stream)) => {
-                    serve(tls_stream, Peer { client, local: reached, tls: true }, service.clone(), activity, stop).await
+                    let peer = Peer { client, local: reached, tls: true };
+                    serve(tls_stream, peer, service.clone(), upstream, activity, stop).await
                 }
                 Ok(Err(e)) => {
                     service.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
@@ -119,8 +132,14 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, service: Arc<Servic
 }
 
 /// HTTP/1.1 and HTTP/2 on one connection until it ends, idles out or the listener stops.
-async fn serve<S>(io: S, peer: Peer, service: Arc<Service>, activity: Arc<Activity>, mut stop: watch::Receiver<bool>)
-where
+async fn serve<S>(
+    io: S,
+    peer: Peer,
+    service: Arc<Service>,
+    upstream: http::Upstream,
+    activity: Arc<Activity>,
+    mut stop: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let config = &service.config;
@@ -139,10 +158,10 @@ where
     let svc = service.clone();
     let busy = activity.clone();
     let handler = service_fn(move |req| {
-        let (svc, busy) = (svc.clone(), busy.clone());
+        let (svc, busy, upstream) = (svc.clone(), busy.clone(), upstream.clone());
         busy.busy.fetch_add(1, Ordering::Relaxed);
         async move {
-            let response = http::handle(svc, peer, req).await;
+            let response = http::handle(svc, upstream, peer, req).await;
             busy.busy.fetch_sub(1, Ordering::Relaxed);
             response
         }

@@ -9,6 +9,11 @@
 //!
 //! Each listener reads its service through an `Arc` swapped on every change: a request in
 //! progress finishes with the config it started with, the next one sees the new one.
+//!
+//! A listener is served by a thread per CPU, each with a single-threaded runtime of its own
+//! accepting on the same socket and keeping its own upstream connections: a request is read,
+//! proxied and answered on one thread, as HAProxy's and nginx's workers do, with no hand-off
+//! between threads. Health checks, the API and metrics stay on the agent's main runtime.
 pub mod cookie;
 pub mod http;
 pub mod io;
@@ -28,7 +33,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use log::{info, warn};
+use log::{error, info, warn};
 use tokio::{
     sync::{mpsc, watch, Notify},
     task::JoinHandle,
@@ -74,7 +79,6 @@ impl Stats {
 pub struct Service {
     pub config: L7Service,
     pub pools: Pools,
-    pub client: http::Upstream,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub stats: Arc<Stats>,
 }
@@ -92,10 +96,10 @@ struct Running {
     config: L7Service,
     current: Arc<RwLock<Arc<Service>>>,
     stop: watch::Sender<bool>,
-    listener: JoinHandle<()>,
+    /// The threads serving the listener; each ends once its connections have.
+    threads: Vec<std::thread::JoinHandle<()>>,
     backends: Vec<(Arc<Backend>, Option<HealthTask>)>,
     stats: Arc<Stats>,
-    client: http::Upstream,
 }
 
 pub struct L7 {
@@ -103,8 +107,8 @@ pub struct L7 {
     /// Where health tasks report; None: no checks (every backend up), no runtime needed.
     events: Option<mpsc::Sender<Event>>,
     next_id: u32,
-    /// Listeners stopped by a reload, finishing their connections.
-    draining: Vec<JoinHandle<()>>,
+    /// Threads of listeners stopped by a reload, finishing their connections.
+    draining: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// What `prepare` made ready; `commit` puts it in place. Dropping it changes nothing.
@@ -150,7 +154,7 @@ impl L7 {
                     info!("l7 {}: removed; draining its connections", r.config.name);
                 }
                 let _ = r.stop.send(true);
-                self.draining.push(r.listener);
+                self.draining.extend(r.threads);
             }
         }
         self.draining.retain(|t| !t.is_finished());
@@ -204,31 +208,61 @@ impl L7 {
         out
     }
 
-    fn snapshot(s: &L7Service, backends: &[(Arc<Backend>, Option<HealthTask>)], client: &http::Upstream, tls: Option<Arc<rustls::ServerConfig>>, stats: &Arc<Stats>) -> Service {
+    fn snapshot(s: &L7Service, backends: &[(Arc<Backend>, Option<HealthTask>)], tls: Option<Arc<rustls::ServerConfig>>, stats: &Arc<Stats>) -> Service {
         let mut pools = Pools::new();
         for name in s.pools() {
             let members: Vec<Arc<Backend>> = backends.iter().filter(|(b, _)| b.pool == name).map(|(b, _)| b.clone()).collect();
             pools.insert(name.to_string(), Arc::new(Pool::new(members, s.scheduler.clone())));
         }
-        Service { config: s.clone(), pools, client: client.clone(), tls, stats: stats.clone() }
+        Service { config: s.clone(), pools, tls, stats: stats.clone() }
     }
 
     fn start(&mut self, s: &L7Service, listener: std::net::TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
         let backends = self.backends_for(s, Vec::new());
         let stats = Arc::new(Stats::default());
-        let client = http::upstream(s);
-        let current = Arc::new(RwLock::new(Arc::new(Self::snapshot(s, &backends, &client, tls, &stats))));
+        let current = Arc::new(RwLock::new(Arc::new(Self::snapshot(s, &backends, tls, &stats))));
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(listener::run(listener, current.clone(), stopped));
-        info!("l7 {}: {} on {} ({} backends, {})", s.name, s.mode, s.listen, s.backends.len(), s.scheduler);
-        self.running.push(Running { config: s.clone(), current, stop, listener: task, backends, stats, client });
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let mut threads = Vec::new();
+        for k in 0..workers {
+            // The same socket in every thread: whichever is free accepts.
+            let socket = match listener.try_clone() {
+                Ok(sock) => sock,
+                Err(e) => {
+                    warn!("l7 {}: cannot share the listening socket with thread {k}: {e}", s.name);
+                    continue;
+                }
+            };
+            let (current, stopped, name) = (current.clone(), stopped.clone(), s.name.clone());
+            let spawned = std::thread::Builder::new().name(format!("xlb-l7-{k}")).spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(listener::run(socket, current, stopped)),
+                    Err(e) => error!("l7 {name}: cannot start a runtime for thread {k}: {e}"),
+                }
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => warn!("l7 {}: cannot start thread {k}: {e}", s.name),
+            }
+        }
+        drop(listener);
+        info!(
+            "l7 {}: {} on {} ({} backends, {}; {} threads)",
+            s.name,
+            s.mode,
+            s.listen,
+            s.backends.len(),
+            s.scheduler,
+            threads.len()
+        );
+        self.running.push(Running { config: s.clone(), current, stop, threads, backends, stats });
     }
 
     fn update(&mut self, i: usize, s: &L7Service, tls: Option<Arc<rustls::ServerConfig>>) {
         let old = std::mem::take(&mut self.running[i].backends);
         let backends = self.backends_for(s, old);
         let r = &mut self.running[i];
-        let snapshot = Self::snapshot(s, &backends, &r.client, tls, &r.stats);
+        let snapshot = Self::snapshot(s, &backends, tls, &r.stats);
         *r.current.write().expect("never poisoned: no panic while held") = Arc::new(snapshot);
         r.backends = backends;
         r.config = s.clone();
@@ -283,13 +317,15 @@ impl L7 {
         for r in &self.running {
             let _ = r.stop.send(true);
         }
-        let tasks: Vec<JoinHandle<()>> = self.running.drain(..).map(|r| r.listener).chain(self.draining.drain(..)).collect();
-        if tasks.is_empty() {
-            return;
-        }
-        let all = futures_join(tasks);
-        if tokio::time::timeout(deadline + Duration::from_millis(100), all).await.is_err() {
-            warn!("l7: connections still open after the drain time; closing them");
+        let threads: Vec<std::thread::JoinHandle<()>> =
+            self.running.drain(..).flat_map(|r| r.threads).chain(self.draining.drain(..)).collect();
+        let end = std::time::Instant::now() + deadline + Duration::from_millis(100);
+        while threads.iter().any(|t| !t.is_finished()) {
+            if std::time::Instant::now() > end {
+                warn!("l7: connections still open after the drain time; closing them");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -297,12 +333,6 @@ impl L7 {
 fn target_of(event: &Event) -> BackendId {
     match event {
         Event::State { target, .. } | Event::Reachable { target } => *target,
-    }
-}
-
-async fn futures_join(tasks: Vec<JoinHandle<()>>) {
-    for t in tasks {
-        let _ = t.await;
     }
 }
 
