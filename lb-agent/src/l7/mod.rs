@@ -115,7 +115,8 @@ pub struct L7 {
 pub struct Plan {
     services: Vec<L7Service>,
     tls: HashMap<String, Arc<rustls::ServerConfig>>,
-    listeners: HashMap<String, std::net::TcpListener>,
+    /// A listening socket per thread.
+    listeners: HashMap<String, Vec<std::net::TcpListener>>,
 }
 
 impl L7 {
@@ -133,8 +134,11 @@ impl L7 {
             }
             let same_listener = self.running.iter().any(|r| r.config.name == s.name && r.config.listen == s.listen);
             if !same_listener {
-                let listener = bind(s.listen).with_context(|| format!("l7 service {}: cannot listen on {}", s.name, s.listen))?;
-                plan.listeners.insert(s.name.clone(), listener);
+                let sockets = (0..workers())
+                    .map(|_| bind(s.listen))
+                    .collect::<Result<Vec<_>>>()
+                    .with_context(|| format!("l7 service {}: cannot listen on {}", s.name, s.listen))?;
+                plan.listeners.insert(s.name.clone(), sockets);
             }
         }
         Ok(plan)
@@ -217,22 +221,13 @@ impl L7 {
         Service { config: s.clone(), pools, tls, stats: stats.clone() }
     }
 
-    fn start(&mut self, s: &L7Service, listener: std::net::TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+    fn start(&mut self, s: &L7Service, listener: Vec<std::net::TcpListener>, tls: Option<Arc<rustls::ServerConfig>>) {
         let backends = self.backends_for(s, Vec::new());
         let stats = Arc::new(Stats::default());
         let current = Arc::new(RwLock::new(Arc::new(Self::snapshot(s, &backends, tls, &stats))));
         let (stop, stopped) = watch::channel(false);
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
         let mut threads = Vec::new();
-        for k in 0..workers {
-            // The same socket in every thread: whichever is free accepts.
-            let socket = match listener.try_clone() {
-                Ok(sock) => sock,
-                Err(e) => {
-                    warn!("l7 {}: cannot share the listening socket with thread {k}: {e}", s.name);
-                    continue;
-                }
-            };
+        for (k, socket) in listener.into_iter().enumerate() {
             let (current, stopped, name) = (current.clone(), stopped.clone(), s.name.clone());
             let spawned = std::thread::Builder::new().name(format!("xlb-l7-{k}")).spawn(move || {
                 match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -245,7 +240,6 @@ impl L7 {
                 Err(e) => warn!("l7 {}: cannot start thread {k}: {e}", s.name),
             }
         }
-        drop(listener);
         info!(
             "l7 {}: {} on {} ({} backends, {}; {} threads)",
             s.name,
@@ -336,11 +330,19 @@ fn target_of(event: &Event) -> BackendId {
     }
 }
 
-/// A listening socket with SO_REUSEADDR (a restarted agent binds at once) and, for `[::]`,
-/// IPv4 too.
+/// Threads serving each listener: one per CPU (at most 8).
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
+}
+
+/// A listening socket with SO_REUSEADDR (a restarted agent binds at once) and SO_REUSEPORT
+/// (one socket per thread; the kernel spreads new connections over them, no thread wakes for
+/// a connection another takes), and, for `[::]`, IPv4 too. A port another program holds
+/// without SO_REUSEPORT is refused.
 fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     let listener = socket.listen(4096)?;
