@@ -4,7 +4,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags, VipKey,
+    addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags,
     FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF, TCP_HDR,
     UDP_HDR,
 };
@@ -71,8 +71,9 @@ pub fn balance(ctx: &XdpContext) -> Reason {
 
 #[inline(always)]
 fn is_vip(addr: Addr, family: u8) -> bool {
+    let key = maps::vip_key([addr[0], addr[1], addr[2], addr[3], u32::from_ne_bytes([family, 0, 0, 0])]);
     // SAFETY: the value is only tested for presence.
-    unsafe { VIPS.get(&VipKey { addr, family, _pad: [0; 3] }) }.is_some()
+    unsafe { VIPS.get(&key) }.is_some()
 }
 
 #[inline(always)]
@@ -232,7 +233,7 @@ fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32
     }
     Ok(match route {
         Route::Via { ifindex, smac, dmac } => {
-            let Some(received) = frame::read_at::<[u16; 6]>(ctx, 0) else {
+            let Some(received) = frame::words_at::<6>(ctx, 0) else {
                 return Ok(Reason::DropAdjustFailed);
             };
             if parse::set_macs(ctx, dmac, smac).is_none() {

@@ -9,7 +9,7 @@
 //! already guards the frame. A congestion mark (ECN CE) on the outer header is copied to an
 //! ECN-capable inner packet, as RFC 6040 asks of a decapsulator.
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{reason::DecapReason, VipKey, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR, IPV6_HDR};
+use lb_common::{reason::DecapReason, FAMILY_V4, FAMILY_V6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR, IPV6_HDR};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
@@ -49,13 +49,11 @@ pub fn decap(ctx: &XdpContext) -> DecapReason {
     }
 }
 
-/// Whether `key` (a [`VipKey`] as five words, see [`dst_v4`]) is an address we accept.
+/// Whether `key` (a `VipKey` as five words, see [`dst_v4`]) is an address we accept.
 #[inline(always)]
 fn accepts(key: [u32; 5]) -> bool {
-    // SAFETY: VipKey is #[repr(C)], 20 bytes of plain integers: every bit pattern is valid.
-    let key = unsafe { core::mem::transmute::<[u32; 5], VipKey>(key) };
     // SAFETY: the value is only tested for presence.
-    unsafe { DECAP_ADDRS.get(key) }.is_some()
+    unsafe { DECAP_ADDRS.get(&crate::maps::vip_key(key)) }.is_some()
 }
 
 /// The lookup key of the IPv4 destination at `l3`, as VipKey's words: the address, zeros, the

@@ -22,18 +22,12 @@ pub fn grow_head(ctx: &XdpContext, grow: usize, l2_len: usize) -> Option<()> {
 /// After the head grew by `grow` bytes: moves the old L2 header, now at `grow`, to the front.
 #[inline(always)]
 pub fn move_l2(ctx: &XdpContext, grow: usize, l2_len: usize) -> Option<()> {
+    // Word copies: an unaligned copy of the header compiles to a byte-by-byte memmove.
     if l2_len == 18 {
-        let l2: [u16; 9] = frame::read_at(ctx, grow)?;
-        let p = frame::ptr_at::<[u16; 9]>(ctx, 0)?;
-        // SAFETY: inside the frame, checked by ptr_at.
-        unsafe { p.write_unaligned(l2) };
+        frame::put_words(ctx, 0, frame::words_at::<9>(ctx, grow)?)
     } else {
-        let l2: [u16; 7] = frame::read_at(ctx, grow)?;
-        let p = frame::ptr_at::<[u16; 7]>(ctx, 0)?;
-        // SAFETY: as above.
-        unsafe { p.write_unaligned(l2) };
+        frame::put_words(ctx, 0, frame::words_at::<7>(ctx, grow)?)
     }
-    Some(())
 }
 
 /// An IPv4 header (no options) with its checksum, as 16-bit words in memory order.
@@ -87,10 +81,7 @@ pub fn ipv6_header(
 pub fn ipip_v4(ctx: &XdpContext, l3: usize, inner_len: u16, tos: u8, df: bool, src: u32, dst: u32) -> Option<()> {
     let outer = ipv4_header(tos, inner_len.checked_add(IPV4_HDR as u16)?, df, IPPROTO_IPIP, src, dst);
     grow_head(ctx, IPV4_HDR, l3)?;
-    let p = frame::ptr_at::<[u16; 10]>(ctx, l3)?;
-    // SAFETY: inside the frame, checked by ptr_at.
-    unsafe { p.write_unaligned(outer) };
-    Some(())
+    frame::put_words(ctx, l3, outer)
 }
 
 /// Puts an outer IPv6 header (next header 41) in front of the IPv6 packet at `l3`.
@@ -106,8 +97,7 @@ pub fn ip6ip6(
 ) -> Option<()> {
     let outer = ipv6_header(tc, flow_label, inner_len, IPPROTO_IPV6, src, dst);
     grow_head(ctx, IPV6_HDR, l3)?;
-    let p = frame::ptr_at::<[u32; 10]>(ctx, l3)?;
-    // SAFETY: inside the frame, checked by ptr_at.
-    unsafe { p.write_unaligned(outer) };
-    Some(())
+    // SAFETY: ten 32-bit words are twenty 16-bit words, in the same memory order.
+    let words = unsafe { core::mem::transmute::<[u32; 10], [u16; 20]>(outer) };
+    frame::put_words(ctx, l3, words)
 }

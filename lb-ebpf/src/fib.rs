@@ -8,6 +8,10 @@ use aya_ebpf::{
 };
 use lb_common::{Addr, FAMILY_V4};
 
+const FIB_WORDS: usize = 8;
+const _: () = assert!(core::mem::size_of::<FibParams>() == FIB_WORDS * 8);
+const _: () = assert!(core::mem::align_of::<FibParams>() <= 8);
+
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
@@ -26,8 +30,17 @@ pub enum Route {
 /// as if it had arrived on the ingress interface.
 #[inline(always)]
 pub fn route(ctx: &XdpContext, family: u8, proto: u8, src: &Addr, dst: &Addr, tot_len: u16) -> Route {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    // Zeroed as eight 64-bit stores, volatile: `mem::zeroed()` of the struct, or a zeroed
+    // array, compiles to a call of a byte-wise memset on every encapsulated packet.
+    let mut words = core::mem::MaybeUninit::<[u64; FIB_WORDS]>::uninit();
+    let base = words.as_mut_ptr().cast::<u64>();
+    for i in 0..FIB_WORDS {
+        // SAFETY: inside `words`.
+        unsafe { base.add(i).write_volatile(0) };
+    }
+    // SAFETY: the words are as large as the request and at least as aligned, and all written;
+    // all-zero is a valid (empty) request.
+    let p: &mut FibParams = unsafe { &mut *base.cast::<FibParams>() };
     p.l4_protocol = proto;
     p.ifindex = ctx.ingress_ifindex() as u32;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -41,7 +54,7 @@ pub fn route(ctx: &XdpContext, family: u8, proto: u8, src: &Addr, dst: &Addr, to
         p.__bindgen_anon_4.ipv6_dst = *dst;
     }
     // SAFETY: the helper reads and writes `p` only, whose size we pass.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut p, core::mem::size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), p, core::mem::size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             Route::Via { ifindex: p.ifindex, smac: lb_common::mac_words(p.smac), dmac: lb_common::mac_words(p.dmac) }

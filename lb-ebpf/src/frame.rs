@@ -21,6 +21,27 @@ pub fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
 }
 
+/// `N` 16-bit words at the even `offset`, as `N` 16-bit loads: XDP frames start 2-byte
+/// aligned. Volatile, word by word: a copy of the array would compile to a call of a
+/// byte-wise memmove.
+#[inline(always)]
+pub fn words_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u16; N]> {
+    let p = ptr_at::<[u16; N]>(ctx, offset)?.cast::<u16>();
+    // SAFETY: ptr_at checked that the N words are inside the frame; 2-byte aligned as above.
+    Some(core::array::from_fn(|i| unsafe { p.add(i).read_volatile() }))
+}
+
+/// Writes `N` 16-bit words at the even `offset`, as `N` 16-bit stores (see [`words_at`]).
+#[inline(always)]
+pub fn put_words<const N: usize>(ctx: &XdpContext, offset: usize, words: [u16; N]) -> Option<()> {
+    let p = ptr_at::<[u16; N]>(ctx, offset)?.cast::<u16>();
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: inside the frame, checked by ptr_at; 2-byte aligned as the frame is.
+        unsafe { p.add(i).write_volatile(*w) };
+    }
+    Some(())
+}
+
 /// A reference to a `T` at `offset` in the frame (for byte-array fields only: no alignment).
 #[inline(always)]
 pub fn ref_at<'a, T>(ctx: &'a XdpContext, offset: usize) -> Option<&'a T> {

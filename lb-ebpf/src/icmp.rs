@@ -36,7 +36,7 @@ pub fn may_answer(family: u8, src: &Addr) -> bool {
 /// answer quotes it: after the new IP and ICMP headers.
 #[inline(always)]
 fn reshape(ctx: &XdpContext, l2: usize, grow: usize, len: usize) -> Option<()> {
-    let macs: [u16; 6] = frame::read_at(ctx, 0)?;
+    let macs: [u16; 6] = frame::words_at(ctx, 0)?;
     // SAFETY: the helpers validate the deltas against the frame.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
         return None;

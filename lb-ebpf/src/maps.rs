@@ -91,6 +91,14 @@ static HASH_SEED: u32 = 0;
 #[no_mangle]
 static IFACE_MAC: [u16; 3] = [0; 3];
 
+/// A [`VipKey`] from its five words: the address, then the family byte and zeros. A VipKey
+/// literal zeroes its padding with a byte-wise memset on every lookup; five word stores do not.
+#[inline(always)]
+pub fn vip_key(words: [u32; 5]) -> VipKey {
+    // SAFETY: VipKey is #[repr(C)], 20 bytes of plain integers: every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u32; 5], VipKey>(words) }
+}
+
 #[inline(always)]
 pub fn hash_seed() -> u32 {
     // SAFETY: a plain read of our own global; volatile so that the compiler does not fold the

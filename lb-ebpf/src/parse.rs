@@ -105,6 +105,6 @@ pub fn set_macs(ctx: &XdpContext, dst: [u16; 3], src: [u16; 3]) -> Option<()> {
 /// Swaps the Ethernet source and destination addresses.
 #[inline(always)]
 pub fn swap_macs(ctx: &XdpContext) -> Option<()> {
-    let m = read_at::<[u16; 6]>(ctx, 0)?;
+    let m = crate::frame::words_at::<6>(ctx, 0)?;
     set_macs(ctx, [m[3], m[4], m[5]], [m[0], m[1], m[2]])
 }

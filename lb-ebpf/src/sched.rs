@@ -81,7 +81,10 @@ fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: TcpFlags
 #[inline(never)]
 fn source_affinity(service: &Service, key: &FlowKey, tcp_flags: TcpFlags, now: u64) -> u32 {
     let timeout_ns = u64::from(service.affinity_timeout_secs) * NS_PER_SEC;
-    let client = AffinityKey { addr: key.src, service: service.id, family: key.family, _pad: [0; 3] };
+    // Built from words: a literal zeroes its padding with a call of a byte-wise memset.
+    let words = [key.src[0], key.src[1], key.src[2], key.src[3], service.id, u32::from_ne_bytes([key.family, 0, 0, 0])];
+    // SAFETY: AffinityKey is #[repr(C)], 24 bytes of plain integers: every bit pattern is valid.
+    let client = unsafe { core::mem::transmute::<[u32; 6], AffinityKey>(words) };
     if let Some(pin) = SOURCE_AFFINITY.get_ptr_mut(&client) {
         // SAFETY: the entry stays valid for the program's run (RCU); racing writers only ever
         // store whole, equally valid values.

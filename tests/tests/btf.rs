@@ -43,3 +43,30 @@ fn maps_and_program_carry_their_types() {
     assert_eq!(entry["value"]["id"], 7, "{dump}");
     assert_eq!(entry["value"]["table_size"], 251, "{dump}");
 }
+
+/// The loaded balancer calls no memset, memcpy or memmove: a struct zeroed, a key with padding
+/// or an unaligned copy compiles to one of those (a byte loop in a subprogram) on every packet.
+#[test]
+fn the_data_path_copies_by_words() {
+    let mut dp = Dataplane::load(&LoadOptions {
+        hash_seed: 1,
+        iface_mac: [2, 0, 0, 0, 0, 1],
+        maglev_capacity: 2 * 251,
+        flow_table_size: 1024,
+    })
+    .expect("load the balancer (run the tests as root)");
+    {
+        let name = lb_common::program_names::BALANCER;
+        let id = dp.balancer().info().unwrap().id().to_string();
+        let out = Command::new("bpftool").args(["prog", "dump", "xlated", "id", &id]).output().expect("bpftool");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let calls: Vec<&str> =
+            text.lines().filter(|l| ["memset", "memcpy", "memmove"].iter().any(|f| l.contains(f))).collect();
+        if !calls.is_empty() {
+            let _ = std::fs::write(std::env::temp_dir().join("xlb-xlated.txt"), text.as_bytes());
+        }
+        assert!(calls.is_empty(), "{name} calls: {calls:#?} (the whole dump: $TMPDIR/xlb-xlated.txt)");
+        assert!(text.lines().count() > 100, "{name}: no program text from bpftool:\n{text}");
+    }
+}
