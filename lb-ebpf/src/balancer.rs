@@ -57,7 +57,9 @@ pub fn balance(ctx: &XdpContext) -> Reason {
     let Some(service) = (unsafe { SERVICES.get(&service_key) }).copied() else {
         return Reason::DropUnknownService;
     };
-    let hash = flow_hash(&k.src, &k.dst, k.ports, k.proto, maps::hash_seed());
+    // About 175 instructions in a row: only a new flow (its backend) and encapsulation (the
+    // outer source) need it, not an established L2 flow.
+    let hash = || flow_hash(&k.src, &k.dst, k.ports, k.proto, maps::hash_seed());
     let Some(chosen) = flow::select(k, packet.tcp_flags, &service, hash) else {
         return Reason::DropNoBackend;
     };
@@ -169,14 +171,14 @@ fn transport(proto: u8, icmp: u8) -> Result<u8, Reason> {
 }
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen, hash: u32) -> Reason {
+fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen, hash: impl Fn() -> u32) -> Reason {
     if !service.is_ipip() {
         return match parse::set_macs(ctx, chosen.backend.mac, maps::iface_mac()) {
             Some(()) => Reason::TxForwarded,
             None => Reason::PassMalformed,
         };
     }
-    match forward_encap(ctx, packet, chosen.backend, hash) {
+    match forward_encap(ctx, packet, chosen.backend, hash()) {
         Ok(reason) => reason,
         // Called from here, not from forward_encap: the verifier adds up the stacks of a chain.
         Err(mtu) => too_big(ctx, packet, mtu),

@@ -129,8 +129,9 @@ fn under_new_flow_limit(now: u64, limit: u32) -> bool {
 
 /// The backend for this packet: its pinned one while that is still in the service (and, for
 /// UDP, not idle too long); otherwise its scheduler's, pinned unless over the new-flow rate.
+/// `hash` is the flow's hash, computed only when the flow table has no usable pin.
 #[inline(always)]
-pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: u32) -> Option<Chosen> {
+pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl Fn() -> u32) -> Option<Chosen> {
     let settings = SETTINGS.get(0)?;
     let udp = key.proto == IPPROTO_UDP;
     // The clock only matters to UDP pins and new pins: a TCP hit does without it.
@@ -178,7 +179,7 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: u32) 
     if now == 0 {
         now = clock();
     }
-    let id = sched::new_flow_backend(service, key, tcp_flags, hash, now)?;
+    let id = sched::new_flow_backend(service, key, tcp_flags, hash(), now)?;
     let backend = usable(id, None)?;
     stats::count_new_flow(id);
     if !tcp_flags.is_rst() {
