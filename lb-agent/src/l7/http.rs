@@ -228,8 +228,11 @@ async fn proxy(service: &Service, upstream: &Upstream, peer: Peer, mut req: Requ
     add_forwarding(config, &mut headers, peer, host.as_deref());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     // A request without a body can be sent again to another backend when the first cannot
-    // be reached; one with a body is sent once (its bytes are streamed, not kept).
+    // be reached; one with a body is sent once (its bytes are streamed, not kept). A safe one
+    // (GET, HEAD, OPTIONS) also on any other failure before an answer came (a pooled
+    // connection whose backend was killed: closed or reset under the request).
     let replayable = body.is_end_stream();
+    let safe = matches!(parts.method, hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS);
     let mut body = Some(body);
     let key = pool.hash_key(client, |name| headers.get(name).map(|v| cookie::digest(v.as_bytes())));
     let mut tried: Vec<u32> = Vec::new();
@@ -258,9 +261,9 @@ async fn proxy(service: &Service, upstream: &Upstream, peer: Peer, mut req: Requ
         drop(guard);
         let mut response = match sent {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(e)) if e.is_connect() || (replayable && safe) => {
                 backend.counts.connect_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                warn!("l7 {}: backend {} unreachable: {e}", config.name, backend.address);
+                warn!("l7 {}: backend {} unreachable: {e:#}", config.name, backend.address);
                 // The cookie's backend is gone for now: the next one gets the session.
                 set_cookie = config.cookie.is_some();
                 continue;

@@ -517,6 +517,23 @@ struct Samples {
     keepalive: Vec<WrkResult>,
     close: Vec<WrkResult>,
     udp: Vec<UdpResult>,
+    /// The balancer program's own cost under this traffic: run_time_ns / run_cnt, read with
+    /// `kernel.bpf_stats_enabled` on for the measurement only (xlb scenarios).
+    in_situ_ns: Vec<f64>,
+}
+
+/// (run_time_ns, run_cnt) summed over the loaded programs named `name` (bpftool; needs
+/// kernel.bpf_stats_enabled for the counts to move).
+fn prog_stats(name: &str) -> (u64, u64) {
+    let Ok(out) = std::process::Command::new("bpftool").args(["--json", "prog", "show"]).output() else { return (0, 0) };
+    let Ok(list) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return (0, 0) };
+    list.as_array().into_iter().flatten().filter(|p| p["name"] == name).fold((0, 0), |(t, c), p| {
+        (t + p["run_time_ns"].as_u64().unwrap_or(0), c + p["run_cnt"].as_u64().unwrap_or(0))
+    })
+}
+
+fn bpf_stats(on: bool) {
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if on { "1" } else { "0" });
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -579,7 +596,22 @@ fn measure(rig: &mut Rig, s: &Scenario, a: &Args, out: &mut Samples) -> Result<(
 
 fn run_scenario(rig: &mut Rig, s: &Scenario, a: &Args, out: &mut Samples) -> Result<()> {
     rig.start_agent(s)?;
+    let xlb = matches!(s.kind, Kind::XlbL2 | Kind::XlbIpip);
+    // The kernel's per-program counters, on only while this scenario runs: they cost a clock
+    // read per run themselves.
+    if xlb {
+        bpf_stats(true);
+    }
+    let before = prog_stats(lb_common::program_names::BALANCER);
     let result = measure(rig, s, a, out);
+    let after = prog_stats(lb_common::program_names::BALANCER);
+    if xlb {
+        bpf_stats(false);
+        let (ns, runs) = (after.0.saturating_sub(before.0), after.1.saturating_sub(before.1));
+        if runs > 0 {
+            out.in_situ_ns.push(ns as f64 / runs as f64);
+        }
+    }
     let stopped = rig.stop_agent(s);
     result?;
     stopped?;
@@ -863,6 +895,16 @@ fn main() -> Result<()> {
             fmt_ratio(ratio(b.ka.rps, e3.ka.rps)),
             fmt_ratio(ratio(b.close.rps, e3.close.rps)),
             fmt_ratio(ratio(b.udp.and_then(|u| u.pps), e3.udp.and_then(|u| u.pps)))
+        );
+    }
+    for r in rows.iter().filter(|r| !r.samples.in_situ_ns.is_empty()) {
+        println!(
+            "\n({}) {}: the balancer's own cost under this traffic, {} ns per packet (run_time_ns / run_cnt with \
+             kernel.bpf_stats_enabled during the runs, median of {}).",
+            r.s.id,
+            r.s.name,
+            median(r.samples.in_situ_ns.clone()).map_or_else(|| "—".into(), |v| format!("{v:.0}")),
+            r.samples.in_situ_ns.len()
         );
     }
     if rows.iter().any(|r| r.ka.errors * 100 > r.ka.requests || r.close.errors * 100 > r.close.requests) {
