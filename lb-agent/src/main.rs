@@ -235,9 +235,7 @@ fn check(path: &std::path::Path, bird_config: bool) -> Result<()> {
     }
     if bird_config {
         let Some(bgp) = &config.bgp else { anyhow::bail!("{}: has no [bgp] section", path.display()) };
-        let mut vips: Vec<std::net::IpAddr> = config.services.iter().map(|s| s.vip).collect();
-        vips.sort();
-        vips.dedup();
+        let vips = config.vips();
         match &bgp.bird {
             Bird::Managed(bird) => print!("{}", bird_conf::render(bgp, bird, &vips)),
             Bird::External { .. } => print!("{}", bird_conf::render_external(bgp, &vips)),
@@ -318,10 +316,7 @@ async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
     // the start here, before the kernel is touched.
     let speaker = match &config.bgp {
         Some(bgp) => {
-            let mut vips: Vec<std::net::IpAddr> = config.services.iter().map(|s| s.vip).collect();
-            vips.sort();
-            vips.dedup();
-            Some(lb_agent::bgp::Speaker::start(bgp, vips).await?)
+            Some(lb_agent::bgp::Speaker::start(bgp, config.vips()).await?)
         }
         None => None,
     };

@@ -23,7 +23,7 @@ use crate::{
     agent::{AgentProcess, TempDir},
     netns::{unique_name, Netns},
     scenario::backend_name,
-    topology::IFACE,
+    topology::{add6, plug, IFACE},
     traffic::Server,
 };
 
@@ -327,18 +327,4 @@ impl ScaleOutBed {
         let state = if restore { "up" } else { "down" };
         self.switch.exec(&["ip", "link", "set", &format!("v-lb{i}"), state]).map(|_| ())
     }
-}
-
-/// An IPv6 address usable at once (no duplicate address detection).
-fn add6(ns: &Netns, dev: &str, cidr: &str) -> Result<()> {
-    ns.exec(&["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"]).map(|_| ())
-}
-
-/// Connects `host` to the bridge: `eth0` in the host, `port` on the switch.
-fn plug(switch: &Netns, host: &Netns, port: &str, addr: Ipv4Addr) -> Result<()> {
-    switch.exec(&["ip", "link", "add", port, "type", "veth", "peer", "name", IFACE, "netns", &host.name])?;
-    switch.exec(&["ip", "link", "set", port, "master", "br0", "up"])?;
-    host.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", IFACE])?;
-    host.exec(&["ip", "link", "set", IFACE, "up"])?;
-    Ok(())
 }

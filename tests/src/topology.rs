@@ -61,7 +61,7 @@ impl L2Bed {
 }
 
 /// Connects `host` to the bridge with a veth pair: `eth0` in the host, `port` on the switch.
-fn plug(switch: &Netns, host: &Netns, port: &str, addr: Ipv4Addr) -> Result<()> {
+pub fn plug(switch: &Netns, host: &Netns, port: &str, addr: Ipv4Addr) -> Result<()> {
     switch.exec(&["ip", "link", "add", port, "type", "veth", "peer", "name", IFACE, "netns", &host.name])?;
     switch.exec(&["ip", "link", "set", port, "master", "br0", "up"])?;
     host.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", IFACE])?;
@@ -171,7 +171,7 @@ impl L3Bed {
 }
 
 /// An IPv6 address without duplicate address detection, usable at once.
-fn add6(ns: &Netns, dev: &str, cidr: &str) -> Result<()> {
+pub fn add6(ns: &Netns, dev: &str, cidr: &str) -> Result<()> {
     ns.exec(&["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"]).map(|_| ())
 }
 

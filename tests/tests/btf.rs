@@ -14,15 +14,19 @@ fn bpftool(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
 }
 
-#[test]
-fn maps_and_program_carry_their_types() {
-    let mut dp = Dataplane::load(&LoadOptions {
+fn load() -> Dataplane {
+    Dataplane::load(&LoadOptions {
         hash_seed: 1,
         iface_mac: [2, 0, 0, 0, 0, 1],
         maglev_capacity: 2 * 251,
         flow_table_size: 1024,
     })
-    .expect("load the balancer (run the tests as root)");
+    .expect("load the balancer (run the tests as root)")
+}
+
+#[test]
+fn maps_and_program_carry_their_types() {
+    let mut dp = load();
     dp.add_service(Ipv4Addr::new(10, 99, 0, 100).into(), 80, 6, 7, 251, Forward::L2).unwrap();
     let info = dp.balancer().info().unwrap();
     assert!(info.btf_id().is_some_and(|id| id > 0), "the program was loaded without its BTF");
@@ -48,13 +52,7 @@ fn maps_and_program_carry_their_types() {
 /// or an unaligned copy compiles to one of those (a byte loop in a subprogram) on every packet.
 #[test]
 fn the_data_path_copies_by_words() {
-    let mut dp = Dataplane::load(&LoadOptions {
-        hash_seed: 1,
-        iface_mac: [2, 0, 0, 0, 0, 1],
-        maglev_capacity: 2 * 251,
-        flow_table_size: 1024,
-    })
-    .expect("load the balancer (run the tests as root)");
+    let mut dp = load();
     {
         let name = lb_common::program_names::BALANCER;
         let id = dp.balancer().info().unwrap().id().to_string();

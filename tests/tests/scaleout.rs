@@ -71,26 +71,25 @@ fn ask_for(conns: &mut [Conn], time: Duration) -> Asked {
     asked
 }
 
-/// Packets balancer `i` forwarded for the service, by its control API.
-fn forwarded(bed: &mut ScaleOutBed, i: usize) -> u64 {
+/// Balancer `i`'s `ctl --json list`.
+fn list(bed: &mut ScaleOutBed, i: usize) -> serde_json::Value {
     let (ok, out, err) = bed.agent(i).ctl(&["--json", "list"]).unwrap();
     assert!(ok, "ctl list on lb{i}: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["services"][0]["packets"].as_u64().unwrap()
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Packets balancer `i` forwarded for the IPv4 service.
+fn forwarded(bed: &mut ScaleOutBed, i: usize) -> u64 {
+    list(bed, i)["services"][0]["packets"].as_u64().unwrap()
 }
 
 /// The same for the IPv6 service.
 fn forwarded6(bed: &mut ScaleOutBed, i: usize) -> u64 {
-    let (ok, out, err) = bed.agent(i).ctl(&["--json", "list"]).unwrap();
-    assert!(ok, "ctl list on lb{i}: {err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["services"][1]["packets"].as_u64().unwrap()
+    list(bed, i)["services"][1]["packets"].as_u64().unwrap()
 }
 
 fn bgp_view(bed: &mut ScaleOutBed, i: usize) -> serde_json::Value {
-    let (ok, out, err) = bed.agent(i).ctl(&["--json", "list"]).unwrap();
-    assert!(ok, "ctl list on lb{i}: {err}");
-    serde_json::from_str::<serde_json::Value>(&out).unwrap()["bgp"].clone()
+    list(bed, i)["bgp"].clone()
 }
 
 /// Balancer `i`'s BGP view once `ok` holds for it (BIRD is polled twice a second), or the

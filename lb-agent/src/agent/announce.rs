@@ -42,21 +42,14 @@ impl ServiceState {
 }
 
 impl Agent {
-    /// The VIPs of the services, each once, in order.
-    pub fn vips(&self) -> Vec<IpAddr> {
-        let mut vips: Vec<IpAddr> = self.services.iter().map(|s| s.config.vip).collect();
-        vips.sort();
-        vips.dedup();
-        vips
-    }
-
     /// Per VIP: this host serves it once every backend of its services has a first verdict
     /// (until then this host's tables may differ from the other hosts', and a connection the
     /// router moves here could land on another backend), and while at least one of its
     /// services has `min_healthy` (at least one) backends up. A service failing open
     /// forwards, but to backends that may be down: a host with healthy ones should take it.
     pub fn bgp_wants(&self) -> BTreeMap<IpAddr, Want> {
-        self.vips()
+        self.config
+            .vips()
             .into_iter()
             .map(|vip| {
                 let services: Vec<&ServiceState> = self.services.iter().filter(|s| s.config.vip == vip).collect();

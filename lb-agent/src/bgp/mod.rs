@@ -402,14 +402,13 @@ impl Task {
         view.host = host.into();
         view.vips = targets
             .iter()
-            .map(|(vip, (target, reason))| {
+            .map(|(vip, (_, reason))| {
                 let up = |drain| protocols.iter().any(|p| p.name == bird_conf::vip_protocol(*vip, drain) && p.up());
                 let state = match (up(false), up(true)) {
                     (true, _) => Announce::Normal,
                     (false, true) => Announce::Drain,
                     (false, false) => Announce::Withdrawn,
                 };
-                let _ = target;
                 VipView { vip: *vip, state: state.name().into(), reason: reason.clone() }
             })
             .collect();

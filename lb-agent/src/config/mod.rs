@@ -447,15 +447,20 @@ impl Config {
         out
     }
 
+    /// The VIPs of the services, each once, in order.
+    pub fn vips(&self) -> Vec<IpAddr> {
+        let mut vips: Vec<IpAddr> = self.services.iter().map(|s| s.vip).collect();
+        vips.sort();
+        vips.dedup();
+        vips
+    }
+
     /// VIPs no neighbour can carry, communities for addresses that are no VIP.
     fn bgp_warnings(&self) -> Vec<String> {
         let Some(bgp) = &self.bgp else { return Vec::new() };
         let mut out = Vec::new();
         if let Bird::Managed(m) = &bgp.bird {
-            let mut vips: Vec<IpAddr> = self.services.iter().map(|s| s.vip).collect();
-            vips.sort();
-            vips.dedup();
-            for vip in vips {
+            for vip in self.vips() {
                 if !m.neighbors.iter().any(|n| n.address.is_ipv4() == vip.is_ipv4()) {
                     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
                     out.push(format!(

@@ -23,7 +23,7 @@ use log::{info, warn};
 
 use super::{
     cookie,
-    pool::{Backend, Pool},
+    pool::Backend,
     Service,
 };
 use crate::config::l7::{L7Service, DEFAULT_POOL};
@@ -269,8 +269,8 @@ async fn proxy(service: &Service, upstream: &Upstream, peer: Peer, mut req: Requ
                 continue;
             }
             Ok(Err(e)) => {
-                let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                    || format!("{e:?}").contains("LengthLimitError");
+                let too_large = std::iter::successors(std::error::Error::source(&e), |s| s.source())
+                    .any(|s| s.is::<http_body_util::LengthLimitError>());
                 if too_large {
                     return local(StatusCode::PAYLOAD_TOO_LARGE, "request body over the limit");
                 }
@@ -346,11 +346,6 @@ fn add_forwarding(config: &L7Service, headers: &mut HeaderMap, peer: Peer, host:
             headers.insert(header::FORWARDED, v);
         }
     }
-}
-
-/// Whether a pool can take a session at all (for status pages and tests).
-pub fn any_usable(pool: &Pool) -> bool {
-    pool.backends.iter().any(|b| b.usable())
 }
 
 #[cfg(test)]
