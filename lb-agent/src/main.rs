@@ -315,9 +315,7 @@ async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
     // and their backends pass their checks. A BIRD that is missing or refuses its config stops
     // the start here, before the kernel is touched.
     let speaker = match &config.bgp {
-        Some(bgp) => {
-            Some(lb_agent::bgp::Speaker::start(bgp, config.vips()).await?)
-        }
+        Some(bgp) => Some(lb_agent::bgp::Speaker::start(bgp, config.vips()).await?),
         None => None,
     };
     // Locks <pin_dir>/<interface> (a second agent is refused) and adopts what a previous agent

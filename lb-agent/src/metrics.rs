@@ -95,9 +95,9 @@ impl Collector for Snapshot {
             let mut family = encoder.encode_descriptor(h.name, h.help, None, MetricType::Histogram)?;
             for (labels, sum, count, buckets) in &h.samples {
                 let labels: Labels = labels.iter().map(|(k, v)| (*k, escape(v))).collect();
-                family.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                    *sum, *count, buckets, None,
-                )?;
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(*sum, *count, buckets, None)?;
             }
         }
         Ok(())
@@ -199,11 +199,8 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
     ) = active;
     l7_metrics(agent, &mut snap);
     if let Some(bgp) = agent.speaker().map(|s| s.view()) {
-        *snap.family("xlb_vip_announced", Gauge, "1 while BIRD announces the VIP (draining included).") = bgp
-            .vips
-            .iter()
-            .map(|v| (vec![("vip", v.vip.to_string())], u64::from(v.state != "withdrawn")))
-            .collect();
+        *snap.family("xlb_vip_announced", Gauge, "1 while BIRD announces the VIP (draining included).") =
+            bgp.vips.iter().map(|v| (vec![("vip", v.vip.to_string())], u64::from(v.state != "withdrawn"))).collect();
         snap.family("xlb_bgp_host_draining", Gauge, "1 from ctl drain-host until undrain-host.")
             .push((Vec::new(), u64::from(bgp.host != "serving")));
         *snap.family("xlb_bgp_session_up", Gauge, "1 while the BGP session with the neighbour is established.") =
@@ -235,11 +232,8 @@ fn l7_metrics(agent: &Agent, snap: &mut Snapshot) {
         let sum = stats.duration_sum_us.load(Relaxed) as f64 / 1e6;
         durations.push((service.clone(), sum, cumulative + last, buckets));
         for b in backends {
-            let labels = vec![
-                ("service", config.name.clone()),
-                ("backend", b.address.to_string()),
-                ("pool", b.pool.clone()),
-            ];
+            let labels =
+                vec![("service", config.name.clone()), ("backend", b.address.to_string()), ("pool", b.pool.clone())];
             for (class, c) in b.counts.by_class.iter().enumerate() {
                 let mut l = labels.clone();
                 l.push(("class", format!("{}xx", class + 1)));
@@ -253,11 +247,15 @@ fn l7_metrics(agent: &Agent, snap: &mut Snapshot) {
     if active.is_empty() {
         return;
     }
-    *snap.family("xlb_l7_requests", Counter, "L7 responses per backend by status class (tcp-proxy: relays as 2xx).") = requests;
+    *snap.family("xlb_l7_requests", Counter, "L7 responses per backend by status class (tcp-proxy: relays as 2xx).") =
+        requests;
     *snap.family("xlb_l7_backend_up", Gauge, "1 when the L7 backend passes its health checks.") = up;
     *snap.family("xlb_l7_backend_in_flight", Gauge, "Requests (or relays) in progress on the L7 backend.") = in_flight;
-    *snap.family("xlb_l7_connect_failures", Counter, "Connections to the L7 backend that failed (then retried elsewhere).") =
-        failures;
+    *snap.family(
+        "xlb_l7_connect_failures",
+        Counter,
+        "Connections to the L7 backend that failed (then retried elsewhere).",
+    ) = failures;
     *snap.family("xlb_l7_active_connections", Gauge, "Client connections open on the L7 service.") = active;
     *snap.family("xlb_l7_connections", Counter, "Client connections accepted by the L7 service.") = connections;
     *snap.family("xlb_l7_tls_handshake_failures", Counter, "TLS handshakes that failed or timed out.") = tls;

@@ -22,3 +22,4 @@ unsafe impl aya::Pod for Counters {}
 unsafe impl aya::Pod for BackendFlows {}
 unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for Affinity {}
+unsafe impl aya::Pod for crate::harness::Frame {}

@@ -4,9 +4,8 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags,
-    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF, TCP_HDR,
-    UDP_HDR,
+    addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags, FAMILY_V4,
+    FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF, TCP_HDR, UDP_HDR,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 

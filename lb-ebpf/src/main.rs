@@ -19,6 +19,8 @@ mod flow;
 #[cfg(target_arch = "bpf")]
 mod frame;
 #[cfg(target_arch = "bpf")]
+mod harness;
+#[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -33,7 +35,7 @@ mod stats;
 mod programs {
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
-    use crate::{balancer, decap, frame, parse, stats};
+    use crate::{balancer, decap, frame, harness, parse, stats};
 
     /// The balancer: every frame is counted once, by the reason of its verdict.
     #[xdp]
@@ -58,6 +60,12 @@ mod programs {
     #[xdp]
     pub fn xlb_pass(_ctx: XdpContext) -> u32 {
         xdp_action::XDP_PASS
+    }
+
+    /// The benchmarks' restore harness: puts the frame back and tail-calls the program under test.
+    #[xdp]
+    pub fn xlb_harness(ctx: XdpContext) -> u32 {
+        harness::run(&ctx)
     }
 
     /// Swaps the Ethernet addresses and bounces the frame: the minimal XDP_TX baseline.

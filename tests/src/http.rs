@@ -39,7 +39,8 @@ pub fn parse(raw: &[u8]) -> Result<Reply> {
     let mut lines = head.lines();
     let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
     let Some(status) = status else { bail!("no status line: {text:?}") };
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim().to_string(), v.trim().to_string())).collect();
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim().to_string(), v.trim().to_string())).collect();
     Ok(Reply { status, headers, body: body.to_string() })
 }
 
@@ -55,15 +56,21 @@ pub fn get(ns: &Netns, to: SocketAddr, host: &str, path: &str, extra: &[&str]) -
 }
 
 /// `count` GETs of `/`, each on its own connection: the answers' bodies, tallied.
-pub fn tally(ns: &Netns, to: SocketAddr, host: &'static str, count: usize) -> Result<std::collections::BTreeMap<String, usize>> {
+pub fn tally(
+    ns: &Netns,
+    to: SocketAddr,
+    host: &'static str,
+    count: usize,
+) -> Result<std::collections::BTreeMap<String, usize>> {
     ns.run(move || {
         let mut t = std::collections::BTreeMap::new();
         for _ in 0..count {
-            let key = match exchange(to, format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()) {
-                Ok(r) if r.status == 200 => r.body.trim().to_string(),
-                Ok(r) => format!("status {}", r.status),
-                Err(e) => format!("error: {e}"),
-            };
+            let key =
+                match exchange(to, format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()) {
+                    Ok(r) if r.status == 200 => r.body.trim().to_string(),
+                    Ok(r) => format!("status {}", r.status),
+                    Err(e) => format!("error: {e}"),
+                };
             *t.entry(key).or_default() += 1;
         }
         t

@@ -80,7 +80,10 @@ http {{
         let start = Instant::now();
         while !nginx.dir.0.join("nginx.pid").exists() {
             if start.elapsed() > Duration::from_secs(5) {
-                bail!("nginx did not start: {}", std::fs::read_to_string(nginx.dir.0.join("error.log")).unwrap_or_default());
+                bail!(
+                    "nginx did not start: {}",
+                    std::fs::read_to_string(nginx.dir.0.join("error.log")).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -227,7 +227,8 @@ impl ScaleOutBed {
             backend_ns.push(ns);
         }
         let router_bird = router_bird(&router, &dir, lbs)?;
-        let pins = (0..lbs).map(|i| PathBuf::from(format!("/sys/fs/bpf/{}", unique_name(&format!("pins-lb{i}"))))).collect();
+        let pins =
+            (0..lbs).map(|i| PathBuf::from(format!("/sys/fs/bpf/{}", unique_name(&format!("pins-lb{i}"))))).collect();
         Ok(Self {
             client,
             router,

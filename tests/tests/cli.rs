@@ -44,7 +44,9 @@ fn check_prints_the_bird_config_of_the_bgp_section() {
     let out = agent(&["check", "--config", &path, "--bird-config"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    for needle in ["neighbor 10.0.0.1 as 65000;", "protocol static xlb_vip4_0a620064 {", "route 10.98.0.100/32 blackhole;"] {
+    for needle in
+        ["neighbor 10.0.0.1 as 65000;", "protocol static xlb_vip4_0a620064 {", "route 10.98.0.100/32 blackhole;"]
+    {
         assert!(text.contains(needle), "no {needle:?} in:\n{text}");
     }
     // An operator's BIRD: the filter and the VIP protocols to add to its config.

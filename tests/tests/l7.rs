@@ -87,9 +87,17 @@ fn http_routes_spreads_forwards_and_survives_a_dead_backend() {
 
     // What the backend received: the client's address, the scheme, the host, RFC 7239, and no
     // hop-by-hop header (a client's X-Forwarded-For is not trusted by default).
-    let r = get(&s.bed.client, web(), "api.test", "/who", &["X-Forwarded-For: 6.6.6.6", "Connection: close, x-drop", "X-Drop: 1"]).unwrap();
+    let r = get(
+        &s.bed.client,
+        web(),
+        "api.test",
+        "/who",
+        &["X-Forwarded-For: 6.6.6.6", "Connection: close, x-drop", "X-Drop: 1"],
+    )
+    .unwrap();
     assert_eq!(r.status, 200);
-    let line = s.nginx[2].as_ref().unwrap().log().into_iter().find(|l| l[7] == "/who").expect("the request reached nginx-2");
+    let line =
+        s.nginx[2].as_ref().unwrap().log().into_iter().find(|l| l[7] == "/who").expect("the request reached nginx-2");
     assert_eq!(line[1], CLIENT.to_string(), "X-Forwarded-For: {line:?}");
     assert_eq!((line[2].as_str(), line[3].as_str()), ("http", "api.test"), "{line:?}");
     // nginx logs a double quote as \x22.
@@ -97,18 +105,25 @@ fn http_routes_spreads_forwards_and_survives_a_dead_backend() {
     assert_ne!(line[6].to_ascii_lowercase(), "close, x-drop", "hop-by-hop headers reached the backend: {line:?}");
 
     // HTTP/2 without TLS (prior knowledge) from the client, HTTP/1.1 to the backend.
-    let (ok, out, err) = curl(&s.bed.client, &["--http2-prior-knowledge", "-H", "Host: api.test", &format!("http://{LB}/h2c"), "-w", "|%{http_version}"]);
+    let (ok, out, err) = curl(
+        &s.bed.client,
+        &["--http2-prior-knowledge", "-H", "Host: api.test", &format!("http://{LB}/h2c"), "-w", "|%{http_version}"],
+    );
     assert!(ok && out.ends_with("|2") && out.starts_with(&backend_name(2)), "{out} {err}");
 
     // Backends drained and weighted through the control API, as L4 ones are.
-    let (ok, out, err) = s.agent.ctl(&["drain", "web", &backend_addr(0).to_string(), "--port", &HTTP_PORT.to_string()]).unwrap();
+    let (ok, out, err) =
+        s.agent.ctl(&["drain", "web", &backend_addr(0).to_string(), "--port", &HTTP_PORT.to_string()]).unwrap();
     assert!(ok, "{out}{err}");
     assert_even(&tally(&s.bed.client, web(), "www.test", 30).unwrap(), &all[1..], 30);
     let (ok, list, _) = s.agent.ctl(&["list"]).unwrap();
     assert!(ok && list.contains("drain"), "{list}");
     let (ok, _, err) = s.agent.ctl(&["drain", "web", &backend_addr(0).to_string()]).unwrap();
     assert!(!ok && err.contains("--port"), "{err}");
-    let (ok, out, err) = s.agent.ctl(&["set-weight", "web", &backend_addr(0).to_string(), "1", "--port", &HTTP_PORT.to_string()]).unwrap();
+    let (ok, out, err) = s
+        .agent
+        .ctl(&["set-weight", "web", &backend_addr(0).to_string(), "1", "--port", &HTTP_PORT.to_string()])
+        .unwrap();
     assert!(ok, "{out}{err}");
     assert_even(&tally(&s.bed.client, web(), "www.test", 30).unwrap(), &all, 30);
 
@@ -145,7 +160,12 @@ fn http_routes_spreads_forwards_and_survives_a_dead_backend() {
 
     // The metrics and ctl list show the L7 service.
     let metrics = AgentProcess::scrape(&s.bed.lb, METRICS).unwrap();
-    assert!(metrics.contains("xlb_l7_requests_total{service=\"web\",backend=\"10.99.0.12:8080\",pool=\"default\",class=\"2xx\"}"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "xlb_l7_requests_total{service=\"web\",backend=\"10.99.0.12:8080\",pool=\"default\",class=\"2xx\"}"
+        ),
+        "{metrics}"
+    );
     assert!(metrics.contains("xlb_l7_request_duration_seconds_count{service=\"web\"}"), "{metrics}");
     let (ok, list, err) = s.agent.ctl(&["list"]).unwrap();
     assert!(ok, "{err}");
@@ -194,14 +214,29 @@ fn https_picks_the_certificate_by_sni_speaks_h2_and_reloads_certificates_under_a
     let resolve = |name: &str| format!("{name}:443:{LB}");
     for (name, cn) in [("a.test", "a.test"), ("b.test", "b.test"), ("www.b.test", "b.test")] {
         let url = format!("https://{name}/");
-        let (ok, out, err) = curl(&s.bed.client, &["-v", "--http2", "--cacert", &cacert, "--resolve", &resolve(name), &url, "-w", "|%{http_version}"]);
+        let (ok, out, err) = curl(
+            &s.bed.client,
+            &["-v", "--http2", "--cacert", &cacert, "--resolve", &resolve(name), &url, "-w", "|%{http_version}"],
+        );
         assert!(ok, "{name}: {err}");
         let (body, version) = out.rsplit_once('|').unwrap();
         assert!(body.trim().starts_with("nginx-"), "{out}");
         assert_eq!(version, "2", "HTTP/2 by ALPN for {name}");
         assert!(err.contains(&format!("CN={cn}")), "{name} was not served the {cn} certificate:\n{err}");
     }
-    let (ok, out, err) = curl(&s.bed.client, &["--http1.1", "--cacert", &cacert, "--resolve", &resolve("a.test"), "https://a.test/", "-w", "|%{http_version}"]);
+    let (ok, out, err) = curl(
+        &s.bed.client,
+        &[
+            "--http1.1",
+            "--cacert",
+            &cacert,
+            "--resolve",
+            &resolve("a.test"),
+            "https://a.test/",
+            "-w",
+            "|%{http_version}",
+        ],
+    );
     assert!(ok && out.ends_with("|1.1"), "{out} {err}");
     // The backend is told the scheme.
     let seen_https = s.nginx.iter().flatten().any(|n| n.log().iter().any(|l| l[2] == "https"));
@@ -212,7 +247,17 @@ fn https_picks_the_certificate_by_sni_speaks_h2_and_reloads_certificates_under_a
         .bed
         .client
         .command("curl")
-        .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "--cacert", &cacert])
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            "--cacert",
+            &cacert,
+        ])
         .args(["--resolve", &resolve("a.test"), "https://a.test/big.bin"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -231,7 +276,12 @@ fn https_picks_the_certificate_by_sni_speaks_h2_and_reloads_certificates_under_a
     let (ok, _, _) = curl(&s.bed.client, &["--cacert", &cacert, "--resolve", &resolve("a.test"), "https://a.test/"]);
     assert!(!ok, "the old certificate is still served to new connections");
     let done = big.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&done.stdout), "200 1048576", "the download on the old connection: {}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&done.stdout),
+        "200 1048576",
+        "the download on the old connection: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
 
     // A client that gives up inside its handshake, and garbage instead of TLS, disturb nobody.
     for junk in [&b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..], b"GET / HTTP/1.1\r\n\r\n"] {
@@ -299,7 +349,9 @@ fn cookies_pin_a_client_to_a_backend_and_move_it_when_the_backend_dies() {
     // The pinned backend dies: the next request lands elsewhere with a new cookie.
     let i: usize = pinned.trim_start_matches("nginx-").parse().unwrap();
     s.nginx[i].as_mut().unwrap().kill();
-    s.agent.wait_for_log(&format!("l7 shop: backend {}:{HTTP_PORT} DOWN", backend_addr(i)), Duration::from_secs(5)).unwrap();
+    s.agent
+        .wait_for_log(&format!("l7 shop: backend {}:{HTTP_PORT} DOWN", backend_addr(i)), Duration::from_secs(5))
+        .unwrap();
     let before = std::fs::read_to_string(&jar).unwrap();
     let (ok, out, err) = curl(&s.bed.client, &["-c", &jar, "-b", &jar, &format!("http://{LB}/")]);
     assert!(ok, "{err}");
@@ -331,8 +383,18 @@ fn tcp_proxy_sends_the_client_address_in_proxy_headers_v1_and_v2_over_ipv4_and_i
         c
     };
     // An HTTP service behind another proxy: it reads the PROXY header the proxy in front sends.
-    let behind = format!("[[l7]]\nname = \"behind\"\nlisten = \"{LB}:8003\"\nmode = \"http\"\naccept_proxy = true\n\n{}", backends(None, &[0]));
-    let l7 = [bed_l7(8001, "v1", false), bed_l7(8002, "v2", false), bed_l7(8001, "v1", true), bed_l7(8002, "v2", true), behind].concat();
+    let behind = format!(
+        "[[l7]]\nname = \"behind\"\nlisten = \"{LB}:8003\"\nmode = \"http\"\naccept_proxy = true\n\n{}",
+        backends(None, &[0])
+    );
+    let l7 = [
+        bed_l7(8001, "v1", false),
+        bed_l7(8002, "v2", false),
+        bed_l7(8001, "v1", true),
+        bed_l7(8002, "v2", true),
+        behind,
+    ]
+    .concat();
     let bed = L2Bed::new(BACKENDS).expect("test bed");
     let v6 = |ns: &Netns, addr: &str| ns.exec(&["ip", "-6", "addr", "add", addr, "dev", IFACE, "nodad"]).unwrap();
     v6(&bed.client, "fd99::2/64");
@@ -341,7 +403,8 @@ fn tcp_proxy_sends_the_client_address_in_proxy_headers_v1_and_v2_over_ipv4_and_i
         v6(b, &format!("fd99::{}/64", 11 + i));
     }
     let nginx: Vec<Nginx> = (0..BACKENDS).map(|i| Nginx::start(&bed.backends[i], &backend_name(i)).unwrap()).collect();
-    let config = format!("interface = \"{IFACE}\"\n\n[health]\ninterval_ms = 200\ntimeout_ms = 100\nrise = 1\nfall = 2\n\n{l7}");
+    let config =
+        format!("interface = \"{IFACE}\"\n\n[health]\ninterval_ms = 200\ntimeout_ms = 100\nrise = 1\nfall = 2\n\n{l7}");
     let mut agent = AgentProcess::start(&bed.lb, &config, &[]).unwrap();
     for (url, client) in [
         (format!("http://{LB}:8001/"), CLIENT.to_string()),
@@ -386,7 +449,9 @@ fn echo_server(ns: &Netns, port: u16) {
                     }
                     head.push(byte[0]);
                 }
-                let _ = conn.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+                let _ = conn.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                );
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = conn.read(&mut buf) {
                     if n == 0 || conn.write_all(&buf[..n]).is_err() {
@@ -407,11 +472,13 @@ fn upgrades_are_tunnelled_and_bad_clients_are_cut() {
     );
     let bed = L2Bed::new(1).expect("test bed");
     echo_server(&bed.backends[0], 8090);
-    let config = format!("interface = \"{IFACE}\"\n\n[health]\ninterval_ms = 200\ntimeout_ms = 100\nrise = 1\nfall = 2\n\n{l7}");
+    let config =
+        format!("interface = \"{IFACE}\"\n\n[health]\ninterval_ms = 200\ntimeout_ms = 100\nrise = 1\nfall = 2\n\n{l7}");
     let mut agent = AgentProcess::start(&bed.lb, &config, &[]).unwrap();
 
     // A WebSocket-style upgrade: 101 through the proxy, then bytes both ways.
-    let upgrade = || bed
+    let upgrade = || {
+        bed
         .client
         .run(|| -> std::io::Result<(String, String)> {
             let mut c = std::net::TcpStream::connect((LB, 80))?;
@@ -429,7 +496,8 @@ fn upgrades_are_tunnelled_and_bad_clients_are_cut() {
             Ok((String::from_utf8_lossy(&head).into_owned(), String::from_utf8_lossy(&back).into_owned()))
         })
         .unwrap()
-        .unwrap();
+        .unwrap()
+    };
     let echoed = upgrade();
     assert!(echoed.0.starts_with("HTTP/1.1 101"), "{}", echoed.0);
     assert_eq!(echoed.1, "hello through the tunnel");
@@ -495,7 +563,10 @@ fn the_xdp_tier_fronts_l7_hosts_by_dsr() {
     for (nginx, _) in &hosts {
         // The L7 host's own health checks carry no X-Forwarded-For; every proxied request does.
         let proxied: Vec<Vec<String>> = nginx.log().into_iter().filter(|l| l[1] != "-").collect();
-        assert!(proxied.len() > 25 && proxied.iter().all(|l| l[1] == CLIENT.to_string()), "the L7 tier did not see the client: {proxied:?}");
+        assert!(
+            proxied.len() > 25 && proxied.iter().all(|l| l[1] == CLIENT.to_string()),
+            "the L7 tier did not see the client: {proxied:?}"
+        );
     }
     agent.stop().unwrap();
     for (_, mut a) in hosts {

@@ -11,8 +11,8 @@ use lb_common::{addr_v4, addr_v6, hash::flow_hash, limits::DEFAULT_MAGLEV_SIZE, 
 use xlb_tests::{
     agent::AgentProcess,
     scaleout::{
-        backend_addr, backend_addr6, lb_config, vip, vip6, ScaleOutBed, CLIENT, CLIENT6, DRAIN_SECS, HASH_SEED, METRICS,
-        PORT, VIP, VIP6,
+        backend_addr, backend_addr6, lb_config, vip, vip6, ScaleOutBed, CLIENT, CLIENT6, DRAIN_SECS, HASH_SEED,
+        METRICS, PORT, VIP, VIP6,
     },
     scenario::backend_name,
     traffic::{failures, open_connections, tcp_requests, Conn, Server},
@@ -128,7 +128,9 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     assert!(prints[0].starts_with("fingerprint "), "{prints:?}");
     assert!(prints.iter().all(|p| *p == prints[0]), "hosts disagree: {prints:?}");
     let metrics = AgentProcess::scrape(&bed.lbs[0], METRICS).unwrap();
-    for series in [format!("xlb_vip_announced{{vip=\"{VIP}\"}} 1"), "xlb_bgp_session_up{neighbor=\"10.96.0.1\"} 1".into()] {
+    for series in
+        [format!("xlb_vip_announced{{vip=\"{VIP}\"}} 1"), "xlb_bgp_session_up{neighbor=\"10.96.0.1\"} 1".into()]
+    {
         assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
     }
     let (_, table, _) = bed.agent(0).ctl(&["list"]).unwrap();
@@ -140,7 +142,11 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     let mut conns = open_connections(&bed.client, vip(), LONG_LIVED).unwrap();
     let after: Vec<u64> = (0..LBS).map(|i| forwarded(&mut bed, i)).collect();
     for i in 0..LBS {
-        assert!(after[i] > before[i] + 10, "lb{i} forwarded {} packets of {LONG_LIVED} connections", after[i] - before[i]);
+        assert!(
+            after[i] > before[i] + 10,
+            "lb{i} forwarded {} packets of {LONG_LIVED} connections",
+            after[i] - before[i]
+        );
     }
     let before6: Vec<u64> = (0..LBS).map(|i| forwarded6(&mut bed, i)).collect();
     conns.extend(open_connections(&bed.client, vip6(), LONG_LIVED6).unwrap());
@@ -177,7 +183,9 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     let withdraw_kill6 = t0.elapsed();
     let (c, asked) = asker.join().unwrap();
     conns = c;
-    eprintln!("SIGKILL of lb1: withdrawn from the router's FIB in {withdraw_kill:?} (IPv6 {withdraw_kill6:?}); {asked:?}");
+    eprintln!(
+        "SIGKILL of lb1: withdrawn from the router's FIB in {withdraw_kill:?} (IPv6 {withdraw_kill6:?}); {asked:?}"
+    );
     assert!(withdraw_kill < Duration::from_secs(1), "withdrawal took {withdraw_kill:?}");
     assert_eq!((asked.failed, asked.moved), (0, 0), "{asked:?}");
 
@@ -233,7 +241,9 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
         .wait_for_log(&format!("bgp: VIP {VIP} withdrawn: the host is drained"), Duration::from_secs(10))
         .unwrap();
     assert_eq!(wait_bgp(&mut bed, 0, |v| v["host"] == "drained")["host"], "drained");
-    eprintln!("drain-host on lb0: the router moved every flow to lb1 in {moved_away:?}; withdrawn after {DRAIN_SECS} s");
+    eprintln!(
+        "drain-host on lb0: the router moved every flow to lb1 in {moved_away:?}; withdrawn after {DRAIN_SECS} s"
+    );
     let (ok, _, err) = bed.agent(0).ctl(&["undrain-host"]).unwrap();
     assert!(ok, "{err}");
     bed.wait_next_hops(&[0, 1], Duration::from_secs(5)).unwrap();
@@ -256,7 +266,10 @@ fn three_hosts_share_the_vip_and_no_connection_breaks_when_one_fails() {
     bed.wait_next_hops6(0, Duration::from_secs(10)).unwrap();
     for i in 0..LBS {
         bed.agent(i)
-            .wait_for_log(&format!("bgp: VIP {VIP} withdrawn: no service has min_healthy backends up"), Duration::from_secs(5))
+            .wait_for_log(
+                &format!("bgp: VIP {VIP} withdrawn: no service has min_healthy backends up"),
+                Duration::from_secs(5),
+            )
             .unwrap();
     }
     for j in 0..BACKENDS {

@@ -47,7 +47,9 @@ enum Command {
     /// Measure the data path's per-packet cost (BPF_PROG_TEST_RUN) against baselines from the same run.
     ///
     /// Runs the xlb-bench binary of the tests crate in release mode (needs root); `--quick` for a
-    /// short run. Prints a markdown table and writes target/bench/pkt-cost-*.json.
+    /// short run. pkt measures through a restore harness, net of an empty program run the same
+    /// way, prints markdown tables and writes target/bench/pkt-cost-*.json and
+    /// pkt-cost-latest.svg.
     Bench {
         /// Short runs of every part (under five minutes in all).
         #[arg(long)]

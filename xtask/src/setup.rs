@@ -11,7 +11,21 @@ use anyhow::{bail, Context, Result};
 use crate::run::{self, command};
 
 /// Debian packages the tests and the demo call at run time; extend here.
-pub const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "bpftool", "tcpdump", "nftables", "prometheus", "man-db", "bird2", "nginx", "curl", "haproxy", "wrk", "nghttp2-client"];
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "bpftool",
+    "tcpdump",
+    "nftables",
+    "prometheus",
+    "man-db",
+    "bird2",
+    "nginx",
+    "curl",
+    "haproxy",
+    "wrk",
+    "nghttp2-client",
+];
 
 /// The bpf-linker release verified against this nightly's LLVM 22 (see TOOLCHAIN.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -341,7 +341,14 @@ impl Agent {
         };
         slot.set_scheduler(sc.scheduler.id());
         slot.set_affinity_timeout(sc.affinity_timeout_secs);
-        self.services.push(ServiceState { id, config: sc.clone(), slot, backends: Vec::new(), fail_open: false, table: Vec::new() });
+        self.services.push(ServiceState {
+            id,
+            config: sc.clone(),
+            slot,
+            backends: Vec::new(),
+            fail_open: false,
+            table: Vec::new(),
+        });
         for b in &sc.backends {
             self.add_backend(id, b, macs.get(&b.address).copied(), None)?;
         }

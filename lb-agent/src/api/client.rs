@@ -213,10 +213,24 @@ fn l7_table(r: &Response) -> String {
     let mut out = String::new();
     for s in &r.l7 {
         let service = format!("{} (l7 {})", s.name, s.mode);
-        out += &format!("{service:<28} {:<40} {:>6} {:>6} {:>12} {:>14}\n", s.listen.to_string(), "", "", s.requests, format!("{} conns", s.active_connections));
+        out += &format!(
+            "{service:<28} {:<40} {:>6} {:>6} {:>12} {:>14}\n",
+            s.listen.to_string(),
+            "",
+            "",
+            s.requests,
+            format!("{} conns", s.active_connections)
+        );
         for b in &s.backends {
             let addr = if b.pool == "default" { b.address.to_string() } else { format!("{} [{}]", b.address, b.pool) };
-            out += &format!("{:<28} {addr:<40} {:>6} {:>6} {:>12} {:>14}\n", "", b.state, b.weight, b.requests, format!("{} busy", b.in_flight));
+            out += &format!(
+                "{:<28} {addr:<40} {:>6} {:>6} {:>12} {:>14}\n",
+                "",
+                b.state,
+                b.weight,
+                b.requests,
+                format!("{} busy", b.in_flight)
+            );
         }
     }
     out

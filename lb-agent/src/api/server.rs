@@ -59,7 +59,9 @@ fn drain_host(agent: &Agent, drain: bool) -> Result<Response> {
     };
     let changed = speaker.drain_host(drain);
     let text = match (drain, changed) {
-        (true, true) => "host draining: routes tagged GRACEFUL_SHUTDOWN with a worse MED, then withdrawn after bgp.drain_secs",
+        (true, true) => {
+            "host draining: routes tagged GRACEFUL_SHUTDOWN with a worse MED, then withdrawn after bgp.drain_secs"
+        }
         (true, false) => "host already draining",
         (false, true) => "host serving again: the VIPs are announced as their health says",
         (false, false) => "host was not draining",

@@ -54,7 +54,8 @@ impl Parser {
             return Ok(None);
         }
         let (head, text) = (line.get(..4), line.get(5..).unwrap_or(""));
-        let code = head.and_then(|h| h.parse::<u16>().ok()).ok_or_else(|| anyhow!("not a BIRD reply line: {line:?}"))?;
+        let code =
+            head.and_then(|h| h.parse::<u16>().ok()).ok_or_else(|| anyhow!("not a BIRD reply line: {line:?}"))?;
         self.lines.push((code, text.to_string()));
         match line.as_bytes().get(4) {
             Some(b'-') => Ok(None),

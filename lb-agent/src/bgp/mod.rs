@@ -177,16 +177,21 @@ fn write_config(bgp: &BgpConfig, bird: &ManagedBird, vips: &[IpAddr]) -> Result<
         .with_context(|| format!("cannot create BIRD's directory {}", bird.run_dir.display()))?;
     let path = bird.run_dir.join("bird.conf");
     let tmp = bird.run_dir.join("bird.conf.new");
-    std::fs::write(&tmp, bird_conf::render(bgp, bird, vips)).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, bird_conf::render(bgp, bird, vips))
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
 
 /// `bird -p`: BIRD's verdict on the config before it runs.
 async fn check_config(bird: &ManagedBird, conf: &Path) -> Result<()> {
-    let out = Command::new(&bird.binary).arg("-p").arg("-c").arg(conf).output().await.with_context(|| {
-        format!("cannot run {} (install bird2, or set bgp.bird_binary)", bird.binary.display())
-    })?;
+    let out = Command::new(&bird.binary)
+        .arg("-p")
+        .arg("-c")
+        .arg(conf)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {} (install bird2, or set bgp.bird_binary)", bird.binary.display()))?;
     if !out.status.success() {
         bail!(
             "BIRD refused the config the agent wrote ({}): {}",
@@ -327,7 +332,10 @@ impl Task {
                     (Announce::Withdrawn, "the host is drained (ctl drain-host)".to_string())
                 } else if want.drain_host {
                     let left = self.bgp.drain.saturating_sub(self.drain_since.map_or(Duration::ZERO, |s| s.elapsed()));
-                    (Announce::Drain, format!("the host is draining (ctl drain-host): withdrawn in {:.0} s", left.as_secs_f64()))
+                    (
+                        Announce::Drain,
+                        format!("the host is draining (ctl drain-host): withdrawn in {:.0} s", left.as_secs_f64()),
+                    )
                 } else {
                     (Announce::Normal, w.reason.clone())
                 };

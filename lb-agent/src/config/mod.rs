@@ -431,11 +431,8 @@ impl Config {
                     .into(),
             );
         }
-        out.extend(self.services
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.scheduler.same_on_every_host())
-            .map(|(i, s)| {
+        out.extend(self.services.iter().enumerate().filter(|(_, s)| !s.scheduler.same_on_every_host()).map(
+            |(i, s)| {
                 format!(
                     "service[{i}].scheduler: service {}: scheduler \"{}\" with multi_host = true: each balancer host \
                      keeps its own round-robin cursor, so a connection whose packets ECMP moves to another host \
@@ -443,7 +440,8 @@ impl Config {
                      the same answer on every host",
                     s.name, s.scheduler
                 )
-            }));
+            },
+        ));
         out
     }
 

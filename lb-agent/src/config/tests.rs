@@ -324,5 +324,9 @@ fn l7_services() {
     let e = errors(&format!("{GOOD}{L7}{}", L7.replace("443", "444")));
     assert_eq!((e[0].field.as_str(), e[0].kind), ("l7[1].name", InvalidKind::Duplicate), "{e:?}");
     let e = errors(&format!("{GOOD}{L7}{}", L7.replace("\"www\"", "\"web\"")));
-    assert_eq!((e[0].field.as_str(), e[0].kind), ("l7[1].name", InvalidKind::Duplicate), "an L4 service is named web: {e:?}");
+    assert_eq!(
+        (e[0].field.as_str(), e[0].kind),
+        ("l7[1].name", InvalidKind::Duplicate),
+        "an L4 service is named web: {e:?}"
+    );
 }

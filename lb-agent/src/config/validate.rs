@@ -145,7 +145,11 @@ fn validate_l7(config: &Config, l4_names: &HashSet<&str>) -> Vec<Invalid> {
             }
         }
         if matches!(s.health.check, super::Check::Udp { .. }) {
-            bad(format!("{path}.health.kind"), InvalidKind::BadValue, "expected \"tcp\" or \"http\" for an L7 service".into());
+            bad(
+                format!("{path}.health.kind"),
+                InvalidKind::BadValue,
+                "expected \"tcp\" or \"http\" for an L7 service".into(),
+            );
         }
         let pools: HashSet<&str> = s.backends.iter().map(|b| b.pool.as_str()).collect();
         for (k, r) in s.routes.iter().enumerate() {

@@ -19,8 +19,14 @@ pub(crate) const CONFIG_MAPS: [&str; 7] = [
     map_names::TX_PORTS,
 ];
 
-/// Maps of the object the balancer does not use (the decap program's).
-pub(crate) const UNUSED_MAPS: [&str; 2] = [map_names::DECAP_ADDRS, map_names::DECAP_STATS];
+/// Maps of the object the balancer does not use (the decap program's, the bench harness's).
+pub(crate) const UNUSED_MAPS: [&str; 5] = [
+    map_names::DECAP_ADDRS,
+    map_names::DECAP_STATS,
+    lb_common::harness::FRAME_MAP,
+    lb_common::harness::TARGET_MAP,
+    lb_common::harness::SEQ_MAP,
+];
 
 /// Maps whose contents outlive an agent: every map of the balancer but the config maps and
 /// global data (`.rodata`: the hash seed and the interface's MAC come from the new config).

@@ -21,11 +21,7 @@ use hyper_util::{
 };
 use log::{info, warn};
 
-use super::{
-    cookie,
-    pool::Backend,
-    Service,
-};
+use super::{cookie, pool::Backend, Service};
 use crate::config::l7::{L7Service, DEFAULT_POOL};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -180,7 +176,12 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn proxy(service: &Service, upstream: &Upstream, peer: Peer, mut req: Request<Incoming>) -> (Response<Body>, Outcome) {
+async fn proxy(
+    service: &Service,
+    upstream: &Upstream,
+    peer: Peer,
+    mut req: Request<Incoming>,
+) -> (Response<Body>, Outcome) {
     let config = &service.config;
     let local = |status: StatusCode, text: &str| (full(status, text), Outcome { status, backend: None });
     if let Some(len) = req.body().size_hint().exact().filter(|&n| n > config.limits.max_body_bytes) {
@@ -275,7 +276,10 @@ async fn proxy(service: &Service, upstream: &Upstream, peer: Peer, mut req: Requ
                     return local(StatusCode::PAYLOAD_TOO_LARGE, "request body over the limit");
                 }
                 warn!("l7 {}: backend {}: {e}", config.name, backend.address);
-                return (full(StatusCode::BAD_GATEWAY, "bad gateway"), Outcome { status: StatusCode::BAD_GATEWAY, backend: Some(backend) });
+                return (
+                    full(StatusCode::BAD_GATEWAY, "bad gateway"),
+                    Outcome { status: StatusCode::BAD_GATEWAY, backend: Some(backend) },
+                );
             }
             Err(_) => {
                 return (
@@ -314,7 +318,10 @@ async fn proxy(service: &Service, upstream: &Upstream, peer: Peer, mut req: Requ
         let body = body.map_err(BoxError::from).boxed();
         return (Response::from_parts(parts, body), Outcome { status, backend: Some(backend) });
     }
-    (full(StatusCode::BAD_GATEWAY, "no backend could be reached"), Outcome { status: StatusCode::BAD_GATEWAY, backend: None })
+    (
+        full(StatusCode::BAD_GATEWAY, "no backend could be reached"),
+        Outcome { status: StatusCode::BAD_GATEWAY, backend: None },
+    )
 }
 
 /// X-Forwarded-For (appended), -Proto and -Host, and RFC 7239 Forwarded when asked for.

@@ -49,8 +49,14 @@ pub async fn read_proxy_header<S: AsyncRead + Unpin>(
                 HeaderResult::V1(Ok(h)) => {
                     let used = h.header.len();
                     let addrs = match h.addresses {
-                        v1::Addresses::Tcp4(a) => Some(((a.source_address, a.source_port).into(), (a.destination_address, a.destination_port).into())),
-                        v1::Addresses::Tcp6(a) => Some(((a.source_address, a.source_port).into(), (a.destination_address, a.destination_port).into())),
+                        v1::Addresses::Tcp4(a) => Some((
+                            (a.source_address, a.source_port).into(),
+                            (a.destination_address, a.destination_port).into(),
+                        )),
+                        v1::Addresses::Tcp6(a) => Some((
+                            (a.source_address, a.source_port).into(),
+                            (a.destination_address, a.destination_port).into(),
+                        )),
                         v1::Addresses::Unknown => None,
                     };
                     Ok((addrs, buf[used..].to_vec()))
@@ -58,8 +64,14 @@ pub async fn read_proxy_header<S: AsyncRead + Unpin>(
                 HeaderResult::V2(Ok(h)) => {
                     let used = h.len();
                     let addrs = match (h.command, h.addresses) {
-                        (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some(((a.source_address, a.source_port).into(), (a.destination_address, a.destination_port).into())),
-                        (v2::Command::Proxy, v2::Addresses::IPv6(a)) => Some(((a.source_address, a.source_port).into(), (a.destination_address, a.destination_port).into())),
+                        (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some((
+                            (a.source_address, a.source_port).into(),
+                            (a.destination_address, a.destination_port).into(),
+                        )),
+                        (v2::Command::Proxy, v2::Addresses::IPv6(a)) => Some((
+                            (a.source_address, a.source_port).into(),
+                            (a.destination_address, a.destination_port).into(),
+                        )),
                         _ => None,
                     };
                     Ok((addrs, buf[used..].to_vec()))
@@ -89,7 +101,8 @@ pub fn proxy_header(version: ProxyVersion, client: SocketAddr, local: SocketAddr
     match version {
         ProxyVersion::V1 => {
             let family = if client.is_ipv4() { "TCP4" } else { "TCP6" };
-            Ok(format!("PROXY {family} {} {} {} {}\r\n", client.ip(), local.ip(), client.port(), local.port()).into_bytes())
+            Ok(format!("PROXY {family} {} {} {} {}\r\n", client.ip(), local.ip(), client.port(), local.port())
+                .into_bytes())
         }
         ProxyVersion::V2 => {
             let addresses: v2::Addresses = (client, local).into();
@@ -150,7 +163,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Conn<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -207,10 +224,13 @@ mod tests {
             assert_eq!(addrs, Some((client, local)), "{version:?}");
             assert_eq!(rest, b"GET / HTTP/1.1\r\n");
         }
-        let v1 = proxy_header(ProxyVersion::V1, "[fd00::7]:1".parse().unwrap(), "[fd00::100]:80".parse().unwrap()).unwrap();
+        let v1 =
+            proxy_header(ProxyVersion::V1, "[fd00::7]:1".parse().unwrap(), "[fd00::100]:80".parse().unwrap()).unwrap();
         assert_eq!(v1, b"PROXY TCP6 fd00::7 fd00::100 1 80\r\n");
         // An IPv4 client seen on an IPv6 socket is written as IPv4.
-        let mapped = proxy_header(ProxyVersion::V1, "[::ffff:192.0.2.7]:5".parse().unwrap(), "10.0.0.100:80".parse().unwrap()).unwrap();
+        let mapped =
+            proxy_header(ProxyVersion::V1, "[::ffff:192.0.2.7]:5".parse().unwrap(), "10.0.0.100:80".parse().unwrap())
+                .unwrap();
         assert_eq!(mapped, b"PROXY TCP4 192.0.2.7 10.0.0.100 5 80\r\n");
     }
 

@@ -175,7 +175,13 @@ impl L7 {
         }
     }
 
-    fn new_backend(&mut self, s: &L7Service, address: SocketAddr, pool: &str, weight: u32) -> (Arc<Backend>, Option<HealthTask>) {
+    fn new_backend(
+        &mut self,
+        s: &L7Service,
+        address: SocketAddr,
+        pool: &str,
+        weight: u32,
+    ) -> (Arc<Backend>, Option<HealthTask>) {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(FIRST_ID);
         let checked = self.events.is_none() || !s.health.enabled;
@@ -189,7 +195,14 @@ impl L7 {
                     cfg.port = address.port();
                 }
                 let poke = Arc::new(Notify::new());
-                Some(HealthTask(tokio::spawn(health::run(BackendId(id), address.ip(), cfg, start, events.clone(), poke))))
+                Some(HealthTask(tokio::spawn(health::run(
+                    BackendId(id),
+                    address.ip(),
+                    cfg,
+                    start,
+                    events.clone(),
+                    poke,
+                ))))
             }
             _ => None,
         };
@@ -197,7 +210,11 @@ impl L7 {
     }
 
     /// The backends of `s`: those of `old` that stay (weight updated), new ones started.
-    fn backends_for(&mut self, s: &L7Service, mut old: Vec<(Arc<Backend>, Option<HealthTask>)>) -> Vec<(Arc<Backend>, Option<HealthTask>)> {
+    fn backends_for(
+        &mut self,
+        s: &L7Service,
+        mut old: Vec<(Arc<Backend>, Option<HealthTask>)>,
+    ) -> Vec<(Arc<Backend>, Option<HealthTask>)> {
         let mut out = Vec::new();
         for b in &s.backends {
             match old.iter().position(|(o, _)| o.address == b.address && o.pool == b.pool) {
@@ -212,10 +229,16 @@ impl L7 {
         out
     }
 
-    fn snapshot(s: &L7Service, backends: &[(Arc<Backend>, Option<HealthTask>)], tls: Option<Arc<rustls::ServerConfig>>, stats: &Arc<Stats>) -> Service {
+    fn snapshot(
+        s: &L7Service,
+        backends: &[(Arc<Backend>, Option<HealthTask>)],
+        tls: Option<Arc<rustls::ServerConfig>>,
+        stats: &Arc<Stats>,
+    ) -> Service {
         let mut pools = Pools::new();
         for name in s.pools() {
-            let members: Vec<Arc<Backend>> = backends.iter().filter(|(b, _)| b.pool == name).map(|(b, _)| b.clone()).collect();
+            let members: Vec<Arc<Backend>> =
+                backends.iter().filter(|(b, _)| b.pool == name).map(|(b, _)| b.clone()).collect();
             pools.insert(name.to_string(), Arc::new(Pool::new(members, s.scheduler.clone())));
         }
         Service { config: s.clone(), pools, tls, stats: stats.clone() }
@@ -277,7 +300,10 @@ impl L7 {
         let n_up = r.backends.iter().filter(|(b, _)| b.is_up()).count();
         let (name, total, addr) = (&r.config.name, r.backends.len(), backend.address);
         match (first, *up) {
-            (true, _) => info!("l7 {name}: backend {addr} is {} at {detail}; {n_up} of {total} backends up", if *up { "up" } else { "down" }),
+            (true, _) => info!(
+                "l7 {name}: backend {addr} is {} at {detail}; {n_up} of {total} backends up",
+                if *up { "up" } else { "down" }
+            ),
             (false, true) => info!("l7 {name}: backend {addr} UP after {detail}; {n_up} of {total} backends up"),
             (false, false) => warn!("l7 {name}: backend {addr} DOWN after {detail}; {n_up} of {total} backends up"),
         }
@@ -285,7 +311,10 @@ impl L7 {
     }
 
     fn owner(&self, id: BackendId) -> Option<(usize, Arc<Backend>)> {
-        self.running.iter().enumerate().find_map(|(i, r)| r.backends.iter().find(|(b, _)| b.id == id.0).map(|(b, _)| (i, b.clone())))
+        self.running
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| r.backends.iter().find(|(b, _)| b.id == id.0).map(|(b, _)| (i, b.clone())))
     }
 
     /// Every backend has a verdict (or is not checked).

@@ -117,12 +117,8 @@ const TABLE_SIZE: u32 = 4093;
 
 impl Pool {
     pub fn new(backends: Vec<Arc<Backend>>, scheduler: L7Scheduler) -> Self {
-        let pool = Self {
-            current: Mutex::new(vec![0; backends.len()]),
-            backends,
-            scheduler,
-            table: Mutex::new(Vec::new()),
-        };
+        let pool =
+            Self { current: Mutex::new(vec![0; backends.len()]), backends, scheduler, table: Mutex::new(Vec::new()) };
         pool.rebuild();
         pool
     }
@@ -176,8 +172,12 @@ impl Pool {
                 .filter(|b| ok(b))
                 // Fewest in flight per unit of weight: compare a/wa < b/wb as a*wb < b*wa.
                 .min_by(|a, b| {
-                    let (wa, wb) = (i128::from(a.weight.load(Ordering::Relaxed)), i128::from(b.weight.load(Ordering::Relaxed)));
-                    let (fa, fb) = (i128::from(a.in_flight.load(Ordering::Relaxed)), i128::from(b.in_flight.load(Ordering::Relaxed)));
+                    let (wa, wb) =
+                        (i128::from(a.weight.load(Ordering::Relaxed)), i128::from(b.weight.load(Ordering::Relaxed)));
+                    let (fa, fb) = (
+                        i128::from(a.in_flight.load(Ordering::Relaxed)),
+                        i128::from(b.in_flight.load(Ordering::Relaxed)),
+                    );
                     (fa * wb).cmp(&(fb * wa))
                 })
                 .cloned(),

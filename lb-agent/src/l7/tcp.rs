@@ -13,8 +13,13 @@ use tokio::{
 use super::{io::proxy_header, Service};
 use crate::config::l7::DEFAULT_POOL;
 
-pub async fn relay<S>(mut downstream: S, client: SocketAddr, reached: SocketAddr, service: &Service, mut stop: watch::Receiver<bool>)
-where
+pub async fn relay<S>(
+    mut downstream: S,
+    client: SocketAddr,
+    reached: SocketAddr,
+    service: &Service,
+    mut stop: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let config = &service.config;
@@ -31,7 +36,10 @@ where
                 break;
             }
             Ok(Err(e)) => warn!("l7 {}: backend {} unreachable: {e}", config.name, backend.address),
-            Err(_) => warn!("l7 {}: backend {} did not accept within {:?}", config.name, backend.address, config.timeouts.connect),
+            Err(_) => warn!(
+                "l7 {}: backend {} did not accept within {:?}",
+                config.name, backend.address, config.timeouts.connect
+            ),
         }
         backend.counts.connect_failures.fetch_add(1, Ordering::Relaxed);
     }

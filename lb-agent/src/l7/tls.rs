@@ -42,7 +42,8 @@ fn load(cert: &CertConfig, provider: &rustls::crypto::CryptoProvider) -> Result<
     if chain.is_empty() {
         bail!("{} holds no certificate", cert.cert.display());
     }
-    let key = PrivateKeyDer::from_pem_file(&cert.key).with_context(|| format!("cannot read a private key from {}", cert.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&cert.key)
+        .with_context(|| format!("cannot read a private key from {}", cert.key.display()))?;
     let key = provider
         .key_provider
         .load_private_key(key)

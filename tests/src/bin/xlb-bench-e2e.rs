@@ -525,11 +525,15 @@ struct Samples {
 /// (run_time_ns, run_cnt) summed over the loaded programs named `name` (bpftool; needs
 /// kernel.bpf_stats_enabled for the counts to move).
 fn prog_stats(name: &str) -> (u64, u64) {
-    let Ok(out) = std::process::Command::new("bpftool").args(["--json", "prog", "show"]).output() else { return (0, 0) };
+    let Ok(out) = std::process::Command::new("bpftool").args(["--json", "prog", "show"]).output() else {
+        return (0, 0);
+    };
     let Ok(list) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return (0, 0) };
-    list.as_array().into_iter().flatten().filter(|p| p["name"] == name).fold((0, 0), |(t, c), p| {
-        (t + p["run_time_ns"].as_u64().unwrap_or(0), c + p["run_cnt"].as_u64().unwrap_or(0))
-    })
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == name)
+        .fold((0, 0), |(t, c), p| (t + p["run_time_ns"].as_u64().unwrap_or(0), c + p["run_cnt"].as_u64().unwrap_or(0)))
 }
 
 fn bpf_stats(on: bool) {

@@ -100,7 +100,10 @@ fn rss(pid: u32, children: bool) -> u64 {
     let of = |pid: u32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string())))
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string()))
+            })
             .and_then(|v| v.parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024)
     };
@@ -158,7 +161,8 @@ fn start_nginx_proxy(ns: &Netns, dir: &Path) -> Result<Daemon> {
 }
 
 fn xlb_config(crt: &Path, key: &Path) -> String {
-    let backends: String = (0..BACKENDS).map(|i| format!("[[l7.backend]]\naddress = \"{}:{HTTP_PORT}\"\n\n", backend_addr(i))).collect();
+    let backends: String =
+        (0..BACKENDS).map(|i| format!("[[l7.backend]]\naddress = \"{}:{HTTP_PORT}\"\n\n", backend_addr(i))).collect();
     format!(
         "interface = \"{IFACE}\"\n\n[health]\ninterval_ms = 1000\ntimeout_ms = 500\n\n\
          [[l7]]\nname = \"bench\"\nlisten = \"{LB}:{XLB}\"\nmode = \"http\"\n[l7.health]\nkind = \"tcp\"\n\n{backends}\
@@ -175,7 +179,8 @@ fn idle_connections(ns: &Netns, to: SocketAddr, n: usize) -> Result<Vec<std::net
     ns.run(move || -> Result<Vec<std::net::TcpStream>> {
         let mut conns = Vec::with_capacity(n);
         for i in 0..n {
-            let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).with_context(|| format!("connection {i}"))?;
+            let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                .with_context(|| format!("connection {i}"))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
             let mut buf = [0u8; 1024];
@@ -201,7 +206,8 @@ fn main() -> Result<()> {
     }
 
     let bed = L2Bed::new(BACKENDS)?;
-    let _backends: Vec<Nginx> = (0..BACKENDS).map(|i| Nginx::start(&bed.backends[i], &format!("b{i}"))).collect::<Result<_>>()?;
+    let _backends: Vec<Nginx> =
+        (0..BACKENDS).map(|i| Nginx::start(&bed.backends[i], &format!("b{i}"))).collect::<Result<_>>()?;
     let dir = TempDir::new("bench-l7")?;
     let ca = Ca::new(&dir.0, "bench-ca")?;
     let (crt, key) = ca.issue(&dir.0, "bench", &["bench.test"])?;
@@ -243,7 +249,13 @@ fn main() -> Result<()> {
                 let cpu0 = pid(p).map(|(pid, ch)| cpu_seconds(pid, ch));
                 let r = run_wrk(&bed.client, &url, &o, dir.0.join("wrk.log"))?;
                 let cpu = pid(p).map(|(pid, ch)| cpu_seconds(pid, ch)).zip(cpu0).map(|(a, b)| a - b);
-                ensure!(r.errors * 100 <= r.requests.max(1), "{}: {} errors of {} requests", p.name(), r.errors, r.requests);
+                ensure!(
+                    r.errors * 100 <= r.requests.max(1),
+                    "{}: {} errors of {} requests",
+                    p.name(),
+                    r.errors,
+                    r.requests
+                );
                 let per_cpu = cpu.filter(|&c| c > 0.0).map_or(0.0, |c| r.requests as f64 / c);
                 eprintln!(
                     "rep {rep} {:<24} {:<10} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  {:>8.0} req/CPU-s",
@@ -254,7 +266,12 @@ fn main() -> Result<()> {
                     r.p99_us,
                     per_cpu
                 );
-                rows.entry((order.iter().position(|&q| q == p).unwrap_or(0), close)).or_default().push((r.requests_per_sec, r.p50_us, r.p99_us, per_cpu));
+                rows.entry((order.iter().position(|&q| q == p).unwrap_or(0), close)).or_default().push((
+                    r.requests_per_sec,
+                    r.p50_us,
+                    r.p99_us,
+                    per_cpu,
+                ));
             }
         }
     }
@@ -282,8 +299,14 @@ fn main() -> Result<()> {
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("requests:"))
                 .and_then(|r| r.split(',').find_map(|f| f.trim().strip_suffix(" succeeded")?.parse::<f64>().ok()));
-            let (Some(rps), Some(done)) = (rps, done) else { bail!("h2load against {url}:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)) };
-            eprintln!("rep {rep} {:<24} h2 TLS     {rps:>9.0} req/s  {:>8.0} req/CPU-s", p.name(), done / cpu.max(1e-9));
+            let (Some(rps), Some(done)) = (rps, done) else {
+                bail!("h2load against {url}:\n{text}\n{}", String::from_utf8_lossy(&out.stderr))
+            };
+            eprintln!(
+                "rep {rep} {:<24} h2 TLS     {rps:>9.0} req/s  {:>8.0} req/CPU-s",
+                p.name(),
+                done / cpu.max(1e-9)
+            );
             h2.entry(k).or_default().push((rps, done / cpu.max(1e-9)));
         }
     }
@@ -299,7 +322,12 @@ fn main() -> Result<()> {
         let after = rss(pid, ch);
         drop(conns);
         let per = after.saturating_sub(before) as f64 / IDLE_CONNECTIONS as f64;
-        eprintln!("{:<24} RSS {:.1} MB -> {:.1} MB with {IDLE_CONNECTIONS} idle connections: {per:.0} B each", p.name(), before as f64 / 1e6, after as f64 / 1e6);
+        eprintln!(
+            "{:<24} RSS {:.1} MB -> {:.1} MB with {IDLE_CONNECTIONS} idle connections: {per:.0} B each",
+            p.name(),
+            before as f64 / 1e6,
+            after as f64 / 1e6
+        );
         memory.push((p, before, after, per));
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -318,7 +346,8 @@ fn main() -> Result<()> {
             let per = median(v.iter().map(|r| r.3).collect());
             let (b_rps, b_per) = (base(close, |r| r.0), base(close, |r| r.3));
             let per_text = if *p == Proxy::Direct { "-".to_string() } else { format!("{per:.0}") };
-            let ratio_per = if *p == Proxy::Direct || b_per == 0.0 { "-".to_string() } else { format!("{:.2}", per / b_per) };
+            let ratio_per =
+                if *p == Proxy::Direct || b_per == 0.0 { "-".to_string() } else { format!("{:.2}", per / b_per) };
             writeln!(
                 out,
                 "| {} | {} | {rps:.0} | {:.0} | {:.0} | {per_text} | {:.2} | {ratio_per} |",
@@ -330,12 +359,25 @@ fn main() -> Result<()> {
             )?;
         }
     }
-    let h2_of = |k: usize| h2.get(&k).map_or((0.0, 0.0), |v| (median(v.iter().map(|r| r.0).collect()), median(v.iter().map(|r| r.1).collect())));
+    let h2_of = |k: usize| {
+        h2.get(&k)
+            .map_or((0.0, 0.0), |v| (median(v.iter().map(|r| r.0).collect()), median(v.iter().map(|r| r.1).collect())))
+    };
     let (x, h) = (h2_of(0), h2_of(1));
-    writeln!(out, "| xlb L7 | h2 over TLS (h2load) | {:.0} | - | - | {:.0} | {:.2} | {:.2} |", x.0, x.1, x.0 / h.0.max(1e-9), x.1 / h.1.max(1e-9))?;
+    writeln!(
+        out,
+        "| xlb L7 | h2 over TLS (h2load) | {:.0} | - | - | {:.0} | {:.2} | {:.2} |",
+        x.0,
+        x.1,
+        x.0 / h.0.max(1e-9),
+        x.1 / h.1.max(1e-9)
+    )?;
     writeln!(out, "| HAProxy (mode http) | h2 over TLS (h2load) | {:.0} | - | - | {:.0} | 1.00 | 1.00 |", h.0, h.1)?;
     writeln!(out)?;
-    writeln!(out, "| proxy | RSS before | RSS with {IDLE_CONNECTIONS} idle keep-alive connections | bytes per connection |")?;
+    writeln!(
+        out,
+        "| proxy | RSS before | RSS with {IDLE_CONNECTIONS} idle keep-alive connections | bytes per connection |"
+    )?;
     writeln!(out, "|---|---:|---:|---:|")?;
     for (p, before, after, per) in &memory {
         writeln!(out, "| {} | {:.1} MB | {:.1} MB | {per:.0} |", p.name(), *before as f64 / 1e6, *after as f64 / 1e6)?;

@@ -52,7 +52,11 @@ struct RawBgpVip {
 fn bird_string(value: &Spanned<String>, field: &str, errors: &mut Errors<'_>) -> String {
     let text = value.get_ref();
     if text.is_empty() || text.contains(['"', '\\', '\n', '\r']) {
-        errors.at(value.span(), field, format!("expected a non-empty value without quotes, backslashes or line breaks, got {text:?}"));
+        errors.at(
+            value.span(),
+            field,
+            format!("expected a non-empty value without quotes, backslashes or line breaks, got {text:?}"),
+        );
     }
     text.clone()
 }
@@ -87,7 +91,12 @@ pub(super) fn read(raw: &Spanned<RawBgp>, errors: &mut Errors<'_>) -> BgpConfig 
         let path = format!("bgp.vip[{i}]");
         let address = parse_address(&v.get_ref().address, &format!("{path}.address"), errors);
         if communities.iter().any(|(a, _)| *a == address) {
-            errors.at_kind(v.span(), format!("{path}.address"), InvalidKind::Duplicate, format!("{address} has communities already"));
+            errors.at_kind(
+                v.span(),
+                format!("{path}.address"),
+                InvalidKind::Duplicate,
+                format!("{address} has communities already"),
+            );
         }
         let list = v
             .get_ref()
@@ -95,9 +104,16 @@ pub(super) fn read(raw: &Spanned<RawBgp>, errors: &mut Errors<'_>) -> BgpConfig 
             .iter()
             .enumerate()
             .filter_map(|(j, c)| {
-                let parsed = c.get_ref().split_once(':').and_then(|(a, v)| Some((a.parse::<u16>().ok()?, v.parse::<u16>().ok()?)));
+                let parsed = c
+                    .get_ref()
+                    .split_once(':')
+                    .and_then(|(a, v)| Some((a.parse::<u16>().ok()?, v.parse::<u16>().ok()?)));
                 if parsed.is_none() {
-                    errors.at(c.span(), format!("{path}.communities[{j}]"), format!("expected ASN:VALUE with both up to 65535, like \"65001:100\", got {:?}", c.get_ref()));
+                    errors.at(
+                        c.span(),
+                        format!("{path}.communities[{j}]"),
+                        format!("expected ASN:VALUE with both up to 65535, like \"65001:100\", got {:?}", c.get_ref()),
+                    );
                 }
                 parsed
             })
@@ -133,22 +149,43 @@ fn read_managed(raw: &Spanned<RawBgp>, errors: &mut Errors<'_>) -> ManagedBird {
     let b = raw.get_ref();
     let local_as = match &b.local_as {
         Some(asn) if !valid_asn(*asn.get_ref()) => {
-            errors.at(asn.span(), "bgp.local_as", format!("expected an AS number from 1 to 4294967294 other than 23456, got {}", asn.get_ref()));
+            errors.at(
+                asn.span(),
+                "bgp.local_as",
+                format!("expected an AS number from 1 to 4294967294 other than 23456, got {}", asn.get_ref()),
+            );
             1
         }
         Some(asn) => *asn.get_ref(),
         None => {
-            errors.at_kind(raw.span(), "bgp.local_as", InvalidKind::Missing, "expected local_as (this host's AS number), or bird_socket for a BIRD you run");
+            errors.at_kind(
+                raw.span(),
+                "bgp.local_as",
+                InvalidKind::Missing,
+                "expected local_as (this host's AS number), or bird_socket for a BIRD you run",
+            );
             1
         }
     };
     let router_id = match &b.router_id {
         Some(id) => id.get_ref().parse::<Ipv4Addr>().ok().filter(|a| !a.is_unspecified()).unwrap_or_else(|| {
-            errors.at(id.span(), "bgp.router_id", format!("expected a non-zero IPv4 address unique to this host, like \"10.0.0.2\", got {:?}", id.get_ref()));
+            errors.at(
+                id.span(),
+                "bgp.router_id",
+                format!(
+                    "expected a non-zero IPv4 address unique to this host, like \"10.0.0.2\", got {:?}",
+                    id.get_ref()
+                ),
+            );
             Ipv4Addr::UNSPECIFIED
         }),
         None => {
-            errors.at_kind(raw.span(), "bgp.router_id", InvalidKind::Missing, "expected router_id (an IPv4 address unique to this host)");
+            errors.at_kind(
+                raw.span(),
+                "bgp.router_id",
+                InvalidKind::Missing,
+                "expected router_id (an IPv4 address unique to this host)",
+            );
             Ipv4Addr::UNSPECIFIED
         }
     };
@@ -161,35 +198,58 @@ fn read_managed(raw: &Spanned<RawBgp>, errors: &mut Errors<'_>) -> ManagedBird {
         let rn = n.get_ref();
         let address = parse_address(&rn.address, &format!("{path}.address"), errors);
         if neighbors.iter().any(|x| x.address == address) {
-            errors.at_kind(rn.address.span(), format!("{path}.address"), InvalidKind::Duplicate, format!("{address} is a neighbour already"));
+            errors.at_kind(
+                rn.address.span(),
+                format!("{path}.address"),
+                InvalidKind::Duplicate,
+                format!("{address} is a neighbour already"),
+            );
         }
         let peer_as = *rn.peer_as.get_ref();
         if !valid_asn(peer_as) {
-            errors.at(rn.peer_as.span(), format!("{path}.peer_as"), format!("expected an AS number from 1 to 4294967294 other than 23456, got {peer_as}"));
+            errors.at(
+                rn.peer_as.span(),
+                format!("{path}.peer_as"),
+                format!("expected an AS number from 1 to 4294967294 other than 23456, got {peer_as}"),
+            );
         }
         let hold_secs = rn.hold_secs.as_ref().map_or(3, |h| {
             if *h.get_ref() < 3 {
-                errors.at(h.span(), format!("{path}.hold_secs"), format!("expected 3 to 65535 seconds, got {}", h.get_ref()));
+                errors.at(
+                    h.span(),
+                    format!("{path}.hold_secs"),
+                    format!("expected 3 to 65535 seconds, got {}", h.get_ref()),
+                );
             }
             *h.get_ref()
         });
         let password = rn.password.as_ref().map(|p| bird_string(p, &format!("{path}.password"), errors));
         let interval = rn.bfd_interval_ms.as_ref().map_or(100, |v| {
             if !(10..=10_000).contains(v.get_ref()) {
-                errors.at(v.span(), format!("{path}.bfd_interval_ms"), format!("expected 10 to 10000 ms, got {}", v.get_ref()));
+                errors.at(
+                    v.span(),
+                    format!("{path}.bfd_interval_ms"),
+                    format!("expected 10 to 10000 ms, got {}", v.get_ref()),
+                );
             }
             *v.get_ref()
         });
         let multiplier = rn.bfd_multiplier.as_ref().map_or(3, |v| {
             if !(1..=255).contains(v.get_ref()) {
-                errors.at(v.span(), format!("{path}.bfd_multiplier"), format!("expected 1 to 255, got {}", v.get_ref()));
+                errors.at(
+                    v.span(),
+                    format!("{path}.bfd_multiplier"),
+                    format!("expected 1 to 255, got {}", v.get_ref()),
+                );
             }
             *v.get_ref()
         });
         let bfd = rn.bfd.then_some(BfdConfig { interval: Duration::from_millis(u64::from(interval)), multiplier });
         neighbors.push(NeighborConfig { address, peer_as, password, hold_secs, bfd });
     }
-    let binary = b.bird_binary.as_ref().map_or_else(|| "bird".to_string(), |v| bird_string(v, "bgp.bird_binary", errors));
-    let run_dir = b.run_dir.as_ref().map_or_else(|| "/run/xlb/bird".to_string(), |v| bird_string(v, "bgp.run_dir", errors));
+    let binary =
+        b.bird_binary.as_ref().map_or_else(|| "bird".to_string(), |v| bird_string(v, "bgp.bird_binary", errors));
+    let run_dir =
+        b.run_dir.as_ref().map_or_else(|| "/run/xlb/bird".to_string(), |v| bird_string(v, "bgp.run_dir", errors));
     ManagedBird { local_as, router_id, binary: binary.into(), run_dir: run_dir.into(), neighbors }
 }

@@ -7,8 +7,8 @@ use toml::Spanned;
 use super::{merge_health, Errors, RawHealth};
 use crate::config::{
     l7::{
-        CertConfig, CookieConfig, HashOn, L7Backend, L7Limits, L7Mode, L7Scheduler, L7Service, L7Timeouts, ProxyVersion,
-        Route, SameSite, DEFAULT_POOL,
+        CertConfig, CookieConfig, HashOn, L7Backend, L7Limits, L7Mode, L7Scheduler, L7Service, L7Timeouts,
+        ProxyVersion, Route, SameSite, DEFAULT_POOL,
     },
     InvalidKind,
 };
@@ -95,10 +95,20 @@ struct RawL7Backend {
 }
 
 /// A duration in ms within `range`, or `default`.
-fn ms(value: &Option<Spanned<u64>>, field: String, range: std::ops::RangeInclusive<u64>, default: u64, errors: &mut Errors<'_>) -> Duration {
+fn ms(
+    value: &Option<Spanned<u64>>,
+    field: String,
+    range: std::ops::RangeInclusive<u64>,
+    default: u64,
+    errors: &mut Errors<'_>,
+) -> Duration {
     match value {
         Some(v) if !range.contains(v.get_ref()) => {
-            errors.at(v.span(), field, format!("expected {} to {} ms, got {}", range.start(), range.end(), v.get_ref()));
+            errors.at(
+                v.span(),
+                field,
+                format!("expected {} to {} ms, got {}", range.start(), range.end(), v.get_ref()),
+            );
             Duration::from_millis(default)
         }
         Some(v) => Duration::from_millis(*v.get_ref()),
@@ -106,7 +116,13 @@ fn ms(value: &Option<Spanned<u64>>, field: String, range: std::ops::RangeInclusi
     }
 }
 
-fn count(value: &Option<Spanned<u64>>, field: String, range: std::ops::RangeInclusive<u64>, default: u64, errors: &mut Errors<'_>) -> u64 {
+fn count(
+    value: &Option<Spanned<u64>>,
+    field: String,
+    range: std::ops::RangeInclusive<u64>,
+    default: u64,
+    errors: &mut Errors<'_>,
+) -> u64 {
     match value {
         Some(v) if !range.contains(v.get_ref()) => {
             errors.at(v.span(), field, format!("expected {} to {}, got {}", range.start(), range.end(), v.get_ref()));
@@ -148,7 +164,10 @@ pub(super) fn read(i: usize, raw: &Spanned<RawL7>, defaults: &RawHealth, errors:
         errors.at(
             s.listen.span(),
             format!("{path}.listen"),
-            format!("expected an address and port like \"10.0.0.100:80\" or \"[fd00::100]:443\", got {:?}", s.listen.get_ref()),
+            format!(
+                "expected an address and port like \"10.0.0.100:80\" or \"[fd00::100]:443\", got {:?}",
+                s.listen.get_ref()
+            ),
         );
         SocketAddr::from(([0, 0, 0, 0], 0))
     });
@@ -171,15 +190,28 @@ pub(super) fn read(i: usize, raw: &Spanned<RawL7>, defaults: &RawHealth, errors:
                 let valid = !n.get_ref().is_empty()
                     && n.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
                 if !valid {
-                    errors.at(n.span(), format!("{path}.cookie.name"), format!("expected a cookie name (letters, digits, !#$%&'*+-.^_`|~), got {:?}", n.get_ref()));
+                    errors.at(
+                        n.span(),
+                        format!("{path}.cookie.name"),
+                        format!("expected a cookie name (letters, digits, !#$%&'*+-.^_`|~), got {:?}", n.get_ref()),
+                    );
                 }
                 n.get_ref().clone()
             },
         );
         if rc.secret.get_ref().len() < 16 {
-            errors.at(rc.secret.span(), format!("{path}.cookie.secret"), "expected a secret of at least 16 characters, the same on every host");
+            errors.at(
+                rc.secret.span(),
+                format!("{path}.cookie.secret"),
+                "expected a secret of at least 16 characters, the same on every host",
+            );
         }
-        CookieConfig { name, secret: rc.secret.get_ref().clone(), same_site: rc.same_site.unwrap_or(SameSite::Lax), strict: rc.strict }
+        CookieConfig {
+            name,
+            secret: rc.secret.get_ref().clone(),
+            same_site: rc.same_site.unwrap_or(SameSite::Lax),
+            strict: rc.strict,
+        }
     });
     let tls = s
         .tls
@@ -200,9 +232,21 @@ pub(super) fn read(i: usize, raw: &Spanned<RawL7>, defaults: &RawHealth, errors:
     };
     let l = &s.limits;
     let limits = L7Limits {
-        max_header_bytes: count(&l.max_header_bytes, format!("{path}.limits.max_header_bytes"), 8192..=1 << 20, 16384, errors) as usize,
+        max_header_bytes: count(
+            &l.max_header_bytes,
+            format!("{path}.limits.max_header_bytes"),
+            8192..=1 << 20,
+            16384,
+            errors,
+        ) as usize,
         max_headers: count(&l.max_headers, format!("{path}.limits.max_headers"), 1..=1000, 100, errors) as usize,
-        max_body_bytes: count(&l.max_body_bytes, format!("{path}.limits.max_body_bytes"), 0..=1 << 40, 10 << 20, errors),
+        max_body_bytes: count(
+            &l.max_body_bytes,
+            format!("{path}.limits.max_body_bytes"),
+            0..=1 << 40,
+            10 << 20,
+            errors,
+        ),
     };
     let routes = s
         .route
@@ -216,7 +260,11 @@ pub(super) fn read(i: usize, raw: &Spanned<RawL7>, defaults: &RawHealth, errors:
                 || "/".to_string(),
                 |p| {
                     if !p.get_ref().starts_with('/') {
-                        errors.at(p.span(), format!("{rpath}.path_prefix"), format!("expected a path starting with '/', got {:?}", p.get_ref()));
+                        errors.at(
+                            p.span(),
+                            format!("{rpath}.path_prefix"),
+                            format!("expected a path starting with '/', got {:?}", p.get_ref()),
+                        );
                     }
                     p.get_ref().clone()
                 },
@@ -225,7 +273,12 @@ pub(super) fn read(i: usize, raw: &Spanned<RawL7>, defaults: &RawHealth, errors:
         })
         .collect();
     if s.backend.is_empty() {
-        errors.at_kind(raw.span(), format!("{path}.backend"), InvalidKind::Missing, "expected at least one [[l7.backend]]");
+        errors.at_kind(
+            raw.span(),
+            format!("{path}.backend"),
+            InvalidKind::Missing,
+            "expected at least one [[l7.backend]]",
+        );
     }
     let backends = s
         .backend
@@ -237,7 +290,11 @@ pub(super) fn read(i: usize, raw: &Spanned<RawL7>, defaults: &RawHealth, errors:
             let rb = b.get_ref();
             errors.span(format!("{bpath}.address"), rb.address.span());
             let address = rb.address.get_ref().parse::<SocketAddr>().unwrap_or_else(|_| {
-                errors.at(rb.address.span(), format!("{bpath}.address"), format!("expected an address and port like \"10.0.0.11:8080\", got {:?}", rb.address.get_ref()));
+                errors.at(
+                    rb.address.span(),
+                    format!("{bpath}.address"),
+                    format!("expected an address and port like \"10.0.0.11:8080\", got {:?}", rb.address.get_ref()),
+                );
                 SocketAddr::from(([0, 0, 0, 0], 0))
             });
             let weight = rb.weight.as_ref().map_or(1, |w| {
