@@ -69,3 +69,30 @@ pub fn patch(frame: &mut [u8], src_word_at: usize, port_at: usize, n: u32) {
     frame[src_word_at..src_word_at + 2].copy_from_slice(&word.to_be_bytes());
     frame[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_fit_or_are_refused() {
+        assert!(Frame::new(&[0; FRAME_MAX + 2], None).is_none(), "too long");
+        assert!(Frame::new(&[0; 9], None).is_none(), "odd");
+        let bytes: [u8; 10] = core::array::from_fn(|i| i as u8 + 1);
+        let f = Frame::new(&bytes, Some((2, 6))).unwrap();
+        assert_eq!((f.len, f.src_word_at, f.port_at), (10, 2, 6));
+        assert_eq!(f.bytes[0].to_ne_bytes(), [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(f.bytes[1].to_ne_bytes(), [9, 10, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn every_new_flow_is_another_address_or_port() {
+        assert_eq!(new_flow(0), (0, PORT_BASE));
+        assert_eq!(new_flow(PORTS - 1), (0, PORT_BASE + (PORTS - 1) as u16));
+        assert_eq!(new_flow(PORTS), (1, PORT_BASE));
+        let mut frame = [0u8; 8];
+        frame[2..4].copy_from_slice(&0x0100u16.to_be_bytes());
+        patch(&mut frame, 2, 6, 2 * PORTS + 5);
+        assert_eq!(frame, [0, 0, 0x01, 0x02, 0, 0, 0x04, 0x05]);
+    }
+}

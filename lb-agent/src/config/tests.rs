@@ -139,7 +139,9 @@ fn duplicates_and_missing_parts_are_rejected() {
     assert_eq!(errors(&bad_if)[0].field, "interface");
 
     let bad_timeout = GOOD.replace("timeout_ms = 100", "timeout_ms = 300");
-    assert!(errors(&bad_timeout).iter().any(|e| e.field.ends_with("health.timeout_ms")));
+    let e = errors(&bad_timeout);
+    assert!(e.iter().any(|e| e.field.ends_with("health.timeout_ms")), "{e:?}");
+    assert!(e.iter().all(|e| !e.field.contains("health.health")), "a field named twice: {e:?}");
 
     let vip0 = GOOD.replace("vip = \"10.0.0.100\"\nport = 80", "vip = \"0.0.0.0\"\nport = 80");
     let e = errors(&vip0);

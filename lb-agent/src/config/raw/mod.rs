@@ -312,7 +312,7 @@ fn read(raw: RawConfig, errors: &mut Errors<'_>) -> Config {
         source_v4: raw.ipip.source_v4.as_ref().and_then(|p| parse_prefix(p, "ipip.source_v4", errors)),
         source_v6: raw.ipip.source_v6.as_ref().and_then(|p| parse_prefix(p, "ipip.source_v6", errors)),
     };
-    let health_defaults = merge_health("health", &raw.health, &RawHealth::default(), 0, errors);
+    let health_defaults = merge_health("", &raw.health, &RawHealth::default(), 0, errors);
     let services: Vec<ServiceConfig> =
         raw.service.iter().enumerate().map(|(i, s)| read_service(i, s, &raw.health, errors)).collect();
     let maglev_capacity = match &raw.maglev_capacity {
@@ -448,6 +448,8 @@ fn merge_health(
     service_port: u16,
     errors: &mut Errors<'_>,
 ) -> HealthConfig {
+    // Where the fields sit: `health.x` at the top, `service[0].health.x` in a service.
+    let at = if path.is_empty() { "health.".to_string() } else { format!("{path}.health.") };
     let mut h = DEFAULT_HEALTH;
     h.enabled = own.enabled.or(top.enabled).unwrap_or(true);
     h.initial_up = own.initial_state.or(top.initial_state) == Some(InitialState::Up);
@@ -460,7 +462,7 @@ fn merge_health(
                 let got = p.get_ref();
                 errors.at(
                     p.span(),
-                    format!("{path}.health.http_path"),
+                    format!("{at}http_path"),
                     format!("expected a path starting with '/', got {got:?}"),
                 );
             }
@@ -483,7 +485,7 @@ fn merge_health(
         if !(0.0..=0.5).contains(j.get_ref()) {
             errors.at(
                 j.span(),
-                format!("{path}.health.jitter"),
+                format!("{at}jitter"),
                 format!("expected a fraction from 0 to 0.5, got {}", j.get_ref()),
             );
         }
@@ -491,19 +493,19 @@ fn merge_health(
     }
     if let Some((span, n)) = pick(&own.min_healthy, &top.min_healthy) {
         if n > 100_000 {
-            errors.at(span, format!("{path}.health.min_healthy"), format!("expected 0 to 100000, got {n}"));
+            errors.at(span, format!("{at}min_healthy"), format!("expected 0 to 100000, got {n}"));
         }
         h.min_healthy = n as u32;
     }
     if let Some((span, port)) = pick(&own.port, &top.port) {
         if port == 0 {
-            errors.at(span, format!("{path}.health.port"), "expected a port from 1 to 65535, got 0");
+            errors.at(span, format!("{at}port"), "expected a port from 1 to 65535, got 0");
         }
         h.port = port as u16;
     }
     if let Some((span, ms)) = pick(&own.interval_ms, &top.interval_ms) {
         if !(10..=3_600_000).contains(&ms) {
-            errors.at(span, format!("{path}.health.interval_ms"), format!("expected 10 to 3600000 ms, got {ms}"));
+            errors.at(span, format!("{at}interval_ms"), format!("expected 10 to 3600000 ms, got {ms}"));
         }
         h.interval = Duration::from_millis(ms);
     }
@@ -511,11 +513,7 @@ fn merge_health(
         h.timeout = Duration::from_millis(ms);
         if ms == 0 || h.timeout > h.interval {
             let limit = h.interval.as_millis();
-            errors.at(
-                span,
-                format!("{path}.health.timeout_ms"),
-                format!("expected 1 to interval_ms ({limit}) ms, got {ms}"),
-            );
+            errors.at(span, format!("{at}timeout_ms"), format!("expected 1 to interval_ms ({limit}) ms, got {ms}"));
         }
     }
     for (name, field, value) in
@@ -523,7 +521,7 @@ fn merge_health(
     {
         if let Some((span, n)) = value {
             if !(1..=100).contains(&n) {
-                errors.at(span, format!("{path}.health.{name}"), format!("expected 1 to 100, got {n}"));
+                errors.at(span, format!("{at}{name}"), format!("expected 1 to 100, got {n}"));
             }
             *field = n as u32;
         }
