@@ -31,7 +31,7 @@ impl Decap {
     /// Loads the eBPF object and the decap program (verifier included); attaches nothing and
     /// accepts no address yet. The object's balancer maps are created too, at their smallest.
     pub fn load() -> Result<Self> {
-        let mut ebpf = load_object(&[map_names::MAGLEV, map_names::FLOWS])?;
+        let mut ebpf = load_object(&[map_names::MAGLEV, map_names::FLOWS, map_names::NEXT_HOPS])?;
         xdp_program(&mut ebpf, program_names::DECAP)?;
         Ok(Self {
             addrs: take_map(&mut ebpf, map_names::DECAP_ADDRS)?,

@@ -330,6 +330,9 @@ async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
         pin_dir,
         &config.interface,
     )?;
+    // Subscribed before anything is cached: a change from here on reaches the data path.
+    let (routes_tx, mut routes) = mpsc::channel::<()>(1);
+    lb_agent::net::routes::watch(routes_tx)?;
     let (tx, mut rx) = mpsc::channel(256);
     let starts = Starts { known: state.health_by_backend(), taking_over: dataplane.takes_over() };
     let mut agent = Agent::start(dataplane, &config, Some(tx), starts, Some((state_path, state)))?;
@@ -381,6 +384,9 @@ async fn run(path: &std::path::Path, opts: RunOptions) -> Result<()> {
             _ = int.recv() => { info!("SIGINT: detaching"); break }
             _ = usr1.recv() => info!("counters:\n{}", agent.stats_table()?),
             _ = hup.recv() => reload(&mut agent, path),
+            Some(()) = routes.recv() => if let Err(e) = agent.dataplane.routes_changed() {
+                error!("cannot invalidate the cached next hops: {e:#}");
+            },
             _ = passive_tick.tick() => if let Err(e) = agent.passive_check(std::time::Instant::now()) {
                 error!("cannot apply the passive health check: {e:#}");
             },

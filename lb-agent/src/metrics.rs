@@ -131,6 +131,12 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
     bytes.extend(reasons.iter().map(|(r, c)| (vec![("reason", r.name().to_string())], c.bytes)));
     let events = snap.family("xlb_flow_events", Counter, "Flow-table events (hit, new, rate_limited, stale, closed).");
     events.extend(dp.flow_counters()?.into_iter().map(|(e, n)| (vec![("event", e.name().to_string())], n)));
+    snap.family(
+        "xlb_route_changes",
+        Counter,
+        "Batches of route, neighbour, address or link changes after which every CPU asked the FIB for its next hops again.",
+    )
+    .push((Vec::new(), dp.route_changes()));
     if let Some(entries) = dp.flow_table_entries() {
         snap.family("xlb_flow_table_entries", Gauge, "Flows in the flow table (counted every few seconds).")
             .push((Vec::new(), entries));

@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod forwarder;
 pub mod harness;
 pub mod hash;
 pub mod limits;

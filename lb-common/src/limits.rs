@@ -27,6 +27,9 @@ pub const DEFAULT_UDP_IDLE_SECS: u32 = 30;
 pub const DEFAULT_NEW_FLOWS_PER_CPU_SEC: u32 = 125_000;
 /// IPv6 extension headers walked before the transport header.
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+/// Slots of each CPU's next-hop cache (`NEXT_HOPS`, a power of two): a backend id takes slot
+/// `id % NEXT_HOP_SLOTS`; 32 B per slot and CPU.
+pub const NEXT_HOP_SLOTS: u32 = 4096;
 /// Egress interfaces in the XDP_REDIRECT devmap.
 pub const MAX_TX_PORTS: u32 = 64;
 /// Addresses one backend host accepts encapsulated packets for (`lb-agent decap`).

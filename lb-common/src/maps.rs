@@ -29,6 +29,9 @@ pub mod map_names {
     pub const NEW_FLOW_RATE: &str = "NEW_FLOW_RATE";
     /// Devmap of egress interfaces for XDP_REDIRECT (ifindex → ifindex).
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// Per-CPU [`crate::NextHop`] per slot: each CPU's cache of the FIB's answers for the
+    /// encapsulating backends, valid while [`crate::Settings::route_generation`] holds.
+    pub const NEXT_HOPS: &str = "NEXT_HOPS";
     /// [`crate::VipKey`] → `u32` (1, unused): outer destinations this host decapsulates (the
     /// backend side of L3 DSR, program [`crate::program_names::DECAP`]).
     pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
@@ -276,8 +279,34 @@ pub struct Settings {
     /// As for IPv4; the host part varies in the last word only.
     pub ipip_src_v6_host: u32,
     pub ipip_src_v6: Addr,
+    /// Changed by the agent whenever a route, neighbour, address or link changes: every
+    /// [`NextHop`] of another generation is stale, and the FIB is asked again.
+    pub route_generation: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 40);
+const _: () = assert!(core::mem::size_of::<Settings>() == 48);
+
+/// Value of [`map_names::NEXT_HOPS`]: the FIB's answer for an encapsulating backend, as this
+/// CPU last got it (the data path writes it; the agent only invalidates, by generation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// The backend id + 1 (0: an empty slot).
+    pub tag: u32,
+    /// The backend slot's [`Backend::generation`] then: a slot given to another backend misses.
+    pub backend_generation: u32,
+    /// [`Settings::route_generation`] then.
+    pub route_generation: u32,
+    /// Egress interface.
+    pub ifindex: u32,
+    /// The route's MTU, as the FIB checks it.
+    pub mtu: u16,
+    /// Source and destination MACs, as [`crate::mac_words`] gives them.
+    pub smac: [u16; 3],
+    pub dmac: [u16; 3],
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
 
 /// Value of [`map_names::NEW_FLOW_RATE`]: this CPU's count of new flows in the current second.
 #[repr(C)]

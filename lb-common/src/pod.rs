@@ -22,4 +22,6 @@ unsafe impl aya::Pod for Counters {}
 unsafe impl aya::Pod for BackendFlows {}
 unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for Affinity {}
+unsafe impl aya::Pod for crate::NextHop {}
 unsafe impl aya::Pod for crate::harness::Frame {}
+unsafe impl aya::Pod for crate::forwarder::Forwarder {}

@@ -11,7 +11,7 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     encap,
-    fib::{self, Route},
+    fib::{self, Verdict},
     flow::{self, Chosen},
     frame, icmp,
     maps::{self, SERVICES, SETTINGS, TX_PORTS, VIPS},
@@ -177,7 +177,7 @@ fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen
             None => Reason::PassMalformed,
         };
     }
-    match forward_encap(ctx, packet, chosen.backend, hash()) {
+    match forward_encap(ctx, packet, chosen.id, chosen.backend, hash()) {
         Ok(reason) => reason,
         // Called from here, not from forward_encap: the verifier adds up the stacks of a chain.
         Err(mtu) => too_big(ctx, packet, mtu),
@@ -188,14 +188,14 @@ fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen
 /// L2 path, and the verifier limits the whole call chain to 512 bytes.
 #[inline(never)]
 /// Err(mtu): too big for the egress MTU once encapsulated, and not to be fragmented.
-fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32) -> Result<Reason, u16> {
+fn forward_encap(ctx: &XdpContext, packet: &Packet, id: u32, backend: &Backend, hash: u32) -> Result<Reason, u16> {
     // The verifier lost l3's bounds on the way through memory; it is 14 or 18.
     let l3 = frame::l3_bounded(packet.l3);
     let Some(settings) = SETTINGS.get(0) else {
         return Ok(Reason::DropNoRoute);
     };
     let family = packet.key.family;
-    let backend = &backend.addr;
+    let dst = &backend.addr;
     let (src, outer_hdr) = if family == FAMILY_V4 {
         let src = settings.ipip_src_v4 | (hash.to_be() & settings.ipip_src_v4_host);
         ([src, 0, 0, 0], IPV4_HDR)
@@ -212,48 +212,47 @@ fn forward_encap(ctx: &XdpContext, packet: &Packet, backend: &Backend, hash: u32
     let on_wire = (frame::frame_len(ctx) as usize).saturating_sub(l3).saturating_add(outer_hdr);
     let on_wire = if on_wire > u16::MAX as usize { u16::MAX } else { on_wire as u16 };
     let proto = if family == FAMILY_V4 { 4 } else { 41 };
-    let route = fib::route(ctx, family, proto, &src, backend, on_wire);
-    let (df, route) = match route {
-        // Too big only by the bytes after the packet: the stack trims them and forwards the
-        // packet, which fits (it resolves the route and the neighbour itself).
-        Route::TooBig(mtu) if outer_len <= mtu => (packet.df, Route::NoNeighbour),
-        Route::TooBig(_) if !packet.df => (false, Route::NoNeighbour),
-        Route::TooBig(mtu) => return Err(mtu),
+    let route = fib::next_hop(ctx, id, backend, settings.route_generation, family, proto, &src, on_wire);
+    // Too big only by the bytes after the packet: the stack trims them and forwards the packet,
+    // which fits (it resolves the route and the neighbour itself). Too big without DF: the
+    // stack fragments it.
+    let (df, verdict) = match route.verdict {
+        Verdict::TooBig if outer_len <= route.mtu => (packet.df, Verdict::NoNeighbour),
+        Verdict::TooBig if !packet.df => (false, Verdict::NoNeighbour),
+        Verdict::TooBig => return Err(route.mtu),
         other => (packet.df, other),
     };
-    if let Route::Unroutable = route {
+    if verdict == Verdict::Unroutable {
         return Ok(Reason::DropNoRoute);
     }
     let encapsulated = if family == FAMILY_V4 {
-        encap::ipip_v4(ctx, l3, packet.ip_len, packet.tos, df, src[0], backend[0])
+        encap::ipip_v4(ctx, l3, packet.ip_len, packet.tos, df, src[0], dst[0])
     } else {
-        encap::ip6ip6(ctx, l3, packet.ip_len, packet.tos, hash, &src, backend)
+        encap::ip6ip6(ctx, l3, packet.ip_len, packet.tos, hash, &src, dst)
     };
     if encapsulated.is_none() {
         return Ok(Reason::DropAdjustFailed);
     }
-    Ok(match route {
-        Route::Via { ifindex, smac, dmac } => {
-            let Some(received) = frame::words_at::<6>(ctx, 0) else {
-                return Ok(Reason::DropAdjustFailed);
-            };
-            if parse::set_macs(ctx, dmac, smac).is_none() {
-                return Ok(Reason::DropAdjustFailed);
-            }
-            if ifindex == ctx.ingress_ifindex() as u32 {
-                Reason::TxEncap
-            } else if TX_PORTS.redirect(ifindex, xdp_action::XDP_PASS as u64) == Ok(xdp_action::XDP_REDIRECT) {
-                Reason::RedirectEncap
-            } else {
-                // Not in the devmap: the kernel forwards it, if it is still addressed to us.
-                let dst = [received[0], received[1], received[2]];
-                let _ = parse::set_macs(ctx, dst, [received[3], received[4], received[5]]);
-                Reason::PassNoNeighbour
-            }
-        }
+    if verdict != Verdict::Via {
         // No neighbour yet, or too big without DF: the kernel's stack forwards (and resolves,
         // or fragments) the encapsulated packet.
-        _ => Reason::PassNoNeighbour,
+        return Ok(Reason::PassNoNeighbour);
+    }
+    let Some(received) = frame::words_at::<6>(ctx, 0) else {
+        return Ok(Reason::DropAdjustFailed);
+    };
+    if parse::set_macs(ctx, route.dmac, route.smac).is_none() {
+        return Ok(Reason::DropAdjustFailed);
+    }
+    Ok(if route.ifindex == ctx.ingress_ifindex() as u32 {
+        Reason::TxEncap
+    } else if TX_PORTS.redirect(route.ifindex, xdp_action::XDP_PASS as u64) == Ok(xdp_action::XDP_REDIRECT) {
+        Reason::RedirectEncap
+    } else {
+        // Not in the devmap: the kernel forwards it, if it is still addressed to us.
+        let received_dst = [received[0], received[1], received[2]];
+        let _ = parse::set_macs(ctx, received_dst, [received[3], received[4], received[5]]);
+        Reason::PassNoNeighbour
     })
 }
 

@@ -1,4 +1,7 @@
-//! Next hop of an encapsulated packet from the kernel's FIB: egress interface, MACs, MTU.
+//! Next hop of an encapsulated packet: egress interface, MACs, MTU. From this CPU's cache of
+//! the FIB's answers (NEXT_HOPS) while the agent's route generation holds; from the kernel's
+//! FIB otherwise, and for any answer but a usable next hop (no neighbour yet, no route), which
+//! is never cached: the FIB is asked again on every packet until it names one.
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
@@ -6,7 +9,9 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{Addr, FAMILY_V4};
+use lb_common::{limits::NEXT_HOP_SLOTS, Addr, Backend, NextHop, FAMILY_V4};
+
+use crate::maps::NEXT_HOPS;
 
 const FIB_WORDS: usize = 8;
 const _: () = assert!(core::mem::size_of::<FibParams>() == FIB_WORDS * 8);
@@ -15,15 +20,37 @@ const _: () = assert!(core::mem::align_of::<FibParams>() <= 8);
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-pub enum Route {
-    /// Out of `ifindex`, from `smac` to `dmac` (as `lb_common::mac_words`).
-    Via { ifindex: u32, smac: [u16; 3], dmac: [u16; 3] },
+/// What the FIB says of a destination.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Out of [`Route::ifindex`], from [`Route::smac`] to [`Route::dmac`].
+    Via,
     /// Routable, but the next hop's MAC is not known yet.
     NoNeighbour,
-    /// The packet of `tot_len` exceeds the egress MTU, given here.
-    TooBig(u16),
+    /// The packet exceeds the egress MTU, [`Route::mtu`].
+    TooBig,
     /// No route, blackhole, unreachable, prohibited...
     Unroutable,
+}
+
+/// The FIB's answer. A struct whose every field is always written, not an enum with data: a
+/// copy of an enum variant whose payload was never written reads uninitialised registers,
+/// which the verifier refuses.
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub verdict: Verdict,
+    pub ifindex: u32,
+    /// As `lb_common::mac_words` gives them.
+    pub smac: [u16; 3],
+    pub dmac: [u16; 3],
+    /// The route's MTU (Via, TooBig).
+    pub mtu: u16,
+}
+
+impl Route {
+    fn only(verdict: Verdict, mtu: u16) -> Self {
+        Self { verdict, ifindex: 0, smac: [0; 3], dmac: [0; 3], mtu }
+    }
 }
 
 /// Looks up the route from `src` to `dst` for a packet of `tot_len` bytes (IP header included),
@@ -56,12 +83,65 @@ pub fn route(ctx: &XdpContext, family: u8, proto: u8, src: &Addr, dst: &Addr, to
     // SAFETY: the helper reads and writes `p` only, whose size we pass.
     let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), p, core::mem::size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            Route::Via { ifindex: p.ifindex, smac: lb_common::mac_words(p.smac), dmac: lb_common::mac_words(p.dmac) }
-        }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour,
+        // SAFETY: on success the kernel (5.12 on) stored the MTU it checked in the union; an
+        // older one left tot_len there, which `next_hop` refuses to keep.
+        BPF_FIB_LKUP_RET_SUCCESS => Route {
+            verdict: Verdict::Via,
+            ifindex: p.ifindex,
+            smac: lb_common::mac_words(p.smac),
+            dmac: lb_common::mac_words(p.dmac),
+            mtu: unsafe { p.__bindgen_anon_1.mtu_result },
+        },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::only(Verdict::NoNeighbour, 0),
         // SAFETY: on FRAG_NEEDED the kernel stored the MTU in the union.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::TooBig(unsafe { p.__bindgen_anon_1.mtu_result }),
-        _ => Route::Unroutable,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::only(Verdict::TooBig, unsafe { p.__bindgen_anon_1.mtu_result }),
+        _ => Route::only(Verdict::Unroutable, 0),
     }
+}
+
+/// The next hop towards backend `id` (`backend`, its slot) for a packet of `tot_len` bytes:
+/// this CPU's cached answer while it is of `route_generation` and of the slot's generation,
+/// else the FIB's, kept when it names a next hop. A cached next hop answers the MTU check as
+/// the FIB would: too big past the route's MTU.
+#[inline(always)]
+pub fn next_hop(
+    ctx: &XdpContext,
+    id: u32,
+    backend: &Backend,
+    route_generation: u32,
+    family: u8,
+    proto: u8,
+    src: &Addr,
+    tot_len: u16,
+) -> Route {
+    let slot = NEXT_HOPS.get_ptr_mut(id & (NEXT_HOP_SLOTS - 1));
+    if let Some(hop) = slot {
+        // SAFETY: this CPU's own slot, valid for the program's run; only this CPU writes it.
+        let h = unsafe { &*hop };
+        if h.tag == id.wrapping_add(1)
+            && h.backend_generation == backend.generation
+            && h.route_generation == route_generation
+        {
+            let verdict = if tot_len > h.mtu { Verdict::TooBig } else { Verdict::Via };
+            return Route { verdict, ifindex: h.ifindex, smac: h.smac, dmac: h.dmac, mtu: h.mtu };
+        }
+    }
+    let answer = route(ctx, family, proto, src, &backend.addr, tot_len);
+    // An MTU equal to what was asked may be the request's own tot_len left by a kernel that
+    // does not report the MTU: not kept (that packet only goes uncached).
+    if let Some(hop) = slot.filter(|_| answer.verdict == Verdict::Via && answer.mtu != tot_len) {
+        let entry = NextHop {
+            tag: id.wrapping_add(1),
+            backend_generation: backend.generation,
+            route_generation,
+            ifindex: answer.ifindex,
+            mtu: answer.mtu,
+            smac: answer.smac,
+            dmac: answer.dmac,
+            _pad: 0,
+        };
+        // SAFETY: as above.
+        unsafe { hop.write(entry) };
+    }
+    answer
 }

@@ -17,6 +17,8 @@ mod fib;
 #[cfg(target_arch = "bpf")]
 mod flow;
 #[cfg(target_arch = "bpf")]
+mod forwarder;
+#[cfg(target_arch = "bpf")]
 mod frame;
 #[cfg(target_arch = "bpf")]
 mod harness;
@@ -35,7 +37,7 @@ mod stats;
 mod programs {
     use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
-    use crate::{balancer, decap, frame, harness, parse, stats};
+    use crate::{balancer, decap, forwarder, frame, harness, parse, stats};
 
     /// The balancer: every frame is counted once, by the reason of its verdict.
     #[xdp]
@@ -66,6 +68,12 @@ mod programs {
     #[xdp]
     pub fn xlb_harness(ctx: XdpContext) -> u32 {
         harness::run(&ctx)
+    }
+
+    /// The end-to-end bench's minimal L2 forwarder: a VIP's IPv4 to a backend's MAC, XDP_TX.
+    #[xdp]
+    pub fn xlb_forward(ctx: XdpContext) -> u32 {
+        forwarder::forward(&ctx)
     }
 
     /// Swaps the Ethernet addresses and bounces the frame: the minimal XDP_TX baseline.

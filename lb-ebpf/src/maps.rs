@@ -9,10 +9,10 @@ use aya_ebpf::{
 use lb_common::{
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_SOURCE_AFFINITY,
-        MAX_TX_PORTS, MAX_VIPS,
+        MAX_TX_PORTS, MAX_VIPS, NEXT_HOP_SLOTS,
     },
-    Affinity, AffinityKey, Backend, BackendFlows, Counters, Flow, FlowEvent, FlowKey, RateWindow, Reason, Service,
-    ServiceKey, Settings, Vip, VipKey,
+    Affinity, AffinityKey, Backend, BackendFlows, Counters, Flow, FlowEvent, FlowKey, NextHop, RateWindow, Reason,
+    Service, ServiceKey, Settings, Vip, VipKey,
 };
 
 /// Destination addresses we balance; anything else passes untouched after one lookup.
@@ -62,6 +62,11 @@ pub static ACTIVE_FLOWS: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
 /// Weight of each backend id (wlc).
 #[btf_map]
 pub static BACKEND_WEIGHTS: Array<u32, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Each CPU's cache of the FIB's answers for encapsulating backends, by backend id modulo
+/// the slots: per CPU, so that a CPU only ever reads entries it wrote whole itself.
+#[btf_map]
+pub static NEXT_HOPS: PerCpuArray<NextHop, { NEXT_HOP_SLOTS as usize }> = PerCpuArray::new();
 
 /// Egress interfaces other than the ingress one, for XDP_REDIRECT.
 #[btf_map]

@@ -283,6 +283,7 @@ pub fn default_settings() -> Settings {
         ipip_src_v4_host: host4.to_be(),
         ipip_src_v6_host: host6.to_be(),
         ipip_src_v6: src6,
+        ..Settings::default()
     }
 }
 

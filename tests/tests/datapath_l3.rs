@@ -1026,3 +1026,63 @@ fn too_big_from_a_source_that_is_no_single_host_is_dropped() {
         bed.run_counted(&f.build(), Reason::TxEncap);
     });
 }
+
+/// `ip args...` inside the bed's namespace (the calling thread is in it; so is the child).
+fn ip(args: &str) {
+    let status = std::process::Command::new("ip").args(args.split_whitespace()).status().expect("run ip");
+    assert!(status.success(), "ip {args}");
+}
+
+/// The FIB's answer for a backend is cached per CPU: a neighbour or route change is seen only
+/// once the agent moves the route generation (it does so on every rtnetlink notification),
+/// and a cached next hop answers the MTU check as the FIB did.
+#[test]
+fn next_hops_are_cached_until_the_route_generation_moves() {
+    let bed = DpBed::new().expect("bed");
+    bed.run(|bed| {
+        let (c, v) = (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4));
+        let f = tcp(c, 48_000, v, PORT_IPIP);
+        let input = f.build();
+        let backend = bed.expected_backend(&f);
+        let first = bed.run_counted(&input, Reason::TxEncap);
+        assert_eq!(first, expected_encap(bed, &f, &input, backend));
+
+        // The gateway's MAC changes: the cached next hop still says the old one...
+        let new_mac = [0x02, 0x9a, 0, 0, 0x04, 0xee];
+        ip("neigh replace 10.1.0.254 lladdr 02:9a:00:00:04:ee dev veth0 nud permanent");
+        assert_eq!(bed.run_counted(&input, Reason::TxEncap), first, "from the cache");
+        // ...until the generation moves.
+        bed.dp.routes_changed().unwrap();
+        let after = bed.run_counted(&input, Reason::TxEncap);
+        assert_eq!(mac_at(&after, 0), new_mac, "the FIB asked again");
+        assert_eq!(after[6..], first[6..], "nothing else changed");
+        assert_eq!(bed.dp.route_changes(), 1);
+        ip("neigh replace 10.1.0.254 lladdr 02:9a:00:00:04:fe dev veth0 nud permanent");
+        bed.dp.routes_changed().unwrap();
+
+        // A cached next hop keeps the route's MTU: 1300 here. Cache it with a packet that fits,
+        // raise the route's MTU behind the cache's back: the cache still answers "too big".
+        let fits = sized_tcp(c, 48_001, v, PORT_TOO_BIG, 1000);
+        let fits_in = fits.build();
+        bed.run_counted(&fits_in, Reason::TxEncap);
+        ip("route replace 10.3.0.0/24 via 10.1.0.254 mtu lock 1400");
+        let big = sized_tcp(c, 48_002, v, PORT_TOO_BIG, 1350);
+        let big_in = big.build();
+        let out = bed.run_flow(&big_in, Reason::TxTooBig, &[New]);
+        assert_eq!(out, expect_too_big_v4(&big_in, SMALL_MTU - 20), "the cached MTU");
+        bed.dp.routes_changed().unwrap();
+        let out = bed.run_counted(&big_in, Reason::TxEncap);
+        assert!(out == expected_encap(bed, &big, &big_in, bed.expected_backend(&big)), "the new MTU");
+
+        // IPv6: the same cache, keyed by backend.
+        let (c6, v6) = (IpAddr::V6(CLIENT6), IpAddr::V6(VIP6));
+        let f6 = tcp(c6, 48_003, v6, PORT_IPIP);
+        let in6 = f6.build();
+        let first6 = bed.run_counted(&in6, Reason::TxEncap);
+        assert_eq!(first6, expected_encap(bed, &f6, &in6, bed.expected_backend(&f6)));
+        ip("neigh replace fd00:1::fe lladdr 02:9a:00:00:06:ee dev veth0 nud permanent");
+        assert_eq!(bed.run_counted(&in6, Reason::TxEncap), first6, "from the cache");
+        bed.dp.routes_changed().unwrap();
+        assert_eq!(mac_at(&bed.run_counted(&in6, Reason::TxEncap), 0), [0x02, 0x9a, 0, 0, 0x06, 0xee]);
+    });
+}

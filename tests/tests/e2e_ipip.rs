@@ -60,6 +60,19 @@ fn ipip_services_reach_backends_behind_a_router_and_replies_bypass_the_balancer(
     assert_even("udp over ipip", &udp_requests(&bed.client, v4, FLOWS).unwrap());
     assert_even("tcp over ip6ip6", &tcp_requests(&bed.client, v6, FLOWS).unwrap());
     assert_even("udp over ip6ip6", &udp_requests(&bed.client, v6, FLOWS).unwrap());
+    // The router is replaced by one with another MAC (a failover) and the hosts learn it: the
+    // balancer's cached next hops go stale, the agent sees the neighbour change, and the next
+    // packets go to the new MAC (the old one is nobody's: anything sent there is lost).
+    let new_mac = "02:77:00:00:00:01";
+    bed.router.exec(&["ip", "link", "set", "dev", IFACE, "address", new_mac]).unwrap();
+    for ns in [&bed.lb, &bed.client] {
+        for router in ["10.99.0.1", "fd99::1"] {
+            ns.exec(&["ip", "neigh", "replace", router, "lladdr", new_mac, "dev", IFACE, "nud", "reachable"]).unwrap();
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_even("tcp over ipip, new router MAC", &tcp_requests(&bed.client, v4, FLOWS).unwrap());
+    assert_even("tcp over ip6ip6, new router MAC", &tcp_requests(&bed.client, v6, FLOWS).unwrap());
     // Positive control: one datagram the balancer host itself sends from the VIP.
     bed.lb
         .run(|| std::net::UdpSocket::bind((VIP, 0)).unwrap().send_to(b"control", (CLIENT, 9)).map(|_| ()))

@@ -45,8 +45,42 @@ pub(super) fn attach_xdp_link(prog: &mut Xdp, iface: &str, mode: Option<XdpMode>
 /// a peer that runs an XDP program. For test beds; a real NIC needs nothing of the kind.
 /// The program stays attached while the returned object lives.
 pub fn attach_pass_program(iface: &str) -> Result<Ebpf> {
-    let mut ebpf = load_object(&[map_names::MAGLEV])?;
+    let mut ebpf = load_object(&[map_names::MAGLEV, map_names::FLOWS, map_names::NEXT_HOPS])?;
     let prog = xdp_program(&mut ebpf, program_names::PASS)?;
     prog.attach(iface, AyaXdpMode::Driver).with_context(|| format!("cannot attach the pass program to {iface}"))?;
+    Ok(ebpf)
+}
+
+/// Attaches the end-to-end bench's minimal forwarder (lb_common::forwarder) to `iface` in
+/// native mode: IPv4 to `vip` goes to one of `backends` (by source port) from `iface_mac`.
+/// The program stays attached while the returned object lives.
+pub fn attach_forwarder(
+    iface: &str,
+    vip: std::net::Ipv4Addr,
+    iface_mac: [u8; 6],
+    backends: &[[u8; 6]],
+) -> Result<Ebpf> {
+    use lb_common::forwarder::{Forwarder, MAP, MAX_MACS, PROGRAM};
+    anyhow::ensure!(
+        (1..=MAX_MACS).contains(&backends.len()),
+        "the forwarder takes 1 to {MAX_MACS} backends, not {}",
+        backends.len()
+    );
+    let mut ebpf = load_object(&[map_names::MAGLEV, map_names::FLOWS, map_names::NEXT_HOPS])?;
+    let mut macs = [[0u16; 3]; MAX_MACS];
+    for (slot, mac) in macs.iter_mut().zip(backends) {
+        *slot = lb_common::mac_words(*mac);
+    }
+    let value = Forwarder {
+        vip: u32::from_ne_bytes(vip.octets()),
+        count: backends.len() as u32,
+        smac: lb_common::mac_words(iface_mac),
+        macs,
+        _pad: 0,
+    };
+    let mut map: aya::maps::Array<_, Forwarder> = super::object::take_map(&mut ebpf, MAP)?;
+    map.set(0, value, 0).context("cannot configure the forwarder")?;
+    let prog = xdp_program(&mut ebpf, PROGRAM)?;
+    prog.attach(iface, AyaXdpMode::Driver).with_context(|| format!("cannot attach the forwarder to {iface}"))?;
     Ok(ebpf)
 }

@@ -40,7 +40,7 @@ use self::{
     pins::{Pins, LINK_PIN, STAGED},
 };
 pub use self::{
-    attach::{attach_pass_program, attach_xdp},
+    attach::{attach_forwarder, attach_pass_program, attach_xdp},
     flows::{FlowWalker, Walk, FLOW_WALK_PERIOD},
     ids::{BackendId, IdPool, ServiceId},
     object::EBPF_OBJECT,
@@ -144,6 +144,10 @@ pub struct Dataplane {
     active_flows: Array<MapData, u64>,
     backend_weights: Array<MapData, u32>,
     tx_ports: aya::maps::DevMapHash<MapData>,
+    /// The settings last written, with the route generation in force.
+    current: Settings,
+    /// How many times the route generation moved.
+    route_changes: u64,
     /// Service ids, backend slots and their generations.
     ids: IdPool,
     /// MAGLEV's entries, carved into the services' tables.
@@ -233,6 +237,9 @@ impl Dataplane {
             active_flows: take_map(&mut ebpf, map_names::ACTIVE_FLOWS)?,
             backend_weights: take_map(&mut ebpf, map_names::BACKEND_WEIGHTS)?,
             tx_ports: take_map(&mut ebpf, map_names::TX_PORTS)?,
+            // NEXT_HOPS is new with every program (a config map): any generation will do.
+            current: Settings { route_generation: 1, ..Settings::default() },
+            route_changes: 0,
             ids: IdPool::default(),
             tables: TableSpace::new(opts.maglev_capacity),
             flow_state: FlowTableState::new(),
@@ -492,9 +499,28 @@ impl Dataplane {
         self.flow_state.entries()
     }
 
-    /// Replaces the run-time settings (flow expiry, new-flow rate, encapsulation sources).
+    /// Replaces the run-time settings (flow expiry, new-flow rate, encapsulation sources); the
+    /// route generation stays the data path's own ([`Dataplane::routes_changed`]).
     pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
-        self.settings.set(0, settings, 0).context("cannot write the settings")
+        let settings = Settings { route_generation: self.current.route_generation, ..settings };
+        self.settings.set(0, settings, 0).context("cannot write the settings")?;
+        self.current = settings;
+        Ok(())
+    }
+
+    /// Routes, neighbours, addresses or links changed: every CPU's cached next hops are stale
+    /// from here on, and the next packet to each encapsulating backend asks the FIB again.
+    pub fn routes_changed(&mut self) -> Result<()> {
+        let next = Settings { route_generation: self.current.route_generation.wrapping_add(1), ..self.current };
+        self.settings.set(0, next, 0).context("cannot write the settings (route generation)")?;
+        self.current = next;
+        self.route_changes += 1;
+        Ok(())
+    }
+
+    /// How many times [`Dataplane::routes_changed`] moved the route generation.
+    pub fn route_changes(&self) -> u64 {
+        self.route_changes
     }
 
     /// Lets the data path redirect encapsulated packets out of `ifindex` (XDP_REDIRECT).

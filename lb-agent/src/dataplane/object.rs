@@ -8,8 +8,9 @@ use lb_common::map_names;
 /// The eBPF object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
 
-/// Written whole by every agent from its config and swapped in with its program.
-pub(crate) const CONFIG_MAPS: [&str; 7] = [
+/// New with every program and swapped in with it: written whole by every agent from its
+/// config, or (the next-hop cache) filled by the program itself.
+pub(crate) const CONFIG_MAPS: [&str; 8] = [
     map_names::VIPS,
     map_names::SERVICES,
     map_names::MAGLEV,
@@ -17,15 +18,17 @@ pub(crate) const CONFIG_MAPS: [&str; 7] = [
     map_names::BACKEND_WEIGHTS,
     map_names::SETTINGS,
     map_names::TX_PORTS,
+    map_names::NEXT_HOPS,
 ];
 
-/// Maps of the object the balancer does not use (the decap program's, the bench harness's).
-pub(crate) const UNUSED_MAPS: [&str; 5] = [
+/// Maps of the object the balancer does not use (the decap program's, the benches').
+pub(crate) const UNUSED_MAPS: [&str; 6] = [
     map_names::DECAP_ADDRS,
     map_names::DECAP_STATS,
     lb_common::harness::FRAME_MAP,
     lb_common::harness::TARGET_MAP,
     lb_common::harness::SEQ_MAP,
+    lb_common::forwarder::MAP,
 ];
 
 /// Maps whose contents outlive an agent: every map of the balancer but the config maps and

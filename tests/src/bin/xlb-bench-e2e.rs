@@ -148,6 +148,8 @@ enum Bed {
 enum Kind {
     XlbL2,
     XlbIpip,
+    /// The physical limit of an XDP L2 balancer on this bed: lb_common::forwarder.
+    Forwarder,
     Haproxy,
     NginxStream,
     Direct,
@@ -163,6 +165,13 @@ struct Scenario {
 
 const SCENARIOS: &[Scenario] = &[
     Scenario { id: "a", key: "xlb_l2", name: "xlb L2 DSR (native XDP)", kind: Kind::XlbL2, bed: Bed::L2 },
+    Scenario {
+        id: "f",
+        key: "forwarder",
+        name: "minimal XDP forwarder (MAC rewrite, XDP_TX)",
+        kind: Kind::Forwarder,
+        bed: Bed::L2,
+    },
     Scenario { id: "b", key: "xlb_ipip", name: "xlb IPIP L3 DSR + decap", kind: Kind::XlbIpip, bed: Bed::L3 },
     Scenario { id: "c", key: "haproxy", name: "HAProxy (mode tcp)", kind: Kind::Haproxy, bed: Bed::L2 },
     Scenario { id: "d", key: "nginx_stream", name: "nginx stream proxy", kind: Kind::NginxStream, bed: Bed::L2 },
@@ -185,7 +194,7 @@ impl Scenario {
     /// Where HTTP goes: one address, or (direct) every backend.
     fn http_targets(&self, n: usize) -> Vec<SocketAddr> {
         match self.kind {
-            Kind::XlbL2 | Kind::XlbIpip => vec![(VIP, HTTP_PORT).into()],
+            Kind::XlbL2 | Kind::XlbIpip | Kind::Forwarder => vec![(VIP, HTTP_PORT).into()],
             Kind::Haproxy => vec![(LB, HAPROXY_PORT).into()],
             Kind::NginxStream => vec![(LB, STREAM_PORT).into()],
             Kind::Direct => (0..n).map(|i| (backend_ip(self.bed, i), HTTP_PORT).into()).collect(),
@@ -195,7 +204,7 @@ impl Scenario {
     /// Where UDP goes; empty where the scenario has no UDP (HAProxy).
     fn udp_targets(&self, n: usize) -> Vec<SocketAddr> {
         match self.kind {
-            Kind::XlbL2 | Kind::XlbIpip => vec![(VIP, UDP_PORT).into()],
+            Kind::XlbL2 | Kind::XlbIpip | Kind::Forwarder => vec![(VIP, UDP_PORT).into()],
             Kind::Haproxy => vec![],
             Kind::NginxStream => vec![(LB, STREAM_UDP_PORT).into()],
             Kind::Direct => (0..n).map(|i| (backend_ip(self.bed, i), UDP_PORT).into()).collect(),
@@ -214,6 +223,8 @@ struct Rig {
     /// the proxies (c) and (d), which share the balancer's interface; and one agent at a time
     /// never contends with another for the host-wide things an agent owns.
     agent: Option<AgentProcess>,
+    /// The minimal forwarder on the L2 balancer's interface, during its scenario only.
+    forwarder: Option<aya::Ebpf>,
     _decaps: Vec<AgentProcess>,
     haproxy: Daemon,
     stream: Daemon,
@@ -246,6 +257,18 @@ impl Rig {
         let (ns, config) = match s.kind {
             Kind::XlbL2 => (&self.l2.lb, l2_agent_config(self.backends)),
             Kind::XlbIpip => (&self.l3.lb, l3_agent_config(self.backends)),
+            Kind::Forwarder => {
+                let mut macs = Vec::new();
+                for b in &self.l2.backends {
+                    macs.push(b.run(|| lb_agent::net::mac::iface_mac(IFACE))??);
+                }
+                let forwarder = self.l2.lb.run(move || -> Result<aya::Ebpf> {
+                    let own = lb_agent::net::mac::iface_mac(IFACE)?;
+                    lb_agent::dataplane::attach_forwarder(IFACE, VIP, own, &macs)
+                })??;
+                self.forwarder = Some(forwarder);
+                return Ok(());
+            }
             _ => return Ok(()),
         };
         let agent = AgentProcess::start(ns, &config, &["--xdp-mode", "native"])
@@ -257,6 +280,8 @@ impl Rig {
     /// Stops the agent, if one runs, and checks from its counters that it forwarded packets
     /// the way scenario `s` names.
     fn stop_agent(&mut self, s: &Scenario) -> Result<()> {
+        // Detached when dropped (run_scenario counted its runs before).
+        self.forwarder = None;
         let Some(mut agent) = self.agent.take() else { return Ok(()) };
         let log = agent.stop()?;
         let forwarded = match s.kind {
@@ -334,7 +359,7 @@ fn build_rig(backends: usize) -> Result<Rig> {
         .collect::<Result<Vec<_>>>()
         .context("cannot start lb-agent decap on the L3 backends")?;
 
-    Ok(Rig { agent: None, _decaps, haproxy, stream, web, echo_l2, echo_l3, dir, l3, l2, backends })
+    Ok(Rig { agent: None, forwarder: None, _decaps, haproxy, stream, web, echo_l2, echo_l3, dir, l3, l2, backends })
 }
 
 fn health_section() -> &'static str {
@@ -600,16 +625,20 @@ fn measure(rig: &mut Rig, s: &Scenario, a: &Args, out: &mut Samples) -> Result<(
 
 fn run_scenario(rig: &mut Rig, s: &Scenario, a: &Args, out: &mut Samples) -> Result<()> {
     rig.start_agent(s)?;
-    let xlb = matches!(s.kind, Kind::XlbL2 | Kind::XlbIpip);
+    let program = match s.kind {
+        Kind::XlbL2 | Kind::XlbIpip => Some(lb_common::program_names::BALANCER),
+        Kind::Forwarder => Some(lb_common::forwarder::PROGRAM),
+        _ => None,
+    };
     // The kernel's per-program counters, on only while this scenario runs: they cost a clock
     // read per run themselves.
-    if xlb {
+    if program.is_some() {
         bpf_stats(true);
     }
-    let before = prog_stats(lb_common::program_names::BALANCER);
+    let before = program.map(prog_stats).unwrap_or_default();
     let result = measure(rig, s, a, out);
-    let after = prog_stats(lb_common::program_names::BALANCER);
-    if xlb {
+    let after = program.map(prog_stats).unwrap_or_default();
+    if program.is_some() {
         bpf_stats(false);
         let (ns, runs) = (after.0.saturating_sub(before.0), after.1.saturating_sub(before.1));
         if runs > 0 {
@@ -901,9 +930,22 @@ fn main() -> Result<()> {
             fmt_ratio(ratio(b.udp.and_then(|u| u.pps), e3.udp.and_then(|u| u.pps)))
         );
     }
+    let forwarder = find("forwarder").map(|f| (f.ka.rps, f.close.rps, f.udp.and_then(|u| u.pps)));
+    let vs_forwarder = find("xlb_l2")
+        .zip(forwarder)
+        .map(|(x, f)| (ratio(x.ka.rps, f.0), ratio(x.close.rps, f.1), ratio(x.udp.and_then(|u| u.pps), f.2)));
+    if let Some((ka, close, udp)) = vs_forwarder {
+        println!(
+            "
+(a) against the minimal forwarder (f), the most an XDP L2 balancer can do on this bed: keep-alive {},              close {}, UDP {}.",
+            fmt_ratio(ka),
+            fmt_ratio(close),
+            fmt_ratio(udp)
+        );
+    }
     for r in rows.iter().filter(|r| !r.samples.in_situ_ns.is_empty()) {
         println!(
-            "\n({}) {}: the balancer's own cost under this traffic, {} ns per packet (run_time_ns / run_cnt with \
+            "\n({}) {}: the program's own cost under this traffic, {} ns per packet (run_time_ns / run_cnt with \
              kernel.bpf_stats_enabled during the runs, median of {}).",
             r.s.id,
             r.s.name,
@@ -1013,6 +1055,9 @@ fn main() -> Result<()> {
         },
         "total_seconds": json_num(Some(started.elapsed().as_secs_f64()), 1),
         "other_processes_cpu_share": json_num(Some(other_cpu), 4),
+        "xlb_l2_vs_forwarder": vs_forwarder.map(|(ka, close, udp)| serde_json::json!({
+            "keepalive": json_num(ka, 4), "close": json_num(close, 4), "udp": json_num(udp, 4),
+        })),
         "scenarios": scenarios,
     });
     let (stamped, _) = write_results("e2e", unix_time, &results)?;
