@@ -20,6 +20,13 @@ pub const fn addr_v6(o: [u8; 16]) -> Addr {
     ]
 }
 
+/// The bit an address takes in [`VIP_BITS`](crate::map_names::VIP_BITS): its words folded to
+/// 16 bits. Distinct addresses may share a bit; an address whose bit is clear is no VIP.
+pub const fn vip_bit(addr: &Addr) -> u32 {
+    let x = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    (x ^ (x >> 16)) & 0xffff
+}
+
 /// The bytes of an [`Addr`] (the inverse of [`addr_v6`]; an IPv4 address is the first four).
 pub const fn addr_octets(words: Addr) -> [u8; 16] {
     let [a, b, c, d] = words[0].to_ne_bytes();
@@ -41,4 +48,19 @@ pub const fn mac_bytes(words: [u16; 3]) -> [u8; 6] {
     let [c, d] = words[1].to_ne_bytes();
     let [e, f] = words[2].to_ne_bytes();
     [a, b, c, d, e, f]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_bits_fold_every_word() {
+        let a = addr_v4([10, 99, 0, 100]);
+        assert!(vip_bit(&a) < 1 << 16);
+        assert_ne!(vip_bit(&a), vip_bit(&addr_v4([10, 99, 0, 101])), "neighbours differ");
+        assert_ne!(vip_bit(&a), vip_bit(&addr_v4([10, 98, 0, 100])));
+        let v6 = addr_v6([0xfd, 0, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x00]);
+        assert_ne!(vip_bit(&v6), vip_bit(&addr_v6([0xfd, 0, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x01])));
+    }
 }

@@ -2,6 +2,8 @@
 
 /// Distinct VIP addresses.
 pub const MAX_VIPS: u32 = 1024;
+/// 64-bit words of the VIP bitmap (`VIP_BITS`): one bit per [`crate::vip_bit`] value.
+pub const VIP_BITS_WORDS: u32 = (1 << 16) / 64;
 /// Services (VIP, port, protocol).
 pub const MAX_SERVICES: u32 = 1024;
 /// Backends over all services (ids are 0..MAX_BACKENDS): 1,000 services of 100 backends fit.

@@ -5,6 +5,10 @@ use crate::{Addr, IPPROTO_TCP};
 pub mod map_names {
     /// [`crate::VipKey`] → [`crate::Vip`]: is this destination ours at all?
     pub const VIPS: &str = "VIPS";
+    /// `u64` words of a bitmap with the [`crate::vip_bit`] of every VIP set: an address whose
+    /// bit is clear is not in [`VIPS`] (one array read instead of a hash lookup for the traffic
+    /// that is not ours); one whose bit is set may be.
+    pub const VIP_BITS: &str = "VIP_BITS";
     /// [`crate::ServiceKey`] → [`crate::Service`].
     pub const SERVICES: &str = "SERVICES";
     /// All services' Maglev tables, back to back: entry → backend id.

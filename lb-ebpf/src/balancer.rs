@@ -4,8 +4,9 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    addr_v4, addr_v6, hash::flow_hash, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags, FAMILY_V4,
-    FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF, TCP_HDR, UDP_HDR,
+    addr_v4, addr_v6, hash::flow_hash, vip_bit, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags,
+    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF, TCP_HDR,
+    UDP_HDR,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -14,7 +15,7 @@ use crate::{
     fib::{self, Verdict},
     flow::{self, Chosen},
     frame, icmp,
-    maps::{self, SERVICES, SETTINGS, TX_PORTS, VIPS},
+    maps::{self, SERVICES, SETTINGS, TX_PORTS, VIPS, VIP_BITS},
     parse::{self, Ipv6Next, L3},
     stats,
 };
@@ -54,7 +55,7 @@ pub fn balance(ctx: &XdpContext) -> Reason {
     let service_key = ServiceKey { addr: k.dst, port: (k.ports >> 16) as u16, proto: k.proto, family: k.family };
     // SAFETY: values are replaced whole by the agent; we copy what we need.
     let Some(service) = (unsafe { SERVICES.get(&service_key) }).copied() else {
-        return Reason::DropUnknownService;
+        return on_vip(&k.dst, k.family, Reason::DropUnknownService);
     };
     // About 175 instructions in a row: only a new flow (its backend) and encapsulation (the
     // outer source) need it, not an established L2 flow.
@@ -70,11 +71,25 @@ pub fn balance(ctx: &XdpContext) -> Reason {
     reason
 }
 
+/// Whether `addr` may be a VIP: its bit in VIP_BITS is set. One array read; a clear bit is
+/// the fate of all the traffic that is not ours.
 #[inline(always)]
-fn is_vip(addr: Addr, family: u8) -> bool {
+fn maybe_vip(addr: &Addr) -> bool {
+    let bit = vip_bit(addr);
+    VIP_BITS.get(bit >> 6).is_some_and(|w| (w >> (bit & 63)) & 1 != 0)
+}
+
+/// `reason` for a packet to `addr`, which passed [`maybe_vip`], if `addr` is a VIP; the
+/// packet passes untouched if it is not (its bit is another address's). Asked only where
+/// a packet to a VIP would not be balanced: the balanced path never pays the VIPS lookup.
+#[inline(never)]
+fn on_vip(addr: &Addr, family: u8, reason: Reason) -> Reason {
     let key = maps::vip_key([addr[0], addr[1], addr[2], addr[3], u32::from_ne_bytes([family, 0, 0, 0])]);
     // SAFETY: the value is only tested for presence.
-    unsafe { VIPS.get(&key) }.is_some()
+    match unsafe { VIPS.get(&key) } {
+        Some(_) => reason,
+        None => Reason::PassNotVip,
+    }
 }
 
 #[inline(always)]
@@ -85,9 +100,15 @@ fn ipv4_packet(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
         return Err(Reason::PassMalformed);
     }
     let dst = addr_v4(ip.dst_addr);
-    if !is_vip(dst, FAMILY_V4) {
+    if !maybe_vip(&dst) {
         return Err(Reason::PassNotVip);
     }
+    ipv4_vip_packet(ctx, l3, ip, ihl, dst).map_err(|r| on_vip(&dst, FAMILY_V4, r))
+}
+
+/// The rest of [`ipv4_packet`], for a destination that may be a VIP.
+#[inline(always)]
+fn ipv4_vip_packet(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr, ihl: u8, dst: Addr) -> Result<Packet, Reason> {
     if ihl != 5 {
         return Err(Reason::DropIpOptions);
     }
@@ -121,9 +142,21 @@ fn ipv6_packet(ctx: &XdpContext, l3: usize, packet: &mut MaybeUninit<Packet>) ->
         return Err(Reason::PassMalformed);
     }
     let dst = addr_v6(ip.dst_addr);
-    if !is_vip(dst, FAMILY_V6) {
+    if !maybe_vip(&dst) {
         return Err(Reason::PassNotVip);
     }
+    ipv6_vip_packet(ctx, l3, ip, dst, packet).map_err(|r| on_vip(&dst, FAMILY_V6, r))
+}
+
+/// The rest of [`ipv6_packet`], for a destination that may be a VIP.
+#[inline(always)]
+fn ipv6_vip_packet(
+    ctx: &XdpContext,
+    l3: usize,
+    ip: &Ipv6Hdr,
+    dst: Addr,
+    packet: &mut MaybeUninit<Packet>,
+) -> Result<(), Reason> {
     let (proto, l4) = match parse::ipv6_next(ctx, ip.next_hdr, l3 + IPV6_HDR) {
         Ipv6Next::Transport(proto, l4) => (proto, l4),
         Ipv6Next::Fragment => return Err(Reason::DropFragment),

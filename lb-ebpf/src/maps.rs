@@ -9,15 +9,20 @@ use aya_ebpf::{
 use lb_common::{
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_SOURCE_AFFINITY,
-        MAX_TX_PORTS, MAX_VIPS, NEXT_HOP_SLOTS,
+        MAX_TX_PORTS, MAX_VIPS, NEXT_HOP_SLOTS, VIP_BITS_WORDS,
     },
     Affinity, AffinityKey, Backend, BackendFlows, Counters, Flow, FlowEvent, FlowKey, NextHop, RateWindow, Reason,
     Service, ServiceKey, Settings, Vip, VipKey,
 };
 
-/// Destination addresses we balance; anything else passes untouched after one lookup.
+/// Destination addresses we balance.
 #[btf_map]
 pub static VIPS: HashMap<VipKey, Vip, { MAX_VIPS as usize }> = HashMap::new();
+
+/// A bit per `lb_common::vip_bit` value, set for every VIP: traffic whose bit is clear passes
+/// after one array read.
+#[btf_map]
+pub static VIP_BITS: Array<u64, { VIP_BITS_WORDS as usize }> = Array::new();
 
 /// (VIP, port, protocol) → service and where its Maglev table is.
 #[btf_map]

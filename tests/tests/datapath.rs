@@ -155,3 +155,32 @@ fn a_published_table_takes_effect_for_new_flows_at_once() {
         assert_eq!(out[0..6], backend_mac(target), "round {round}");
     }
 }
+
+/// An address that shares a VIP's bit in VIP_BITS (10.99.0.100 and 11.99.1.100 fold to the
+/// same 16 bits) gets past the one-read filter but is still not ours: every packet to it passes
+/// untouched, options, fragments, ICMP and unknown ports included. A VIP that shares its bit
+/// with another keeps it when the other goes.
+#[test]
+fn an_address_sharing_a_vips_bit_is_not_ours() {
+    let mut bed = bed();
+    let twin = Ipv4Addr::new(11, 99, 1, 100);
+    let bit = |a: Ipv4Addr| lb_common::vip_bit(&lb_common::addr_v4(a.octets()));
+    assert_eq!(bit(twin), bit(VIP), "the test needs a shared bit");
+    assert_ne!(bit(Ipv4Addr::new(10, 99, 0, 3)), bit(VIP), "and an address with a bit of its own");
+    for f in [
+        Frame::tcp(CLIENT, 1234, twin, 80),
+        Frame::udp(CLIENT, 1234, twin, 53),
+        Frame::tcp(CLIENT, 1234, twin, 81),
+        Frame::tcp(CLIENT, 1234, twin, 80).ip_options(8),
+        Frame::udp(CLIENT, 1234, twin, 53).frag(0x00b9),
+        Frame::icmp(CLIENT, twin),
+    ] {
+        bed.assert_untouched(&f.build(), Reason::PassNotVip);
+    }
+    // The twin becomes a VIP and goes again: the bit stays for VIP.
+    let slot = bed.dp.add_service(twin.into(), 80, 6, 7, TABLE, Forward::L2).unwrap();
+    bed.dp.remove_service(&slot).unwrap();
+    assert_forwarded(&mut bed, &Frame::tcp(CLIENT, 5000, VIP, 80));
+    bed.run_counted(&Frame::tcp(CLIENT, 1234, VIP, 81).build(), Reason::DropUnknownService);
+    bed.assert_untouched(&Frame::tcp(CLIENT, 1234, twin, 80).build(), Reason::PassNotVip);
+}

@@ -132,6 +132,7 @@ impl ServiceSlot {
 pub struct Dataplane {
     ebpf: Ebpf,
     vips: HashMap<MapData, VipKey, Vip>,
+    vip_bits: Array<MapData, u64>,
     services: HashMap<MapData, ServiceKey, Service>,
     maglev: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
@@ -225,6 +226,7 @@ impl Dataplane {
         object::xdp_program(&mut ebpf, program_names::BALANCER)?;
         Ok(Self {
             vips: take_map(&mut ebpf, map_names::VIPS)?,
+            vip_bits: take_map(&mut ebpf, map_names::VIP_BITS)?,
             services: take_map(&mut ebpf, map_names::SERVICES)?,
             maglev: take_map(&mut ebpf, map_names::MAGLEV)?,
             backends: take_map(&mut ebpf, map_names::BACKENDS)?,
@@ -402,6 +404,9 @@ impl Dataplane {
         self.flip(&mut slot, 0)?;
         let vip_key = VipKey { addr, family, _pad: [0; 3] };
         let services = self.vips.get(&vip_key, 0).map_or(0, |v| v.services);
+        if services == 0 {
+            self.set_vip_bit(&addr, true).with_context(|| format!("cannot add VIP {vip}"))?;
+        }
         self.vips
             .insert(vip_key, Vip { services: services + 1 }, 0)
             .with_context(|| format!("cannot add VIP {vip}"))?;
@@ -437,10 +442,27 @@ impl Dataplane {
         self.tables.release(start, len);
         let vip_key = VipKey { addr: slot.key.addr, family: slot.key.family, _pad: [0; 3] };
         match self.vips.get(&vip_key, 0).map_or(0, |v| v.services) {
-            0 | 1 => self.vips.remove(&vip_key).context("cannot remove the VIP")?,
+            0 | 1 => {
+                self.vips.remove(&vip_key).context("cannot remove the VIP")?;
+                // The bit stays while another VIP folds to it.
+                let bit = lb_common::vip_bit(&vip_key.addr);
+                let shared = self.vips.keys().filter_map(Result::ok).any(|k| lb_common::vip_bit(&k.addr) == bit);
+                if !shared {
+                    self.set_vip_bit(&vip_key.addr, false).context("cannot remove the VIP")?;
+                }
+            }
             n => self.vips.insert(vip_key, Vip { services: n - 1 }, 0).context("cannot update the VIP")?,
         }
         Ok(())
+    }
+
+    /// Sets or clears the VIP_BITS bit of `addr`.
+    fn set_vip_bit(&mut self, addr: &lb_common::Addr, on: bool) -> Result<()> {
+        let bit = lb_common::vip_bit(addr);
+        let word = self.vip_bits.get(&(bit >> 6), 0).context("cannot read VIP_BITS")?;
+        let mask = 1u64 << (bit & 63);
+        let word = if on { word | mask } else { word & !mask };
+        self.vip_bits.set(bit >> 6, word, 0).context("cannot write VIP_BITS")
     }
 
     /// Writes a backend's slot. `usable` false keeps the slot but makes the data path re-hash

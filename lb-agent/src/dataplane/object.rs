@@ -10,8 +10,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// New with every program and swapped in with it: written whole by every agent from its
 /// config, or (the next-hop cache) filled by the program itself.
-pub(crate) const CONFIG_MAPS: [&str; 8] = [
+pub(crate) const CONFIG_MAPS: [&str; 9] = [
     map_names::VIPS,
+    map_names::VIP_BITS,
     map_names::SERVICES,
     map_names::MAGLEV,
     map_names::BACKENDS,

@@ -173,6 +173,7 @@ fn settings() -> Settings {
         ipip_src_v4_host: u32::from_ne_bytes([0, 0, 0xff, 0xff]),
         ipip_src_v6_host: u32::from_ne_bytes([0, 0, 0xff, 0xff]),
         ipip_src_v6: addr_v6(Ipv6Addr::new(0xfd00, 0x5, 0, 0, 0, 0, 0, 0).octets()),
+        ..Settings::default()
     }
 }
 
