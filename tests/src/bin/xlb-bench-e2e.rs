@@ -258,14 +258,10 @@ impl Rig {
             Kind::XlbL2 => (&self.l2.lb, l2_agent_config(self.backends)),
             Kind::XlbIpip => (&self.l3.lb, l3_agent_config(self.backends)),
             Kind::Forwarder => {
-                let mut macs = Vec::new();
-                for b in &self.l2.backends {
-                    macs.push(b.run(|| lb_agent::net::mac::iface_mac(IFACE))??);
-                }
-                let forwarder = self.l2.lb.run(move || -> Result<aya::Ebpf> {
-                    let own = lb_agent::net::mac::iface_mac(IFACE)?;
-                    lb_agent::dataplane::attach_forwarder(IFACE, VIP, own, &macs)
-                })??;
+                let macs = self.l2.backends.iter().map(ns_mac).collect::<Result<Vec<_>>>()?;
+                let own = ns_mac(&self.l2.lb)?;
+                let forwarder =
+                    self.l2.lb.run(move || lb_agent::dataplane::attach_forwarder(IFACE, VIP, own, &macs))??;
                 self.forwarder = Some(forwarder);
                 return Ok(());
             }
@@ -306,6 +302,14 @@ impl Rig {
         }
         Ok(())
     }
+}
+
+/// The MAC of `ns`'s IFACE. Read through `ip netns exec`, which mounts the namespace's own
+/// sysfs: a thread that only entered the namespace still sees the host's /sys.
+fn ns_mac(ns: &Netns) -> Result<[u8; 6]> {
+    let out = ns.exec(&["cat", &format!("/sys/class/net/{IFACE}/address")])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    lb_agent::net::mac::parse_mac(text.trim()).with_context(|| format!("no MAC for {IFACE} in {}: {text:?}", ns.name))
 }
 
 fn sysctls(ns: &Netns, settings: &[&str]) -> Result<()> {
@@ -936,8 +940,8 @@ fn main() -> Result<()> {
         .map(|(x, f)| (ratio(x.ka.rps, f.0), ratio(x.close.rps, f.1), ratio(x.udp.and_then(|u| u.pps), f.2)));
     if let Some((ka, close, udp)) = vs_forwarder {
         println!(
-            "
-(a) against the minimal forwarder (f), the most an XDP L2 balancer can do on this bed: keep-alive {},              close {}, UDP {}.",
+            "\n(a) against the minimal forwarder (f), the most an XDP L2 balancer can do on this bed: keep-alive {}, \
+             close {}, UDP {}.",
             fmt_ratio(ka),
             fmt_ratio(close),
             fmt_ratio(udp)

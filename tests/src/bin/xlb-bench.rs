@@ -1000,8 +1000,10 @@ fn main() -> Result<()> {
         let _ = writeln!(md, "| {row} | {} | ≤ {goal:.0} | {verdict} |", net.map_or("—".into(), |n| format!("{n:.1}")));
         goals_json.push(serde_json::json!({"path": row, "case": name, "net_ns": json_num(net, 3), "goal_ns": goal}));
     }
-    let _ =
-        writeln!(md, "\n| case | bytes | runs | ns/packet | harness + empty | net | ÷ empty | ÷ mac-swap | checked path |");
+    let _ = writeln!(
+        md,
+        "\n| case | bytes | runs | ns/packet | harness + empty | net | ÷ empty | ÷ mac-swap | checked path |"
+    );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for (i, c) in cases.iter().enumerate() {
         let _ = writeln!(
