@@ -15,7 +15,7 @@ use crate::{
     config::XdpMode,
     dataplane::{
         attach_xdp, map_addr,
-        object::{load_object, take_map, xdp_program},
+        object::{load_object, take_map, xdp_program, BALANCER_ONLY_MAPS},
         sum,
     },
 };
@@ -31,7 +31,7 @@ impl Decap {
     /// Loads the eBPF object and the decap program (verifier included); attaches nothing and
     /// accepts no address yet. The object's balancer maps are created too, at their smallest.
     pub fn load() -> Result<Self> {
-        let mut ebpf = load_object(&[map_names::MAGLEV, map_names::FLOWS, map_names::NEXT_HOPS])?;
+        let mut ebpf = load_object(&BALANCER_ONLY_MAPS)?;
         xdp_program(&mut ebpf, program_names::DECAP)?;
         Ok(Self {
             addrs: take_map(&mut ebpf, map_names::DECAP_ADDRS)?,

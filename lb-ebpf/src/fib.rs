@@ -56,7 +56,7 @@ impl Route {
 /// Looks up the route from `src` to `dst` for a packet of `tot_len` bytes (IP header included),
 /// as if it had arrived on the ingress interface.
 #[inline(always)]
-pub fn route(ctx: &XdpContext, family: u8, proto: u8, src: &Addr, dst: &Addr, tot_len: u16) -> Route {
+fn route(ctx: &XdpContext, family: u8, proto: u8, src: &Addr, dst: &Addr, tot_len: u16) -> Route {
     // Zeroed as eight 64-bit stores, volatile: `mem::zeroed()` of the struct, or a zeroed
     // array, compiles to a call of a byte-wise memset on every encapsulated packet.
     let mut words = core::mem::MaybeUninit::<[u64; FIB_WORDS]>::uninit();

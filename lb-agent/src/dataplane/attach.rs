@@ -5,10 +5,10 @@ use aya::{
     programs::{xdp::XdpLinkId, Xdp, XdpMode as AyaXdpMode},
     Ebpf,
 };
-use lb_common::{map_names, program_names};
+use lb_common::program_names;
 use log::warn;
 
-use super::object::{load_object, xdp_program};
+use super::object::{load_object, xdp_program, BALANCER_ONLY_MAPS};
 use crate::{config::XdpMode, sys::if_index};
 
 /// Attaches a loaded XDP program to `iface`. `None` tries native mode and falls back to
@@ -45,7 +45,7 @@ pub(super) fn attach_xdp_link(prog: &mut Xdp, iface: &str, mode: Option<XdpMode>
 /// a peer that runs an XDP program. For test beds; a real NIC needs nothing of the kind.
 /// The program stays attached while the returned object lives.
 pub fn attach_pass_program(iface: &str) -> Result<Ebpf> {
-    let mut ebpf = load_object(&[map_names::MAGLEV, map_names::FLOWS, map_names::NEXT_HOPS])?;
+    let mut ebpf = load_object(&BALANCER_ONLY_MAPS)?;
     let prog = xdp_program(&mut ebpf, program_names::PASS)?;
     prog.attach(iface, AyaXdpMode::Driver).with_context(|| format!("cannot attach the pass program to {iface}"))?;
     Ok(ebpf)
@@ -66,7 +66,7 @@ pub fn attach_forwarder(
         "the forwarder takes 1 to {MAX_MACS} backends, not {}",
         backends.len()
     );
-    let mut ebpf = load_object(&[map_names::MAGLEV, map_names::FLOWS, map_names::NEXT_HOPS])?;
+    let mut ebpf = load_object(&BALANCER_ONLY_MAPS)?;
     let mut macs = [[0u16; 3]; MAX_MACS];
     for (slot, mac) in macs.iter_mut().zip(backends) {
         *slot = lb_common::mac_words(*mac);

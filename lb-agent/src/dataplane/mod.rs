@@ -147,8 +147,6 @@ pub struct Dataplane {
     tx_ports: aya::maps::DevMapHash<MapData>,
     /// The settings last written, with the route generation in force.
     current: Settings,
-    /// How many times the route generation moved.
-    route_changes: u64,
     /// Service ids, backend slots and their generations.
     ids: IdPool,
     /// MAGLEV's entries, carved into the services' tables.
@@ -239,9 +237,9 @@ impl Dataplane {
             active_flows: take_map(&mut ebpf, map_names::ACTIVE_FLOWS)?,
             backend_weights: take_map(&mut ebpf, map_names::BACKEND_WEIGHTS)?,
             tx_ports: take_map(&mut ebpf, map_names::TX_PORTS)?,
-            // NEXT_HOPS is new with every program (a config map): any generation will do.
-            current: Settings { route_generation: 1, ..Settings::default() },
-            route_changes: 0,
+            // NEXT_HOPS is new with every program (a config map): the generation can start at
+            // 0, and then counts the changes.
+            current: Settings::default(),
             ids: IdPool::default(),
             tables: TableSpace::new(opts.maglev_capacity),
             flow_state: FlowTableState::new(),
@@ -536,13 +534,13 @@ impl Dataplane {
         let next = Settings { route_generation: self.current.route_generation.wrapping_add(1), ..self.current };
         self.settings.set(0, next, 0).context("cannot write the settings (route generation)")?;
         self.current = next;
-        self.route_changes += 1;
         Ok(())
     }
 
-    /// How many times [`Dataplane::routes_changed`] moved the route generation.
+    /// How many times [`Dataplane::routes_changed`] moved the route generation (modulo 2^32: a
+    /// counter reset for a scraper).
     pub fn route_changes(&self) -> u64 {
-        self.route_changes
+        u64::from(self.current.route_generation)
     }
 
     /// Lets the data path redirect encapsulated packets out of `ifindex` (XDP_REDIRECT).

@@ -32,6 +32,10 @@ pub(crate) const UNUSED_MAPS: [&str; 6] = [
     lb_common::forwarder::MAP,
 ];
 
+/// The balancer's large maps: a program of the object other than the balancer creates them at
+/// one entry (see [`load_object`]).
+pub(crate) const BALANCER_ONLY_MAPS: [&str; 3] = [map_names::MAGLEV, map_names::FLOWS, map_names::NEXT_HOPS];
+
 /// Maps whose contents outlive an agent: every map of the balancer but the config maps and
 /// global data (`.rodata`: the hash seed and the interface's MAC come from the new config).
 pub(crate) fn is_state_map(name: &str) -> bool {

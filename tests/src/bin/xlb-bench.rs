@@ -393,15 +393,19 @@ fn macs_swapped(frame: &[u8]) -> Vec<u8> {
 }
 
 /// The map named `name` among those `prog` uses.
-fn map_of(prog: &aya::programs::Xdp, name: &str) -> Result<Map> {
+fn map_info_of(prog: &aya::programs::Xdp, name: &str) -> Result<MapInfo> {
     let ids = prog.info()?.map_ids()?.context("the kernel does not list the program's maps")?;
     for id in ids {
         let info = MapInfo::from_id(id)?;
         if info.name_as_str() == Some(name) {
-            return Ok(Map::from_map_data(MapData::from_id(id)?)?);
+            return Ok(info);
         }
     }
     bail!("the program uses no map named {name}")
+}
+
+fn map_of(prog: &aya::programs::Xdp, name: &str) -> Result<Map> {
+    Ok(Map::from_map_data(MapData::from_id(map_info_of(prog, name)?.id())?)?)
 }
 
 struct Bench {
@@ -578,18 +582,6 @@ fn flow_memory(info: &MapInfo, requested: u32) -> Result<FlowMemory> {
     Ok(FlowMemory { requested, max_entries: info.max_entries(), memlock })
 }
 
-/// The balancer's FLOWS map, found among the maps its program uses.
-fn flows_map_info(dp: &mut Dataplane) -> Result<MapInfo> {
-    let ids = dp.balancer().info()?.map_ids()?.context("the kernel does not list the program's maps")?;
-    for id in ids {
-        let info = MapInfo::from_id(id)?;
-        if info.name_as_str() == Some(map_names::FLOWS) {
-            return Ok(info);
-        }
-    }
-    bail!("the balancer uses no map named {}", map_names::FLOWS)
-}
-
 /// Loads a data path with a flow table of `entries` and reads what its FLOWS map costs.
 fn flow_table_memory(entries: u32) -> Result<FlowMemory> {
     let mut dp = Dataplane::load(&LoadOptions {
@@ -598,7 +590,7 @@ fn flow_table_memory(entries: u32) -> Result<FlowMemory> {
         maglev_capacity: 1,
         flow_table_size: entries,
     })?;
-    let info = flows_map_info(&mut dp)?;
+    let info = map_info_of(dp.balancer(), map_names::FLOWS)?;
     flow_memory(&info, entries)
 }
 
@@ -691,11 +683,11 @@ fn run_bench(args: &Args) -> Result<Measured> {
         dp.publish_table(&mut slot, &table)?;
         setup.services.push(Svc { vip: *vip, port: *port, proto: *proto, forward: *forward, table });
     }
-    let flows_info = flows_map_info(&mut dp)?;
+    let flows_info = map_info_of(dp.balancer(), map_names::FLOWS)?;
     let bench_table = flow_memory(&flows_info, args.flow_table)?;
     let share = bench_table.max_entries / possible;
-    let flows = BpfHashMap::try_from(Map::from_map_data(MapData::from_id(flows_info.id())?)?)
-        .context("the FLOWS map is not a hash map")?;
+    let flows =
+        BpfHashMap::try_from(map_of(dp.balancer(), map_names::FLOWS)?).context("the FLOWS map is not a hash map")?;
     let rate = PerCpuArray::try_from(map_of(dp.balancer(), map_names::NEW_FLOW_RATE)?)?;
     let prog = dp.program(harness::PROGRAM)?;
     let frame = Array::try_from(map_of(prog, harness::FRAME_MAP)?)?;
