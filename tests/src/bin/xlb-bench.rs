@@ -111,6 +111,10 @@ struct Cli {
     /// Entries of the flow table (the agent's `flows.size`; default its default).
     #[arg(long, default_value_t = FLOW_TABLE, value_parser = clap::value_parser!(u32).range(1024..))]
     flow_table: u32,
+    /// Measure only the cases whose name contains one of these (repeatable); the MAC swap is
+    /// always measured, for the ratios.
+    #[arg(long = "case", value_name = "SUBSTRING")]
+    cases: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +123,7 @@ struct Args {
     repeat: u32,
     rounds: usize,
     flow_table: u32,
+    cases: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -128,6 +133,7 @@ fn parse_args() -> Result<Args> {
         repeat: cli.repeat.unwrap_or(if cli.quick { 200_000 } else { 2_000_000 }),
         rounds: usize::try_from(cli.rounds.unwrap_or(if cli.quick { 3 } else { 5 }))?,
         flow_table: cli.flow_table,
+        cases: cli.cases,
     })
 }
 
@@ -803,6 +809,10 @@ fn run_bench(args: &Args) -> Result<Measured> {
         new("ipip new tcp v4, table full", encap, full, new4, vip4, PORT_IPIP),
         new("ip6ip6 new tcp v6, table full", encap, full, new6, vip6, PORT_IPIP),
     ];
+    if !args.cases.is_empty() {
+        cases.retain(|c| c.program == program_names::MAC_SWAP || args.cases.iter().any(|s| c.name.contains(s.as_str())));
+        ensure!(cases.len() > 1, "no case's name contains any of {:?}", args.cases);
+    }
 
     let mut stats = Vec::new();
     for name in [lb, harness::PROGRAM, program_names::PASS, program_names::MAC_SWAP] {
