@@ -6,6 +6,12 @@ pub const MAX_VIPS: u32 = 1024;
 pub const VIP_BITS_WORDS: u32 = (1 << 16) / 64;
 /// Services (VIP, port, protocol).
 pub const MAX_SERVICES: u32 = 1024;
+/// Buckets of the SERVICES map (a power of two) and the entries of each: eight slots per
+/// service, so that one of a service's two buckets has room (or can make it by moving an
+/// entry to its own other bucket) far beyond any real configuration.
+pub const SERVICE_BUCKETS: u32 = 2048;
+pub const SERVICE_BUCKET_ENTRIES: usize = 4;
+const _: () = assert!(SERVICE_BUCKETS.is_power_of_two());
 /// Backends over all services (ids are 0..MAX_BACKENDS): 1,000 services of 100 backends fit.
 /// BACKENDS costs 28 B per slot, BACKEND_STATS 16 B per slot and CPU.
 pub const MAX_BACKENDS: u32 = 131_072;

@@ -9,7 +9,8 @@ pub mod map_names {
     /// bit is clear is not in [`VIPS`] (one array read instead of a hash lookup for the traffic
     /// that is not ours); one whose bit is set may be.
     pub const VIP_BITS: &str = "VIP_BITS";
-    /// [`crate::ServiceKey`] → [`crate::Service`].
+    /// [`crate::ServiceBucket`]s: [`crate::ServiceKey`] → [`crate::Service`], a two-choice
+    /// hash table the agent lays out (see [`crate::service_buckets`]).
     pub const SERVICES: &str = "SERVICES";
     /// All services' Maglev tables, back to back: entry → backend id.
     pub const MAGLEV: &str = "MAGLEV";
@@ -96,7 +97,7 @@ pub struct Vip {
 }
 const _: () = assert!(core::mem::size_of::<Vip>() == 4);
 
-/// Key of [`map_names::SERVICES`].
+/// What a [`map_names::SERVICES`] entry is found by.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
@@ -110,7 +111,7 @@ pub struct ServiceKey {
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
-/// Value of [`map_names::SERVICES`].
+/// What a [`map_names::SERVICES`] entry holds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
@@ -144,6 +145,49 @@ impl Service {
     pub const fn has_affinity(&self) -> bool {
         self.scheduler == SCHED_SOURCE_HASH && self.affinity_timeout_secs != 0
     }
+}
+
+/// One service in [`map_names::SERVICES`]; an empty entry has family 0, which no packet has.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub key: ServiceKey,
+    pub service: Service,
+}
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 36);
+
+/// A value of [`map_names::SERVICES`], an array of [`SERVICE_BUCKETS`](crate::limits::SERVICE_BUCKETS)
+/// buckets. A service sits in one of the two buckets [`service_buckets`] names for its key:
+/// the data path reads at most two array entries and compares keys, where a kernel hash map
+/// costs a call, a jhash and a list walk (about 40 ns on the bench machine, a third of an
+/// established flow's cost).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceBucket {
+    pub entries: [ServiceEntry; crate::limits::SERVICE_BUCKET_ENTRIES],
+}
+
+/// The two buckets of [`map_names::SERVICES`] where the service of `key` may be: different
+/// ones, both below [`SERVICE_BUCKETS`](crate::limits::SERVICE_BUCKETS). Not seeded: the
+/// keys are the operator's, not a client's, and a restarted agent must find what it wrote.
+#[inline(always)]
+pub const fn service_buckets(key: &ServiceKey) -> (u32, u32) {
+    let a = &key.addr;
+    let rest = ((key.port as u32) << 16) | ((key.proto as u32) << 8) | key.family as u32;
+    // Multiply-xorshift rounds over the five words (murmur3's finaliser constants).
+    let mut h = a[0].wrapping_mul(0xcc9e_2d51) ^ a[1];
+    h = h.wrapping_mul(0x1b87_3593) ^ a[2];
+    h = h.wrapping_mul(0xcc9e_2d51) ^ a[3];
+    h = h.wrapping_mul(0x1b87_3593) ^ rest;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    let mask = crate::limits::SERVICE_BUCKETS - 1;
+    let first = h & mask;
+    let second = (h >> 16) & mask;
+    (first, if second == first { first ^ 1 } else { second })
 }
 
 /// L2 DSR: the frame's destination MAC becomes the backend's.

@@ -17,6 +17,8 @@ unsafe impl aya::Pod for Settings {}
 unsafe impl aya::Pod for RateWindow {}
 unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for Service {}
+unsafe impl aya::Pod for crate::ServiceEntry {}
+unsafe impl aya::Pod for crate::ServiceBucket {}
 unsafe impl aya::Pod for Backend {}
 unsafe impl aya::Pod for Counters {}
 unsafe impl aya::Pod for BackendFlows {}

@@ -15,7 +15,7 @@ use crate::{
     fib::{self, Verdict},
     flow::{self, Chosen},
     frame, icmp,
-    maps::{self, SERVICES, SETTINGS, TX_PORTS, VIPS, VIP_BITS},
+    maps::{self, SETTINGS, TX_PORTS, VIPS, VIP_BITS},
     parse::{self, Ipv6Next, L3},
     stats,
 };
@@ -53,8 +53,7 @@ pub fn balance(ctx: &XdpContext) -> Reason {
     };
     let k = &packet.key;
     let service_key = ServiceKey { addr: k.dst, port: (k.ports >> 16) as u16, proto: k.proto, family: k.family };
-    // SAFETY: values are replaced whole by the agent; we copy what we need.
-    let Some(service) = (unsafe { SERVICES.get(&service_key) }).copied() else {
+    let Some(service) = maps::service(&service_key) else {
         return on_vip(&k.dst, k.family, Reason::DropUnknownService);
     };
     // About 175 instructions in a row: only a new flow (its backend) and encapsulation (the

@@ -9,10 +9,10 @@ use aya_ebpf::{
 use lb_common::{
     limits::{
         DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_SOURCE_AFFINITY,
-        MAX_TX_PORTS, MAX_VIPS, NEXT_HOP_SLOTS, VIP_BITS_WORDS,
+        MAX_TX_PORTS, MAX_VIPS, NEXT_HOP_SLOTS, SERVICE_BUCKETS, SERVICE_BUCKET_ENTRIES, VIP_BITS_WORDS,
     },
     Affinity, AffinityKey, Backend, BackendFlows, Counters, Flow, FlowEvent, FlowKey, NextHop, RateWindow, Reason,
-    Service, ServiceKey, Settings, Vip, VipKey,
+    Service, ServiceBucket, ServiceKey, Settings, Vip, VipKey,
 };
 
 /// Destination addresses we balance.
@@ -24,9 +24,10 @@ pub static VIPS: HashMap<VipKey, Vip, { MAX_VIPS as usize }> = HashMap::new();
 #[btf_map]
 pub static VIP_BITS: Array<u64, { VIP_BITS_WORDS as usize }> = Array::new();
 
-/// (VIP, port, protocol) → service and where its Maglev table is.
+/// (VIP, port, protocol) → service and where its Maglev table is: buckets the agent lays out
+/// (`lb_common::service_buckets`), looked up by [`service`].
 #[btf_map]
-pub static SERVICES: HashMap<ServiceKey, Service, { MAX_SERVICES as usize }> = HashMap::new();
+pub static SERVICES: Array<ServiceBucket, { SERVICE_BUCKETS as usize }> = Array::new();
 
 /// Every service's Maglev tables, back to back; the agent sizes it at load time.
 #[btf_map]
@@ -107,6 +108,34 @@ static IFACE_MAC: [u16; 3] = [0; 3];
 pub fn vip_key(words: [u32; 5]) -> VipKey {
     // SAFETY: VipKey is #[repr(C)], 20 bytes of plain integers: every bit pattern is valid.
     unsafe { core::mem::transmute::<[u32; 5], VipKey>(words) }
+}
+
+/// The service of `key`, from one of its two buckets. The agent rewrites an entry in place
+/// (an array element has no RCU copy): a packet racing a table flip may read the new base
+/// with the old size or the reverse; both tables of a service are one range of twice the
+/// allocated size, so either way it indexes that service's own backends.
+#[inline(always)]
+pub fn service(key: &ServiceKey) -> Option<Service> {
+    let (first, second) = lb_common::service_buckets(key);
+    for b in [first, second] {
+        let bucket = SERVICES.get(b)?;
+        for i in 0..SERVICE_BUCKET_ENTRIES {
+            let e = &bucket.entries[i];
+            let k = &e.key;
+            // Word by word: an array or struct comparison would call a byte-wise memcmp.
+            if k.addr[0] == key.addr[0]
+                && k.addr[1] == key.addr[1]
+                && k.addr[2] == key.addr[2]
+                && k.addr[3] == key.addr[3]
+                && k.port == key.port
+                && k.proto == key.proto
+                && k.family == key.family
+            {
+                return Some(e.service);
+            }
+        }
+    }
+    None
 }
 
 #[inline(always)]

@@ -40,12 +40,27 @@ fn maps_and_program_carry_their_types() {
         .expect("the balancer uses SERVICES");
     assert!(services["btf_id"].as_u64().is_some_and(|id| id > 0), "{services}");
     let dump = bpftool(&["map", "dump", "id", &services["id"].to_string()]);
-    let entry = &dump.as_array().unwrap()[0]["formatted"];
-    // Typed: the key and value by field name, in the data path's byte order.
-    assert_eq!(entry["key"]["port"], u16::to_be(80), "{dump}");
-    assert_eq!(entry["key"]["proto"], 6, "{dump}");
-    assert_eq!(entry["value"]["id"], 7, "{dump}");
-    assert_eq!(entry["value"]["table_size"], 251, "{dump}");
+    // Typed: the buckets' entries by field name, in the data path's byte order; the service is
+    // in one of its two buckets.
+    let buckets = lb_common::service_buckets(&lb_common::ServiceKey {
+        addr: lb_common::addr_v4([10, 99, 0, 100]),
+        port: 80u16.to_be(),
+        proto: 6,
+        family: lb_common::FAMILY_V4,
+    });
+    let entry = dump
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["formatted"])
+        .filter(|e| e["key"] == buckets.0 || e["key"] == buckets.1)
+        .flat_map(|e| e["value"]["entries"].as_array().unwrap().iter())
+        .find(|e| e["key"]["family"] != 0)
+        .unwrap_or_else(|| panic!("the service in neither of its buckets {buckets:?}"));
+    assert_eq!(entry["key"]["port"], u16::to_be(80), "{entry}");
+    assert_eq!(entry["key"]["proto"], 6, "{entry}");
+    assert_eq!(entry["service"]["id"], 7, "{entry}");
+    assert_eq!(entry["service"]["table_size"], 251, "{entry}");
 }
 
 /// The loaded balancer calls no memset, memcpy or memmove: a struct zeroed, a key with padding

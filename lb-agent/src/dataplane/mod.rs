@@ -12,6 +12,7 @@ pub mod flows;
 pub mod ids;
 pub mod object;
 mod pins;
+mod services;
 
 use std::{
     net::IpAddr,
@@ -27,8 +28,8 @@ use aya::{
 };
 use lb_common::{
     addr_octets, addr_v4, addr_v6, global_names, limits, map_names, program_names, Addr, Backend, Counters, FlowEvent,
-    Reason, Service, ServiceKey, Settings, Vip, VipKey, BACKEND_F_VALID, FAMILY_V4, FAMILY_V6, FORWARD_IPIP,
-    FORWARD_L2, NO_BACKEND, SCHED_MAGLEV,
+    Reason, Service, ServiceBucket, ServiceKey, Settings, Vip, VipKey, BACKEND_F_VALID, FAMILY_V4, FAMILY_V6,
+    FORWARD_IPIP, FORWARD_L2, NO_BACKEND, SCHED_MAGLEV,
 };
 use log::{info, warn};
 
@@ -133,7 +134,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     vips: HashMap<MapData, VipKey, Vip>,
     vip_bits: Array<MapData, u64>,
-    services: HashMap<MapData, ServiceKey, Service>,
+    services: Array<MapData, ServiceBucket>,
+    /// What SERVICES holds, bucket by bucket.
+    service_table: services::ServiceTable,
     maglev: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     service_stats: PerCpuArray<MapData, Counters>,
@@ -226,6 +229,7 @@ impl Dataplane {
             vips: take_map(&mut ebpf, map_names::VIPS)?,
             vip_bits: take_map(&mut ebpf, map_names::VIP_BITS)?,
             services: take_map(&mut ebpf, map_names::SERVICES)?,
+            service_table: services::ServiceTable::new(),
             maglev: take_map(&mut ebpf, map_names::MAGLEV)?,
             backends: take_map(&mut ebpf, map_names::BACKENDS)?,
             service_stats: take_map(&mut ebpf, map_names::SERVICE_STATS)?,
@@ -398,8 +402,12 @@ impl Dataplane {
             active: 0,
             active_size: table_size,
         };
-        self.write_table(slot.bases[0], &vec![NO_BACKEND; table_size as usize])?;
-        self.flip(&mut slot, 0)?;
+        let written = self.write_table(slot.bases[0], &vec![NO_BACKEND; table_size as usize]);
+        if let Err(e) = written.and_then(|()| self.flip(&mut slot, 0)) {
+            let (start, len) = slot.tables_range();
+            self.tables.release(start, len);
+            return Err(e);
+        }
         let vip_key = VipKey { addr, family, _pad: [0; 3] };
         let services = self.vips.get(&vip_key, 0).map_or(0, |v| v.services);
         if services == 0 {
@@ -435,7 +443,9 @@ impl Dataplane {
     /// Removes a service: its packets become `drop_unknown_service` (or pass, when it was the
     /// VIP's last service). Its two tables go back to MAGLEV's free space.
     pub fn remove_service(&mut self, slot: &ServiceSlot) -> Result<()> {
-        self.services.remove(&slot.key).context("cannot remove the service")?;
+        for (b, bucket) in self.service_table.remove(&slot.key) {
+            self.services.set(b, bucket, 0).context("cannot remove the service")?;
+        }
         let (start, len) = slot.tables_range();
         self.tables.release(start, len);
         let vip_key = VipKey { addr: slot.key.addr, family: slot.key.family, _pad: [0; 3] };
@@ -585,7 +595,9 @@ impl Dataplane {
             scheduler: slot.scheduler,
             affinity_timeout_secs: slot.affinity_timeout_secs,
         };
-        self.services.insert(slot.key, service, 0).context("cannot write the service")?;
+        for (b, bucket) in self.service_table.put(slot.key, service)? {
+            self.services.set(b, bucket, 0).context("cannot write the service")?;
+        }
         slot.active = to;
         Ok(())
     }

@@ -810,7 +810,8 @@ fn run_bench(args: &Args) -> Result<Measured> {
         new("ip6ip6 new tcp v6, table full", encap, full, new6, vip6, PORT_IPIP),
     ];
     if !args.cases.is_empty() {
-        cases.retain(|c| c.program == program_names::MAC_SWAP || args.cases.iter().any(|s| c.name.contains(s.as_str())));
+        cases
+            .retain(|c| c.program == program_names::MAC_SWAP || args.cases.iter().any(|s| c.name.contains(s.as_str())));
         ensure!(cases.len() > 1, "no case's name contains any of {:?}", args.cases);
     }
 
