@@ -174,16 +174,11 @@ pub struct ServiceBucket {
 pub const fn service_buckets(key: &ServiceKey) -> (u32, u32) {
     let a = &key.addr;
     let rest = ((key.port as u32) << 16) | ((key.proto as u32) << 8) | key.family as u32;
-    // Multiply-xorshift rounds over the five words (murmur3's finaliser constants).
+    // A multiply per word (murmur3's constants), then its finaliser.
     let mut h = a[0].wrapping_mul(0xcc9e_2d51) ^ a[1];
     h = h.wrapping_mul(0x1b87_3593) ^ a[2];
     h = h.wrapping_mul(0xcc9e_2d51) ^ a[3];
-    h = h.wrapping_mul(0x1b87_3593) ^ rest;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
+    h = crate::hash::finish(h.wrapping_mul(0x1b87_3593) ^ rest);
     let mask = crate::limits::SERVICE_BUCKETS - 1;
     let first = h & mask;
     let second = (h >> 16) & mask;

@@ -443,9 +443,8 @@ impl Dataplane {
     /// Removes a service: its packets become `drop_unknown_service` (or pass, when it was the
     /// VIP's last service). Its two tables go back to MAGLEV's free space.
     pub fn remove_service(&mut self, slot: &ServiceSlot) -> Result<()> {
-        for (b, bucket) in self.service_table.remove(&slot.key) {
-            self.services.set(b, bucket, 0).context("cannot remove the service")?;
-        }
+        let writes = self.service_table.remove(&slot.key);
+        self.write_services(writes).context("cannot remove the service")?;
         let (start, len) = slot.tables_range();
         self.tables.release(start, len);
         let vip_key = VipKey { addr: slot.key.addr, family: slot.key.family, _pad: [0; 3] };
@@ -586,6 +585,14 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Writes SERVICES buckets in the order the service table gave them.
+    fn write_services(&mut self, writes: services::Writes) -> Result<()> {
+        for (b, bucket) in writes {
+            self.services.set(b, bucket, 0)?;
+        }
+        Ok(())
+    }
+
     fn flip(&mut self, slot: &mut ServiceSlot, to: usize) -> Result<()> {
         let service = Service {
             id: slot.id,
@@ -595,9 +602,8 @@ impl Dataplane {
             scheduler: slot.scheduler,
             affinity_timeout_secs: slot.affinity_timeout_secs,
         };
-        for (b, bucket) in self.service_table.put(slot.key, service)? {
-            self.services.set(b, bucket, 0).context("cannot write the service")?;
-        }
+        let writes = self.service_table.put(slot.key, service)?;
+        self.write_services(writes).context("cannot write the service")?;
         slot.active = to;
         Ok(())
     }

@@ -25,12 +25,12 @@ impl ServiceTable {
         Self { buckets: vec![ServiceBucket::default(); SERVICE_BUCKETS as usize] }
     }
 
-    /// Where `key`'s entry is: bucket and index.
+    /// Where `key`'s entry is: bucket and index (a key's family is never a free entry's 0).
     fn find(&self, key: &ServiceKey) -> Option<(u32, usize)> {
         let (first, second) = service_buckets(key);
         [first, second].into_iter().find_map(|b| {
             let entries = &self.buckets[b as usize].entries;
-            entries.iter().position(|e| !is_free(e) && e.key == *key).map(|i| (b, i))
+            entries.iter().position(|e| e.key == *key).map(|i| (b, i))
         })
     }
 
