@@ -138,7 +138,18 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
     // SAFETY: a helper without arguments.
     let clock = || unsafe { bpf_ktime_get_ns() };
     let mut now = 0;
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+    // A SYN past the new-flow rate would not be pinned: it is placed by the table at once,
+    // without the flow-table lookup (a cold bucket in a large table: most of such a SYN's
+    // cost), and a SYN flood is all such packets. Katran skips the lookup for every SYN; here
+    // only past the rate, where nothing is pinned anyway. What it gives up: a retransmitted or
+    // port-reusing SYN of a pinned flow takes the table's backend instead of its pin, which
+    // differs only if the table changed since the pin.
+    let syn_over_rate = !udp && tcp_flags.is_syn_only() && {
+        now = clock();
+        over_new_flow_limit(now)
+    };
+    let pinned = if syn_over_rate { None } else { FLOWS.get_ptr_mut(key) };
+    if let Some(flow) = pinned {
         // SAFETY: the entry stays valid for the program's run (RCU); racing writers only
         // ever store whole, equally valid values.
         let f = unsafe { *flow };

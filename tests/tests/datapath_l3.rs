@@ -781,8 +781,34 @@ fn new_flows_over_the_per_cpu_rate_are_not_pinned() {
         assert_l2_hit(bed, &flows[2], &[RateLimited]);
         assert_l2_hit(bed, &flows[2], &[RateLimited]);
         // Pinned flows are not affected.
-        assert_l2_hit(bed, &flows[0], &[Hit]);
+        assert_l2_hit(bed, &flows[0].clone().tcp_flags(0x10), &[Hit]);
         assert_l2_hit(bed, &udp(CLIENT6, 61_000, VIP6, PORT_L2_UDP), &[RateLimited]);
+    });
+}
+
+/// Past the rate a SYN is placed by the table without a look at the flow table (a SYN flood is
+/// all such packets): a pinned flow's SYN, retransmitted or its 5-tuple reused, takes the
+/// table's backend, while the flow's other packets keep their pin.
+#[test]
+fn a_syn_past_the_rate_is_placed_without_the_flow_table() {
+    with_bed(|bed| {
+        pin_to_current_cpu();
+        let mut settings = bed.settings;
+        settings.new_flows_per_cpu_sec = 1;
+        bed.set_settings(settings).unwrap();
+        let syn = tcp(CLIENT4, 61_100, VIP4, PORT_L2_TCP);
+        let pinned = assert_l2_hit(bed, &syn, &[New]);
+        let other = L2_V4.into_iter().find(|&x| x != pinned).unwrap();
+        bed.publish(VIP4.into(), IPPROTO_TCP, PORT_L2_TCP, vec![other; 251]).unwrap();
+        let out = bed.run_flow(&syn.build(), Reason::TxForwarded, &[RateLimited]);
+        assert_eq!(l2_backend(&out), other, "the SYN past the rate: the table's backend");
+        let out = bed.run_flow(&syn.clone().tcp_flags(0x10).build(), Reason::TxForwarded, &[Hit]);
+        assert_eq!(l2_backend(&out), pinned, "the ACK: the pin");
+        // Under the rate again (no limit), the SYN finds its pin.
+        settings.new_flows_per_cpu_sec = 0;
+        bed.set_settings(settings).unwrap();
+        let out = bed.run_flow(&syn.build(), Reason::TxForwarded, &[Hit]);
+        assert_eq!(l2_backend(&out), pinned, "a retransmitted SYN under the rate: the pin");
     });
 }
 
