@@ -1,5 +1,6 @@
 //! Developer tasks for xlb: `cargo xtask <command>` (alias in .cargo/config.toml).
 
+mod katran;
 mod package;
 mod run;
 mod setup;
@@ -59,6 +60,10 @@ enum Command {
         /// HTTP/1.1, h2 over TLS, memory per idle connection). Comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "pkt,maglev,e2e,l7")]
         only: Vec<String>,
+        /// A checkout of github.com/facebookincubator/katran: pkt also builds its balancer
+        /// (with clang-19, installed if missing) and measures it beside xlb in the same run.
+        #[arg(long, value_name = "DIR")]
+        katran_src: Option<std::path::PathBuf>,
     },
     /// Build the Debian package (target/debian/xlb_*.deb): the agent, systemd units, the
     /// example config, man pages and completions.
@@ -124,10 +129,10 @@ fn dispatch(command: Command) -> Result<()> {
             cmd.args(["run", "-p", "xlb-tests", "--bin", "xlb-demo", "--"]).args(args);
             run::run(&mut cmd)
         }
-        Command::Bench { quick, only } => {
+        Command::Bench { quick, only, katran_src } => {
             run::require_root("the benchmark loads XDP programs and builds network namespaces")?;
             setup::setup()?;
-            bench(quick, &only)
+            bench(quick, &only, katran_src.as_deref())
         }
         Command::CleanNetns => clean_netns(),
     }
@@ -157,17 +162,24 @@ const BENCHES: [(&str, &str); 4] =
 
 /// Builds the release binaries (the end-to-end part runs the release lb-agent), runs each
 /// selected part, and writes their tables together to target/bench/summary-latest.md.
-fn bench(quick: bool, only: &[String]) -> Result<()> {
+fn bench(quick: bool, only: &[String], katran_src: Option<&std::path::Path>) -> Result<()> {
     if let Some(unknown) = only.iter().find(|o| !BENCHES.iter().any(|(part, _)| part == o)) {
         anyhow::bail!("unknown bench part {unknown:?}: expected pkt, maglev, e2e or l7");
     }
+    if katran_src.is_some() && !only.iter().any(|o| o == "pkt") {
+        anyhow::bail!("--katran-src is for the pkt part, which --only leaves out");
+    }
     run::run(run::cargo().args(["build", "--release", "-p", "lb-agent", "-p", "xlb-tests", "--bins"]))?;
     let root = run::workspace_root()?;
+    let katran = katran_src.map(|src| katran::build(src, &root.join("target/bench/katran"))).transpose()?;
     let mut summary = String::new();
     for (part, bin) in BENCHES.iter().filter(|(part, _)| only.iter().any(|o| o == part)) {
         let mut cmd = std::process::Command::new(root.join("target/release").join(bin));
         if quick {
             cmd.arg("--quick");
+        }
+        if let (Some(object), "pkt") = (&katran, *part) {
+            cmd.arg("--katran").arg(object);
         }
         eprintln!("$ {bin}{}", if quick { " --quick" } else { "" });
         // Tables on stdout (kept), progress on stderr (shown as it comes).

@@ -159,13 +159,18 @@ fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
 }
 
 fn debian_packages() -> Result<()> {
+    install_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs those of `packages` that are missing (apt-get, as root).
+pub fn install_packages(packages: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
-    for &package in DEBIAN_PACKAGES {
+    for &package in packages {
         if !dpkg_installed(package)? {
             missing.push(package);
         }
     }
-    let list = DEBIAN_PACKAGES.join(" ");
+    let list = packages.join(" ");
     if missing.is_empty() {
         println!("setup: Debian packages ({list}): installed");
         return Ok(());

@@ -28,11 +28,14 @@
 //! Prints markdown tables on stdout, writes the same data as JSON to
 //! `target/bench/pkt-cost-<unix time>.json` and `target/bench/pkt-cost-latest.json`, and a chart
 //! of the net ns/packet per case to `target/bench/pkt-cost-latest.svg`. Needs root.
+mod katran;
+
 use std::{
     collections::HashMap,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -115,6 +118,10 @@ struct Cli {
     /// always measured, for the ratios.
     #[arg(long = "case", value_name = "SUBSTRING")]
     cases: Vec<String>,
+    /// Also measure Katran's balancer, this object of it (`cargo xtask bench --katran-src DIR`
+    /// builds one from a Katran checkout), through the same harness in the same rounds.
+    #[arg(long, value_name = "OBJECT")]
+    katran: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -124,6 +131,7 @@ struct Args {
     rounds: usize,
     flow_table: u32,
     cases: Vec<String>,
+    katran: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -134,6 +142,7 @@ fn parse_args() -> Result<Args> {
         rounds: usize::try_from(cli.rounds.unwrap_or(if cli.quick { 3 } else { 5 }))?,
         flow_table: cli.flow_table,
         cases: cli.cases,
+        katran: cli.katran,
     })
 }
 
@@ -351,9 +360,19 @@ impl Case {
         matches!(self.flows, Flows::New(_))
     }
 
-    /// What every measurement checks: verdict · reason · flow event.
+    /// What every measurement checks: verdict · reason · flow event (Katran: its LRU counters).
     fn path(&self) -> String {
         let mut s = verdict_name(self.verdict).to_string();
+        if self.program == katran::PROGRAM {
+            let lru = match self.flows {
+                Flows::Untouched => return s,
+                Flows::Established => "hit",
+                Flows::New(Table::RateLimited) => "miss, flood: not pinned",
+                Flows::New(_) => "miss, pinned",
+            };
+            let _ = write!(s, " · Katran LRU {lru}");
+            return s;
+        }
         if let Some(r) = self.reason {
             let _ = write!(s, " · {}", r.name());
         }
@@ -431,6 +450,9 @@ struct Bench {
     share: u32,
     possible: u32,
     out: Vec<u8>,
+    katran: Option<katran::Katran>,
+    /// Katran's established cases: the real their SYN went to.
+    katran_pins: HashMap<String, IpAddr>,
 }
 
 impl Bench {
@@ -444,6 +466,9 @@ impl Bench {
     /// the case's reason and flow event moved, by `runs`; deletes the entries a new flow with
     /// free slots made, each of which must be found. Returns the kernel's ns per run.
     fn measure(&mut self, c: &Case, empty: bool, runs: u32) -> Result<f64> {
+        if !empty && c.program == katran::PROGRAM {
+            return self.measure_katran(c, runs);
+        }
         let (program, verdict, reason, event) = if empty {
             (program_names::PASS, XDP_PASS, None, None)
         } else {
@@ -513,9 +538,94 @@ impl Bench {
         Ok(ns)
     }
 
+    /// Runs the harness `runs` times on `c`'s frame with Katran under it, checked by Katran's
+    /// counters, output and LRU (see katran.rs). Returns the kernel's ns per run.
+    fn measure_katran(&mut self, c: &Case, runs: u32) -> Result<f64> {
+        let what = format!("case {}", c.name);
+        let k = self.katran.as_mut().context("Katran is not loaded")?;
+        let fd: ProgramFd = k.prog.fd()?.try_clone()?;
+        self.target.set(0, &fd, 0)?;
+        let vary = c.is_new().then(|| vary_at(&c.wire));
+        let restore = harness::Frame::new(&c.frame, vary).with_context(|| format!("{what}: frame too long"))?;
+        self.frame.set(0, restore, 0)?;
+        let limited = c.flows == Flows::New(Table::RateLimited);
+        k.set_flood(limited, monotonic_ns(), self.possible)?;
+        let before = k.counters()?;
+        let seq_before = self.seq.get(&0, 0)?[0];
+        let started = Instant::now();
+        let (got, ns, len) = test_run(self.dp.program(harness::PROGRAM)?, &c.frame, self.ifindex, runs, &mut self.out)?;
+        let took = started.elapsed();
+        let k = self.katran.as_mut().context("Katran is not loaded")?;
+        ensure!(
+            got == c.verdict,
+            "{what}: verdict {} ({got}), expected {}",
+            verdict_name(got),
+            verdict_name(c.verdict)
+        );
+        let seq_after = self.seq.get(&0, 0)?[0];
+        let want_seq = if vary.is_some() { seq_before.wrapping_add(runs) } else { seq_before };
+        ensure!(seq_after == want_seq, "{what}: harness sequence {seq_before} -> {seq_after}, expected {want_seq}");
+        let (input, wire) = match vary {
+            Some(_) => nth_flow(&c.wire, &c.frame, seq_after.wrapping_sub(1)),
+            None => (c.frame.clone(), c.wire.clone()),
+        };
+        let out = &self.out[..len];
+        match c.expect {
+            Expect::Forwarded => {
+                let real = k.real_of(&input, out).with_context(|| what.clone())?;
+                if let Some(pinned) = self.katran_pins.get(&c.name) {
+                    ensure!(real == *pinned, "{what}: went to {real}, its SYN to {pinned}");
+                }
+            }
+            _ => ensure!(out == &input[..], "{what}: the output differs from the input"),
+        }
+        let after = k.counters()?;
+        let n = u64::from(runs);
+        let forwarded = c.expect == Expect::Forwarded;
+        let (hits, misses) = match c.flows {
+            Flows::Untouched => (0, 0),
+            Flows::Established => (n, 0),
+            Flows::New(_) => (0, n),
+        };
+        let want = katran::Counters {
+            tx: before.tx + if forwarded { n } else { 0 },
+            pass: before.pass + if forwarded { 0 } else { n },
+            lru: (before.lru.0 + hits + misses, before.lru.1 + misses),
+            lru_miss: (before.lru_miss.0 + misses, before.lru_miss.1),
+        };
+        ensure!(after == want, "{what}: Katran's counters {before:?} -> {after:?}, expected {want:?}");
+        ensure!(
+            !limited || took < RATE_WINDOW,
+            "{what}: {runs} runs took {took:?}, longer than the flood window the bench filled: use fewer runs"
+        );
+        if limited {
+            ensure!(k.lru.get(&katran::flow_key(&wire), 0).is_err(), "{what}: a new flow in flood was pinned");
+        }
+        if c.flows == Flows::New(Table::Free) {
+            for n in seq_before..seq_after {
+                let (_, wire) = nth_flow(&c.wire, &c.frame, n);
+                k.lru.remove(&katran::flow_key(&wire)).with_context(|| {
+                    format!(
+                        "{what}: new flow {n} is not in Katran's LRU after the run (evicted, or past its flood \
+                         threshold of 125,000 a second: cargo xtask bench --katran-src builds it without one)"
+                    )
+                })?;
+            }
+        }
+        Ok(ns)
+    }
+
     /// Pins an established case's flow with its SYN (the balancer itself, once).
     fn pin(&mut self, c: &Case) -> Result<()> {
         let Some(syn) = &c.pin else { return Ok(()) };
+        if c.program == katran::PROGRAM {
+            let k = self.katran.as_ref().context("Katran is not loaded")?;
+            let (got, _, len) = test_run(&k.prog, syn, self.ifindex, 1, &mut self.out)?;
+            ensure!(got == c.verdict, "case {}: its SYN got {}", c.name, verdict_name(got));
+            let real = k.real_of(syn, &self.out[..len]).with_context(|| format!("case {}: its SYN", c.name))?;
+            self.katran_pins.insert(c.name.clone(), real);
+            return Ok(());
+        }
         let before = self.dp.flow_counters()?;
         let prog = self.dp.balancer();
         let (got, _, _) = test_run(prog, syn, self.ifindex, 1, &mut self.out)?;
@@ -534,14 +644,18 @@ impl Bench {
         self.measure(&filler, false, self.share + 1024).map(drop)
     }
 
-    /// Empties the flow table.
+    /// Empties the flow table (and Katran's LRU).
     fn clear_flows(&mut self) -> Result<usize> {
         let keys = self.flows.keys().collect::<Result<Vec<_>, _>>()?;
         for k in &keys {
             // An entry may go between the listing and here (LRU): not an error.
             let _ = self.flows.remove(k);
         }
-        Ok(keys.len())
+        let katran = match &mut self.katran {
+            Some(k) => k.clear_lru()?,
+            None => 0,
+        };
+        Ok(keys.len() + katran)
     }
 
     fn set_rate_limit(&mut self, limit: u32) -> Result<()> {
@@ -809,6 +923,37 @@ fn run_bench(args: &Args) -> Result<Measured> {
         new("ipip new tcp v4, table full", encap, full, new4, vip4, PORT_IPIP),
         new("ip6ip6 new tcp v6, table full", encap, full, new6, vip6, PORT_IPIP),
     ];
+    let katran = match &args.katran {
+        Some(object) => {
+            let reals = |ids: &[u32]| ids.iter().map(|id| setup.backends[id]).collect::<Vec<_>>();
+            let vips = [(vip4, PORT_IPIP, reals(&dpbed::IPIP_V4)), (vip6, PORT_IPIP, reals(&dpbed::IPIP_V6))];
+            Some(katran::Katran::load(object, share, GW4_MAC, &vips).context("cannot set Katran up")?)
+        }
+        None => None,
+    };
+    if katran.is_some() {
+        let k = |name: &str, verdict, flows, expect, wire: Frame| {
+            case(&format!("katran: {name}"), katran::PROGRAM, verdict, None, flows, expect, wire)
+        };
+        let k_est = |name: &str, client: IpAddr, vip: IpAddr| Case {
+            pin: Some(build(&syn(client, SPORT, vip, PORT_IPIP))),
+            ..k(name, XDP_TX, est, Expect::Forwarded, ack(client, SPORT, vip, PORT_IPIP))
+        };
+        let k_new = |name: &str, flows, client: IpAddr, vip: IpAddr| {
+            k(name, XDP_TX, flows, Expect::Forwarded, syn(client, harness::PORT_BASE, vip, PORT_IPIP))
+        };
+        cases.extend([
+            k("non-vip pass v4", XDP_PASS, none, untouched, syn(c4, SPORT, NON_VIP4.into(), 80)),
+            k("non-vip pass v6", XDP_PASS, none, untouched, syn(c6, SPORT, NON_VIP6.into(), 80)),
+            k_est("ipip established tcp v4", c4, vip4),
+            k_est("ip6ip6 established tcp v6", c6, vip6),
+            k_new("ipip new tcp v4, free slots", free, new4, vip4),
+            k_new("ip6ip6 new tcp v6, free slots", free, new6, vip6),
+            k_new("ipip new tcp v4, over the rate (not pinned)", limited, new4, vip4),
+            k_new("ipip new tcp v4, table full", full, new4, vip4),
+            k_new("ip6ip6 new tcp v6, table full", full, new6, vip6),
+        ]);
+    }
     if !args.cases.is_empty() {
         cases
             .retain(|c| c.program == program_names::MAC_SWAP || args.cases.iter().any(|s| c.name.contains(s.as_str())));
@@ -818,6 +963,11 @@ fn run_bench(args: &Args) -> Result<Measured> {
     let mut stats = Vec::new();
     for name in [lb, harness::PROGRAM, program_names::PASS, program_names::MAC_SWAP] {
         stats.push(prog_stats(&mut dp, name)?);
+    }
+    if let Some(k) = &katran {
+        let info = k.prog.info().context("cannot read the info of Katran's program")?;
+        let (instructions, jited_bytes) = (info.size_translated().map(|b| b / 8), info.size_jitted());
+        stats.push(ProgStats { name: katran::PROGRAM, instructions, jited_bytes });
     }
     let mut bench = Bench {
         dp,
@@ -832,6 +982,8 @@ fn run_bench(args: &Args) -> Result<Measured> {
         share,
         possible,
         out: vec![0u8; OUT_BUF],
+        katran,
+        katran_pins: HashMap::new(),
     };
     // Every case once, checked, before any timing.
     for c in &cases {
@@ -863,13 +1015,14 @@ fn run_bench(args: &Args) -> Result<Measured> {
             Flows::New(Table::RateLimited) => 2,
             Flows::New(Table::Full) => 3,
         };
-        let mut filled = false;
+        // xlb's table and Katran's LRU, each filled before its first table-full case.
+        let mut filled = Vec::new();
         for phase in 0..4 {
             for c in cases.iter_mut().filter(|c| order(c) == phase) {
                 bench.set_rate_limit(if phase == 2 { RATE_LIMIT } else { 0 })?;
-                if phase == 3 && !filled {
+                if phase == 3 && !filled.contains(&c.program) {
                     bench.fill_table(c)?;
-                    filled = true;
+                    filled.push(c.program);
                 }
                 c.samples.push(bench.measure(c, false, c.runs)?);
                 c.empties.push(bench.measure(c, true, c.runs)?);
@@ -908,18 +1061,34 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// The issue's goals, in ns/packet net of the empty program: (row, the case measured, goal).
-const GOALS: [(&str, &str, f64); 10] = [
-    ("non-VIP pass, IPv4", "non-vip pass v4", 30.0),
-    ("non-VIP pass, IPv6", "non-vip pass v6", 35.0),
-    ("established, l2, IPv4", "l2 established tcp v4", 60.0),
-    ("established, l2, IPv6", "l2 established tcp v6", 70.0),
-    ("established, ipip IPv4", "ipip established tcp v4", 90.0),
-    ("established, ip6ip6", "ip6ip6 established tcp v6", 100.0),
-    ("new flow, not pinned (over the rate), l2", "l2 new tcp v4, over the rate (not pinned)", 100.0),
-    ("new flow, not pinned (over the rate), ipip IPv4", "ipip new tcp v4, over the rate (not pinned)", 110.0),
-    ("new flow pinned, table full, l2", "l2 new tcp v4, table full", 550.0),
-    ("new flow pinned, table full, ipip IPv4", "ipip new tcp v4, table full", 600.0),
+/// The issue's goals, in ns/packet net of the empty program: (row, the case measured, goal,
+/// Katran's case for the row: it has no L2 mode, so its IPIP cases stand beside xlb's L2 rows).
+const GOALS: [(&str, &str, f64, &str); 10] = [
+    ("non-VIP pass, IPv4", "non-vip pass v4", 30.0, "katran: non-vip pass v4"),
+    ("non-VIP pass, IPv6", "non-vip pass v6", 35.0, "katran: non-vip pass v6"),
+    ("established, l2, IPv4", "l2 established tcp v4", 60.0, "katran: ipip established tcp v4"),
+    ("established, l2, IPv6", "l2 established tcp v6", 70.0, "katran: ip6ip6 established tcp v6"),
+    ("established, ipip IPv4", "ipip established tcp v4", 90.0, "katran: ipip established tcp v4"),
+    ("established, ip6ip6", "ip6ip6 established tcp v6", 100.0, "katran: ip6ip6 established tcp v6"),
+    (
+        "new flow, not pinned (over the rate), l2",
+        "l2 new tcp v4, over the rate (not pinned)",
+        100.0,
+        "katran: ipip new tcp v4, over the rate (not pinned)",
+    ),
+    (
+        "new flow, not pinned (over the rate), ipip IPv4",
+        "ipip new tcp v4, over the rate (not pinned)",
+        110.0,
+        "katran: ipip new tcp v4, over the rate (not pinned)",
+    ),
+    ("new flow pinned, table full, l2", "l2 new tcp v4, table full", 550.0, "katran: ipip new tcp v4, table full"),
+    (
+        "new flow pinned, table full, ipip IPv4",
+        "ipip new tcp v4, table full",
+        600.0,
+        "katran: ipip new tcp v4, table full",
+    ),
 ];
 
 /// A horizontal bar chart of the net ns/packet per case, as SVG.
@@ -992,18 +1161,37 @@ fn main() -> Result<()> {
          program; median of {} rounds, {} runs per measurement (new flows: as the table allows), CPU 0\n",
         args.rounds, args.repeat
     );
-    let _ = writeln!(md, "| path | ns/packet net | goal | |");
-    let _ = writeln!(md, "|---|---:|---:|---|");
+    let with_katran = cases.iter().any(|c| c.program == katran::PROGRAM);
+    if with_katran {
+        let _ = writeln!(md, "| path | ns/packet net | goal | | Katran, same run | xlb ÷ Katran |");
+        let _ = writeln!(md, "|---|---:|---:|---|---:|---:|");
+    } else {
+        let _ = writeln!(md, "| path | ns/packet net | goal | |");
+        let _ = writeln!(md, "|---|---:|---:|---|");
+    }
     let mut goals_json = Vec::new();
-    for (row, name, goal) in GOALS {
+    let ns = |v: Option<f64>| v.map_or("—".into(), |n| format!("{n:.1}"));
+    for (row, name, goal, katran_case) in GOALS {
         let net = net_of(name);
         let verdict = match net {
             Some(n) if n <= goal => "met",
             Some(_) => "not met",
             None => "not measured",
         };
-        let _ = writeln!(md, "| {row} | {} | ≤ {goal:.0} | {verdict} |", net.map_or("—".into(), |n| format!("{n:.1}")));
-        goals_json.push(serde_json::json!({"path": row, "case": name, "net_ns": json_num(net, 3), "goal_ns": goal}));
+        let katran_net = net_of(katran_case);
+        // Net figures of a few ns (the non-VIP rows) make a ratio of noise: shown, not judged.
+        let ratio = net.zip(katran_net).map(|(x, k)| x / k);
+        if with_katran {
+            let r = ratio.map_or("—".into(), |r| format!("{r:.2}"));
+            let _ = writeln!(md, "| {row} | {} | ≤ {goal:.0} | {verdict} | {} | {r} |", ns(net), ns(katran_net));
+        } else {
+            let _ = writeln!(md, "| {row} | {} | ≤ {goal:.0} | {verdict} |", ns(net));
+        }
+        goals_json.push(serde_json::json!({
+            "path": row, "case": name, "net_ns": json_num(net, 3), "goal_ns": goal,
+            "katran_case": katran_case, "katran_net_ns": json_num(katran_net, 3),
+            "xlb_div_katran": json_num(ratio, 3),
+        }));
     }
     let _ = writeln!(
         md,
@@ -1047,6 +1235,18 @@ fn main() -> Result<()> {
         program_names::PASS,
         bench_table.max_entries / possible_cpus
     );
+    if with_katran {
+        let _ = writeln!(
+            md,
+            "Katran: its balancer_ingress through the same harness, net of the same empty program: one IPv4 and one \
+             IPv6 VIP, 3 IPIP / IP6IP6 reals each, its 65,537-entry rings, CPU 0's LRU of {} entries (as large as \
+             xlb's share; no flags, as Katran makes its per-core LRUs), built without a flood threshold; over the \
+             rate = its flood window full. Checked: the verdict, its LRU and verdict counters, the output \
+             encapsulated towards one of its reals (an established flow: the one its SYN got), the LRU's entries. \
+             Katran has no L2 mode: its IPIP rows stand beside xlb's L2 ones in the goal table.",
+            bench_table.max_entries / possible_cpus
+        );
+    }
     let _ = writeln!(
         md,
         "flow table: {} entries ({} possible CPUs), memlock {:.1} MB. Maglev table {TABLE} per service, 3 backends \
