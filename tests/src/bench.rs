@@ -42,16 +42,21 @@ pub fn loadavg() -> String {
 /// Pins the calling thread to CPU 0: BPF_PROG_TEST_RUN runs the program on the calling CPU, and
 /// a migration in the middle of a measurement would mix two CPUs' caches into one figure.
 pub fn pin_to_cpu0() -> Result<()> {
+    pin_to_cpu(0)
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it, and sched_setaffinity
     // reads exactly size_of::<cpu_set_t>() bytes of it.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot pin the thread to CPU 0");
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot pin the thread to CPU {cpu}"));
     }
     Ok(())
 }

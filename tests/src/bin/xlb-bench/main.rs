@@ -44,6 +44,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{ProgramFd, TestRun, TestRunOptions},
 };
+use aya_obj::generated::BPF_F_NO_COMMON_LRU;
 use lb_agent::{
     config::Forward,
     dataplane::{map_addr, Dataplane, LoadOptions},
@@ -340,6 +341,9 @@ struct Case {
     pin: Option<Vec<u8>>,
     /// Runs per measurement.
     runs: u32,
+    /// CPU 1 runs the same new-flow case into the same flow table while CPU 0 is measured:
+    /// what the flow table's LRU lists cost when two CPUs insert at once.
+    contended: bool,
     /// Kernel-reported ns per run of the harness and the program, one per round.
     samples: Vec<f64>,
     /// The same for the harness and the empty program, one per round.
@@ -409,6 +413,32 @@ fn test_run(
     // ns: the same truncation for a case and its empty run, so it mostly cancels in the net.
     let ns = result.duration.as_nanos() as f64;
     Ok((result.return_value, ns, result.data_size_out as usize))
+}
+
+/// Where CPU 1's new flows start in the harness's sequence during a contended case: far from
+/// CPU 0's, so the two never make the same 5-tuple (new_flow adds n / PORTS to the source).
+const HELPER_SEQ: u32 = harness::PORTS * 32_768;
+/// Runs per test run of the helper on CPU 1, which goes on until CPU 0's measurement ends.
+const HELPER_CHUNK: u32 = 10_000;
+
+/// CPU 1's side of a contended case: the harness on `frame`, `HELPER_CHUNK` runs at a time,
+/// every one of them `verdict`, until `stop`. Returns how many runs it made.
+fn contend(
+    prog: &aya::programs::Xdp,
+    frame: &[u8],
+    ifindex: u32,
+    verdict: u32,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<u32> {
+    xlb_tests::bench::pin_to_cpu(1)?;
+    let mut out = vec![0u8; OUT_BUF];
+    let mut runs = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let (got, _, _) = test_run(prog, frame, ifindex, HELPER_CHUNK, &mut out)?;
+        ensure!(got == verdict, "CPU 1: verdict {} ({got}), expected {}", verdict_name(got), verdict_name(verdict));
+        runs += HELPER_CHUNK;
+    }
+    Ok(runs)
 }
 
 /// The Ethernet addresses of `frame` swapped.
@@ -489,14 +519,38 @@ impl Bench {
         let reasons_before = self.dp.reason_counters()?;
         let flows_before = self.dp.flow_counters()?;
         let seq_before = self.seq()?;
+        let contended = !empty && c.contended;
+        if contended {
+            let mut seqs: Vec<u32> = self.seq.get(&0, 0)?.iter().copied().collect();
+            seqs[1] = HELPER_SEQ;
+            self.seq.set(0, PerCpuValues::try_from(seqs)?, 0)?;
+        }
         let started = Instant::now();
-        let prog = self.dp.program(harness::PROGRAM)?;
-        let (got, ns, len) = test_run(prog, &c.frame, self.ifindex, runs, &mut self.out)?;
+        let prog: &aya::programs::Xdp = self.dp.program(harness::PROGRAM)?;
+        let (ifindex, out) = (self.ifindex, &mut self.out);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (run, helper_runs) = std::thread::scope(|scope| {
+            let helper = contended.then(|| scope.spawn(|| contend(prog, &c.frame, ifindex, verdict, &stop)));
+            let run = test_run(prog, &c.frame, ifindex, runs, out);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let helper_runs =
+                helper.map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("CPU 1's thread panicked"))));
+            (run, helper_runs)
+        });
+        let (got, ns, len) = run?;
+        let helper_runs = helper_runs.transpose()?.unwrap_or(0);
         let took = started.elapsed();
         ensure!(got == verdict, "{what}: verdict {} ({got}), expected {}", verdict_name(got), verdict_name(verdict));
         let seq_after = self.seq()?;
         let want_seq = if vary.is_some() { seq_before.wrapping_add(runs) } else { seq_before };
         ensure!(seq_after == want_seq, "{what}: harness sequence {seq_before} -> {seq_after}, expected {want_seq}");
+        if contended {
+            let helper_seq = self.seq.get(&0, 0)?.get(1).copied();
+            ensure!(
+                helper_seq == Some(HELPER_SEQ + helper_runs),
+                "{what}: CPU 1's harness sequence {helper_seq:?}, expected {HELPER_SEQ} + {helper_runs}"
+            );
+        }
         let (input, wire) = match vary {
             Some(_) => nth_flow(&c.wire, &c.frame, seq_after.wrapping_sub(1)),
             None => (c.frame.clone(), c.wire.clone()),
@@ -513,14 +567,15 @@ impl Bench {
         );
         let reasons_after = self.dp.reason_counters()?;
         let flows_after = self.dp.flow_counters()?;
+        let all_runs = u64::from(runs) + u64::from(helper_runs);
         for ((r, b), (_, a)) in reasons_before.iter().zip(&reasons_after) {
             let moved = a.packets - b.packets;
-            let want = if Some(*r) == reason { u64::from(runs) } else { 0 };
+            let want = if Some(*r) == reason { all_runs } else { 0 };
             ensure!(moved == want, "{what}: counter {} moved by {moved} in {runs} runs, expected {want}", r.name());
         }
         for ((e, b), (_, a)) in flows_before.iter().zip(&flows_after) {
             let moved = a - b;
-            let want = if Some(*e) == event { u64::from(runs) } else { 0 };
+            let want = if Some(*e) == event { all_runs } else { 0 };
             ensure!(moved == want, "{what}: flow event {} moved by {moved} in {runs} runs, expected {want}", e.name());
         }
         ensure!(
@@ -528,7 +583,7 @@ impl Bench {
             "{what}: {runs} runs took {took:?}, longer than the rate window the bench filled: use fewer runs"
         );
         if !empty && c.flows == Flows::New(Table::Free) {
-            for n in seq_before..seq_after {
+            for n in (seq_before..seq_after).chain(HELPER_SEQ..HELPER_SEQ + helper_runs) {
                 let (_, wire) = nth_flow(&c.wire, &c.frame, n);
                 self.flows.remove(&flow_key(&wire)).with_context(|| {
                     format!("{what}: new flow {n} is not in the flow table after the run (evicted?)")
@@ -807,7 +862,10 @@ fn run_bench(args: &Args) -> Result<Measured> {
     }
     let flows_info = map_info_of(dp.balancer(), map_names::FLOWS)?;
     let bench_table = flow_memory(&flows_info, args.flow_table)?;
-    let share = bench_table.max_entries / possible;
+    // Per-CPU LRU lists give each possible CPU max_entries / possible CPUs of its own; common
+    // lists let one CPU fill the whole table.
+    let per_cpu_lists = flows_info.map_flags() & BPF_F_NO_COMMON_LRU != 0;
+    let share = if per_cpu_lists { bench_table.max_entries / possible } else { bench_table.max_entries };
     let flows =
         BpfHashMap::try_from(map_of(dp.balancer(), map_names::FLOWS)?).context("the FLOWS map is not a hash map")?;
     let rate = PerCpuArray::try_from(map_of(dp.balancer(), map_names::NEW_FLOW_RATE)?)?;
@@ -841,6 +899,7 @@ fn run_bench(args: &Args) -> Result<Measured> {
             pin: None,
             wire,
             runs,
+            contended: false,
             samples: Vec::new(),
             empties: Vec::new(),
         }
@@ -923,6 +982,13 @@ fn run_bench(args: &Args) -> Result<Measured> {
         new("ipip new tcp v4, table full", encap, full, new4, vip4, PORT_IPIP),
         new("ip6ip6 new tcp v6, table full", encap, full, new6, vip6, PORT_IPIP),
     ];
+    // SAFETY: sysconf only reads a system value.
+    #[allow(unsafe_code)]
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if online >= 2 {
+        let name = "l2 new tcp v4, free slots, CPU 1 inserting too";
+        cases.push(Case { contended: true, ..new(name, fwd, free, new4, vip4, PORT_L2_TCP) });
+    }
     let katran = match &args.katran {
         Some(object) => {
             let reals = |ids: &[u32]| ids.iter().map(|id| setup.backends[id]).collect::<Vec<_>>();
