@@ -57,7 +57,9 @@ pub fn balance(ctx: &XdpContext) -> Reason {
         return on_vip(&k.dst, k.family, Reason::DropUnknownService);
     };
     // About 175 instructions in a row: only a new flow (its backend) and encapsulation (the
-    // outer source) need it, not an established L2 flow.
+    // outer source) need it, not an established L2 flow; a new flow's comes back in `chosen`,
+    // so an encapsulated one pays for it once (the seed's volatile read keeps the compiler
+    // from merging two calls).
     let hash = || flow_hash(&k.src, &k.dst, k.ports, k.proto, maps::hash_seed());
     let Some(chosen) = flow::select(k, packet.tcp_flags, &service, hash) else {
         return Reason::DropNoBackend;
@@ -209,7 +211,7 @@ fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen
             None => Reason::PassMalformed,
         };
     }
-    match forward_encap(ctx, packet, chosen.id, chosen.backend, hash()) {
+    match forward_encap(ctx, packet, chosen.id, chosen.backend, chosen.hash.unwrap_or_else(hash)) {
         Ok(reason) => reason,
         // Called from here, not from forward_encap: the verifier adds up the stacks of a chain.
         Err(mtu) => too_big(ctx, packet, mtu),

@@ -16,10 +16,12 @@ use crate::{
 
 pub(crate) const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// A usable backend: its id and its slot.
+/// A usable backend: its id and its slot, and the flow's hash when choosing it took one (a
+/// new flow), so that an encapsulation does not compute it again.
 pub struct Chosen {
     pub id: u32,
     pub backend: &'static Backend,
+    pub hash: Option<u32>,
 }
 
 /// The backend in slot `id` when it is valid (and, given a generation, still the same one).
@@ -182,7 +184,7 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
                     stats::count_syn_retransmit(f.backend);
                 }
             }
-            return Some(Chosen { id: f.backend, backend });
+            return Some(Chosen { id: f.backend, backend, hash: None });
         }
         release_stale(f.backend, f.generation, f.active(key.proto));
         stats::count_flow(FlowEvent::Stale);
@@ -190,7 +192,8 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
     if now == 0 {
         now = clock();
     }
-    let id = sched::new_flow_backend(service, key, tcp_flags, hash(), now)?;
+    let hash = hash();
+    let id = sched::new_flow_backend(service, key, tcp_flags, hash, now)?;
     let backend = usable(id, None)?;
     stats::count_new_flow(id);
     if !tcp_flags.is_rst() {
@@ -211,5 +214,5 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
             stats::count_flow(FlowEvent::RateLimited);
         }
     }
-    Some(Chosen { id, backend })
+    Some(Chosen { id, backend, hash: Some(hash) })
 }

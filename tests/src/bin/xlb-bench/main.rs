@@ -422,21 +422,25 @@ const HELPER_SEQ: u32 = harness::PORTS * 32_768;
 const HELPER_CHUNK: u32 = 10_000;
 
 /// CPU 1's side of a contended case: the harness on `frame`, `HELPER_CHUNK` runs at a time,
-/// every one of them `verdict`, until `stop`. Returns how many runs it made.
+/// every one of them `verdict`, until `stop` or `max_runs` (no more new flows than CPU 0
+/// makes: a faster CPU 1 would otherwise outgrow its share of per-CPU lists and evict).
+/// Returns how many runs it made.
 fn contend(
     prog: &aya::programs::Xdp,
     frame: &[u8],
     ifindex: u32,
     verdict: u32,
+    max_runs: u32,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<u32> {
     xlb_tests::bench::pin_to_cpu(1)?;
     let mut out = vec![0u8; OUT_BUF];
     let mut runs = 0;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let (got, _, _) = test_run(prog, frame, ifindex, HELPER_CHUNK, &mut out)?;
+    while runs < max_runs && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let chunk = HELPER_CHUNK.min(max_runs - runs);
+        let (got, _, _) = test_run(prog, frame, ifindex, chunk, &mut out)?;
         ensure!(got == verdict, "CPU 1: verdict {} ({got}), expected {}", verdict_name(got), verdict_name(verdict));
-        runs += HELPER_CHUNK;
+        runs += chunk;
     }
     Ok(runs)
 }
@@ -530,7 +534,7 @@ impl Bench {
         let (ifindex, out) = (self.ifindex, &mut self.out);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let (run, helper_runs) = std::thread::scope(|scope| {
-            let helper = contended.then(|| scope.spawn(|| contend(prog, &c.frame, ifindex, verdict, &stop)));
+            let helper = contended.then(|| scope.spawn(|| contend(prog, &c.frame, ifindex, verdict, runs, &stop)));
             let run = test_run(prog, &c.frame, ifindex, runs, out);
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let helper_runs =
