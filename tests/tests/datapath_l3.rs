@@ -8,7 +8,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use lb_common::{FlowEvent, Reason, ETH_HDR, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR};
+use lb_common::{
+    FlowEvent, Reason, Settings, ETH_HDR, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR,
+};
 use xlb_tests::{
     bed::{XDP_PASS, XDP_REDIRECT, XDP_TX},
     dpbed::{
@@ -770,10 +772,7 @@ fn tcp_rst_closes_the_flow() {
 #[test]
 fn new_flows_over_the_per_cpu_rate_are_not_pinned() {
     with_bed(|bed| {
-        pin_to_current_cpu();
-        let mut settings = bed.settings;
-        settings.new_flows_per_cpu_sec = 2;
-        bed.set_settings(settings).unwrap();
+        limit_new_flows(bed, 2);
         let flows: Vec<Frame> = (61_000..61_003u16).map(|p| tcp(CLIENT4, p, VIP4, PORT_L2_TCP)).collect();
         assert_l2_hit(bed, &flows[0], &[New]);
         assert_l2_hit(bed, &flows[1], &[New]);
@@ -792,10 +791,7 @@ fn new_flows_over_the_per_cpu_rate_are_not_pinned() {
 #[test]
 fn a_syn_past_the_rate_is_placed_without_the_flow_table() {
     with_bed(|bed| {
-        pin_to_current_cpu();
-        let mut settings = bed.settings;
-        settings.new_flows_per_cpu_sec = 1;
-        bed.set_settings(settings).unwrap();
+        limit_new_flows(bed, 1);
         let syn = tcp(CLIENT4, 61_100, VIP4, PORT_L2_TCP);
         let pinned = assert_l2_hit(bed, &syn, &[New]);
         let other = L2_V4.into_iter().find(|&x| x != pinned).unwrap();
@@ -805,11 +801,17 @@ fn a_syn_past_the_rate_is_placed_without_the_flow_table() {
         let out = bed.run_flow(&syn.clone().tcp_flags(0x10).build(), Reason::TxForwarded, &[Hit]);
         assert_eq!(l2_backend(&out), pinned, "the ACK: the pin");
         // Under the rate again (no limit), the SYN finds its pin.
-        settings.new_flows_per_cpu_sec = 0;
-        bed.set_settings(settings).unwrap();
+        limit_new_flows(bed, 0);
         let out = bed.run_flow(&syn.build(), Reason::TxForwarded, &[Hit]);
         assert_eq!(l2_backend(&out), pinned, "a retransmitted SYN under the rate: the pin");
     });
+}
+
+/// Sets the new-flow rate to `per_cpu_sec` (0: no limit), the calling thread pinned to its CPU.
+fn limit_new_flows(bed: &mut Bed, per_cpu_sec: u32) {
+    pin_to_current_cpu();
+    let settings = Settings { new_flows_per_cpu_sec: per_cpu_sec, ..bed.settings };
+    bed.set_settings(settings).unwrap();
 }
 
 /// Pins the calling thread to the CPU it runs on: the new-flow window is per CPU.

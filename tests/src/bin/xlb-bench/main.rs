@@ -34,6 +34,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::Range,
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -495,6 +496,31 @@ impl Bench {
         Ok(self.seq.get(&0, 0)?[0])
     }
 
+    /// Points the harness at `fd` with `c`'s frame, varied on every run for a new-flow case;
+    /// returns the harness's sequence on CPU 0 before the runs.
+    fn arm(&mut self, c: &Case, fd: &ProgramFd, what: &str) -> Result<u32> {
+        self.target.set(0, fd, 0)?;
+        let vary = c.is_new().then(|| vary_at(&c.wire));
+        let restore = harness::Frame::new(&c.frame, vary).with_context(|| format!("{what}: frame too long"))?;
+        self.frame.set(0, restore, 0)?;
+        self.seq()
+    }
+
+    /// After `runs` runs of `c` from sequence `seq_before`: checks that the sequence moved by
+    /// `runs` for a new-flow case and not at all otherwise, and returns the sequence numbers of
+    /// the new flows with the last run's input (its bytes and its frame).
+    fn ran(&self, c: &Case, what: &str, seq_before: u32, runs: u32) -> Result<(Range<u32>, Vec<u8>, Frame)> {
+        let seq_after = self.seq()?;
+        let want_seq = if c.is_new() { seq_before.wrapping_add(runs) } else { seq_before };
+        ensure!(seq_after == want_seq, "{what}: harness sequence {seq_before} -> {seq_after}, expected {want_seq}");
+        let (input, wire) = if c.is_new() {
+            nth_flow(&c.wire, &c.frame, seq_after.wrapping_sub(1))
+        } else {
+            (c.frame.clone(), c.wire.clone())
+        };
+        Ok((seq_before..seq_after, input, wire))
+    }
+
     /// Runs the harness `runs` times on `c`'s frame with `c`'s program under it (`empty`: the
     /// empty program), checks the verdict, the last run's output, the sequence and that exactly
     /// the case's reason and flow event moved, by `runs`; deletes the entries a new flow with
@@ -510,10 +536,7 @@ impl Bench {
         };
         let what = format!("case {}{}", c.name, if empty { " (empty program)" } else { "" });
         let fd: ProgramFd = self.dp.program(program)?.fd()?.try_clone()?;
-        self.target.set(0, &fd, 0)?;
-        let vary = c.is_new().then(|| vary_at(&c.wire));
-        let restore = harness::Frame::new(&c.frame, vary).with_context(|| format!("{what}: frame too long"))?;
-        self.frame.set(0, restore, 0)?;
+        let seq_before = self.arm(c, &fd, &what)?;
         let rate_limited = !empty && c.flows == Flows::New(Table::RateLimited);
         if rate_limited {
             // This second's window is already over the limit on every CPU.
@@ -522,7 +545,6 @@ impl Bench {
         }
         let reasons_before = self.dp.reason_counters()?;
         let flows_before = self.dp.flow_counters()?;
-        let seq_before = self.seq()?;
         let contended = !empty && c.contended;
         if contended {
             let mut seqs: Vec<u32> = self.seq.get(&0, 0)?.iter().copied().collect();
@@ -545,9 +567,7 @@ impl Bench {
         let helper_runs = helper_runs.transpose()?.unwrap_or(0);
         let took = started.elapsed();
         ensure!(got == verdict, "{what}: verdict {} ({got}), expected {}", verdict_name(got), verdict_name(verdict));
-        let seq_after = self.seq()?;
-        let want_seq = if vary.is_some() { seq_before.wrapping_add(runs) } else { seq_before };
-        ensure!(seq_after == want_seq, "{what}: harness sequence {seq_before} -> {seq_after}, expected {want_seq}");
+        let (new_flows, input, wire) = self.ran(c, &what, seq_before, runs)?;
         if contended {
             let helper_seq = self.seq.get(&0, 0)?.get(1).copied();
             ensure!(
@@ -555,10 +575,6 @@ impl Bench {
                 "{what}: CPU 1's harness sequence {helper_seq:?}, expected {HELPER_SEQ} + {helper_runs}"
             );
         }
-        let (input, wire) = match vary {
-            Some(_) => nth_flow(&c.wire, &c.frame, seq_after.wrapping_sub(1)),
-            None => (c.frame.clone(), c.wire.clone()),
-        };
         let want = match (empty, c.expect) {
             (true, _) | (false, Expect::Untouched) => input.clone(),
             (false, Expect::MacsSwapped) => macs_swapped(&input),
@@ -587,7 +603,7 @@ impl Bench {
             "{what}: {runs} runs took {took:?}, longer than the rate window the bench filled: use fewer runs"
         );
         if !empty && c.flows == Flows::New(Table::Free) {
-            for n in (seq_before..seq_after).chain(HELPER_SEQ..HELPER_SEQ + helper_runs) {
+            for n in new_flows.chain(HELPER_SEQ..HELPER_SEQ + helper_runs) {
                 let (_, wire) = nth_flow(&c.wire, &c.frame, n);
                 self.flows.remove(&flow_key(&wire)).with_context(|| {
                     format!("{what}: new flow {n} is not in the flow table after the run (evicted?)")
@@ -601,33 +617,23 @@ impl Bench {
     /// counters, output and LRU (see katran.rs). Returns the kernel's ns per run.
     fn measure_katran(&mut self, c: &Case, runs: u32) -> Result<f64> {
         let what = format!("case {}", c.name);
+        let fd: ProgramFd = self.katran.as_ref().context("Katran is not loaded")?.prog.fd()?.try_clone()?;
+        let seq_before = self.arm(c, &fd, &what)?;
         let k = self.katran.as_mut().context("Katran is not loaded")?;
-        let fd: ProgramFd = k.prog.fd()?.try_clone()?;
-        self.target.set(0, &fd, 0)?;
-        let vary = c.is_new().then(|| vary_at(&c.wire));
-        let restore = harness::Frame::new(&c.frame, vary).with_context(|| format!("{what}: frame too long"))?;
-        self.frame.set(0, restore, 0)?;
         let limited = c.flows == Flows::New(Table::RateLimited);
         k.set_flood(limited, monotonic_ns(), self.possible)?;
         let before = k.counters()?;
-        let seq_before = self.seq.get(&0, 0)?[0];
         let started = Instant::now();
         let (got, ns, len) = test_run(self.dp.program(harness::PROGRAM)?, &c.frame, self.ifindex, runs, &mut self.out)?;
         let took = started.elapsed();
-        let k = self.katran.as_mut().context("Katran is not loaded")?;
         ensure!(
             got == c.verdict,
             "{what}: verdict {} ({got}), expected {}",
             verdict_name(got),
             verdict_name(c.verdict)
         );
-        let seq_after = self.seq.get(&0, 0)?[0];
-        let want_seq = if vary.is_some() { seq_before.wrapping_add(runs) } else { seq_before };
-        ensure!(seq_after == want_seq, "{what}: harness sequence {seq_before} -> {seq_after}, expected {want_seq}");
-        let (input, wire) = match vary {
-            Some(_) => nth_flow(&c.wire, &c.frame, seq_after.wrapping_sub(1)),
-            None => (c.frame.clone(), c.wire.clone()),
-        };
+        let (new_flows, input, wire) = self.ran(c, &what, seq_before, runs)?;
+        let k = self.katran.as_mut().context("Katran is not loaded")?;
         let out = &self.out[..len];
         match c.expect {
             Expect::Forwarded => {
@@ -661,7 +667,7 @@ impl Bench {
             ensure!(k.lru.get(&katran::flow_key(&wire), 0).is_err(), "{what}: a new flow in flood was pinned");
         }
         if c.flows == Flows::New(Table::Free) {
-            for n in seq_before..seq_after {
+            for n in new_flows {
                 let (_, wire) = nth_flow(&c.wire, &c.frame, n);
                 k.lru.remove(&katran::flow_key(&wire)).with_context(|| {
                     format!(
