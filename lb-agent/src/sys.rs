@@ -119,27 +119,30 @@ struct BatchAttr {
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
-/// Runs one batch command on `map` over the `u32` keys and `V` values at `keys` and `values`
-/// (`count` of each); returns the syscall's result and the count the kernel wrote back.
+/// Runs one batch command on `map` over the `K` keys and `V` values at `keys` and `values`
+/// (`count` of each), from the batch token at `in_batch` (0: from the start) and writing the
+/// next one at `out_batch` (0: none); returns the syscall's result and the count the kernel
+/// wrote back.
 ///
 /// # Safety
 /// `keys` and `values` must point to buffers of at least `count` elements, writable for a
-/// lookup, that outlive the call; `out_batch` (if not 0) must point to a `u32`.
-unsafe fn map_batch<V>(
+/// lookup, that outlive the call; `in_batch` and `out_batch` (if not 0) must point to a token
+/// of the map's kind (a key for an array, a `u32` bucket index for a hash map).
+unsafe fn map_batch<K, V>(
     cmd: libc::c_long,
     map: &MapData,
-    keys: *const u32,
+    batch: (u64, u64),
+    keys: *const K,
     values: *const V,
     count: u32,
-    out_batch: u64,
 ) -> Result<(libc::c_long, u32)> {
     let info = map.info()?;
-    if info.key_size() != 4 || info.value_size() as usize != std::mem::size_of::<V>() {
+    if info.key_size() as usize != std::mem::size_of::<K>() || info.value_size() as usize != std::mem::size_of::<V>() {
         bail!("unexpected key or value size");
     }
     let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch,
+        in_batch: batch.0,
+        out_batch: batch.1,
         keys: keys as u64,
         values: values as u64,
         count,
@@ -165,10 +168,10 @@ pub fn array_lookup_all<V: aya::Pod + Default>(map: &MapData, max_entries: u32) 
         map_batch(
             BPF_MAP_LOOKUP_BATCH,
             map,
+            (0, &mut token as *mut u32 as u64),
             keys.as_mut_ptr(),
             values.as_mut_ptr(),
             max_entries,
-            &mut token as *mut u32 as u64,
         )?
     };
     let err = std::io::Error::last_os_error();
@@ -179,6 +182,67 @@ pub fn array_lookup_all<V: aya::Pod + Default>(map: &MapData, max_entries: u32) 
     Ok(keys.into_iter().zip(values).take((got as usize).min(n)).collect())
 }
 
+/// Entries a hash-map walk asks for per BPF_MAP_LOOKUP_BATCH at first.
+const HASH_BATCH: u32 = 4096;
+/// What it may grow to: the kernel returns whole buckets, and refuses (ENOSPC) a batch too
+/// small for the next one.
+const HASH_BATCH_MAX: u32 = 1 << 20;
+
+/// Gives every entry of a hash map (plain or LRU) of `K` → `V` to `f`, a few thousand per
+/// BPF_MAP_LOOKUP_BATCH instead of two syscalls per entry (get-next-key, lookup): a walk of a
+/// million-entry flow table costs tens of milliseconds, not seconds. Returns the entries seen.
+/// A lookup this way does not count as a use for the LRU. As with any walk of a map that
+/// changes meanwhile, an entry added or removed during it may be missed.
+pub fn hash_for_each<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: &MapData,
+    mut f: impl FnMut(&K, &V),
+) -> Result<u64> {
+    let mut chunk = HASH_BATCH;
+    let mut keys = vec![K::default(); chunk as usize];
+    let mut values = vec![V::default(); chunk as usize];
+    // The batch token of a hash map: the bucket to go on from.
+    let (mut token_in, mut token_out) = (0u32, 0u32);
+    let mut first = true;
+    let mut seen = 0u64;
+    loop {
+        let in_batch = if first { 0 } else { &token_in as *const u32 as u64 };
+        // SAFETY: both buffers hold `chunk` elements and outlive the call; the tokens are u32s,
+        // the hash map's kind.
+        let (rc, got) = unsafe {
+            map_batch(
+                BPF_MAP_LOOKUP_BATCH,
+                map,
+                (in_batch, &mut token_out as *mut u32 as u64),
+                keys.as_mut_ptr(),
+                values.as_mut_ptr(),
+                chunk,
+            )?
+        };
+        let errno = if rc == 0 { None } else { Some(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) };
+        let got = (got as usize).min(chunk as usize);
+        match errno {
+            None | Some(libc::ENOENT) => {}
+            Some(libc::ENOSPC) if got == 0 && chunk < HASH_BATCH_MAX => {
+                chunk *= 2;
+                keys.resize(chunk as usize, K::default());
+                values.resize(chunk as usize, V::default());
+                continue;
+            }
+            Some(e) => return Err(std::io::Error::from_raw_os_error(e)).context("BPF_MAP_LOOKUP_BATCH"),
+        }
+        for (k, v) in keys.iter().zip(&values).take(got) {
+            f(k, v);
+        }
+        seen += got as u64;
+        // ENOENT: the walk went past the last bucket (the last entries, if any, came with it).
+        if errno.is_some() {
+            return Ok(seen);
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
 /// Writes `values` at indexes `base..` of an array map of `V`s in one BPF_MAP_UPDATE_BATCH.
 pub fn array_update_all<V: aya::Pod>(map: &MapData, base: u32, values: &[V]) -> Result<()> {
     let count = u32::try_from(values.len())?;
@@ -187,7 +251,7 @@ pub fn array_update_all<V: aya::Pod>(map: &MapData, base: u32, values: &[V]) -> 
     }
     let keys: Vec<u32> = (base..base + count).collect();
     // SAFETY: `keys` and `values` hold `count` elements each and outlive the call.
-    let (rc, _) = unsafe { map_batch(BPF_MAP_UPDATE_BATCH, map, keys.as_ptr(), values.as_ptr(), count, 0)? };
+    let (rc, _) = unsafe { map_batch(BPF_MAP_UPDATE_BATCH, map, (0, 0), keys.as_ptr(), values.as_ptr(), count)? };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("BPF_MAP_UPDATE_BATCH");
     }

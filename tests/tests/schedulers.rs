@@ -73,11 +73,15 @@ impl std::ops::DerefMut for Bed {
 /// backends 0..3), wrr (81, weights 1:2:3), source-hash (82), lc (83, the Maglev table of
 /// backends 0..3) and wlc (84, weights 1:2:3) on one VIP.
 fn bed() -> Bed {
+    bed_with_flow_table(4096)
+}
+
+fn bed_with_flow_table(entries: u32) -> Bed {
     pin_to_one_cpu();
     let ones: Vec<Member> = (0..3).map(|i| member(i, 1)).collect();
     let weighted: Vec<Member> = (0..3).map(|i| member(i, i + 1)).collect();
     let maglev_table = maglev::build(&ones, TABLE);
-    let mut builder = Builder::new(SEED, LB_MAC, TABLE);
+    let mut builder = Builder::new(SEED, LB_MAC, TABLE).flow_table_size(entries);
     for i in 0..4u32 {
         builder =
             builder.weighted_backend(i, Ipv4Addr::new(10, 99, 0, 11 + i as u8).into(), Some(backend_mac(i)), i + 1);
@@ -355,6 +359,32 @@ fn lc_prefers_the_backend_with_fewer_active_flows_and_fin_rst_give_flows_back() 
         want[b as usize] += 1;
     }
     assert_eq!(bed.active(), want, "reconciled: the lc flows still open, nothing else");
+}
+
+/// The walker reads the flow table a batch at a time: a table of several batches is counted
+/// whole, and every backend's count is recounted from all of it.
+#[test]
+fn reconciliation_recounts_a_table_of_many_batches() {
+    const FLOWS: u16 = 20_000;
+    let mut bed = bed_with_flow_table(1 << 16);
+    let mut want = vec![0u64; 4];
+    for i in 0..FLOWS {
+        let client = Ipv4Addr::new(10, 98, (i >> 8) as u8, i as u8);
+        let b = bed.new_flow(client, 1_000 + (i & 0xff), RR_PORT);
+        // One flow in four closes: no longer active, still in the table.
+        if i % 4 == 0 {
+            bed.backend_of(&Frame::tcp(client, 1_000 + (i & 0xff), VIP, RR_PORT).tcp_flags(FIN | ACK));
+        } else {
+            want[b as usize] += 1;
+        }
+    }
+    for id in 0..4 {
+        bed.set_active(id, 1_000_000);
+    }
+    let walk = bed.dp.flow_walker().unwrap().walk().unwrap();
+    assert_eq!(walk.entries, u64::from(FLOWS), "every entry counted, across batches");
+    assert_eq!(bed.active(), want, "every open flow recounted, none twice");
+    assert_eq!(walk.rewritten, 4);
 }
 
 #[test]

@@ -7,13 +7,15 @@ use std::{
         atomic::{AtomicU32, AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, Map, MapData};
 use lb_common::{Backend, Flow, FlowKey};
 use log::{debug, warn};
+
+use crate::sys::hash_for_each;
 
 /// What the walker shares with the data path's facade.
 #[derive(Debug, Default)]
@@ -36,8 +38,13 @@ impl FlowTableState {
     }
 }
 
-/// How often the agent walks the flow table.
+/// How often the agent walks the flow table, at most.
 pub const FLOW_WALK_PERIOD: Duration = Duration::from_secs(3);
+
+/// After a walk, the walker rests at least this many times as long as the walk took: at most
+/// a twentieth of a CPU, whatever the table's size (a million entries take a few hundred
+/// milliseconds even in batches).
+const REST_PER_WALK: u32 = 19;
 
 /// What one walk found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,21 +69,20 @@ impl FlowWalker {
     /// writing the counts that drifted. Entries the LRU evicted (or that a full table refused)
     /// never gave their count back, and a TCP flow that ends without a FIN or RST reaching us
     /// (idle, or its FIN on another path) stays counted until its entry goes. A flow counts for
-    /// its backend slot when pinned to the slot's current generation and not closed. A syscall
-    /// per entry: call it off the main loop. Flows pinned or closed during the walk may be lost
+    /// its backend slot when pinned to the slot's current generation and not closed. Batched
+    /// lookups, a few thousand entries per syscall, but still a pass over the whole table: call it
+    /// off the main loop. Flows pinned or closed during the walk may be lost
     /// to the write (a few, fixed by the next walk).
     pub fn walk(&self) -> Result<Walk> {
-        let flows: HashMap<MapData, FlowKey, Flow> = HashMap::try_from(Map::LruHashMap(MapData::from_id(self.flows)?))?;
+        let flows = MapData::from_id(self.flows)?;
         let backends: Array<MapData, Backend> = Array::try_from(Map::Array(MapData::from_id(self.backends)?))?;
         let mut active: Array<MapData, u64> = Array::try_from(Map::Array(MapData::from_id(self.active_flows)?))?;
         let mut counts: StdHashMap<(u32, u32), u64> = StdHashMap::new();
-        let mut entries = 0;
-        for (key, flow) in flows.iter().filter_map(Result::ok) {
-            entries += 1;
+        let entries = hash_for_each(&flows, |key: &FlowKey, flow: &Flow| {
             if flow.active(key.proto) {
                 *counts.entry((flow.backend, flow.generation)).or_default() += 1;
             }
-        }
+        })?;
         self.state.entries.store(entries, Ordering::Relaxed);
         let limit = self.state.backend_id_limit.load(Ordering::Relaxed).min(backends.len());
         let mut rewritten = 0;
@@ -91,20 +97,27 @@ impl FlowWalker {
         Ok(Walk { entries, rewritten })
     }
 
-    /// Walks every `period` on a thread of its own, until the maps are gone.
+    /// Walks every `period` (or less often: see [`REST_PER_WALK`]) on a thread of its own,
+    /// until the maps are gone.
     pub fn spawn(self, period: Duration) {
         std::thread::spawn(move || loop {
+            let started = Instant::now();
             match self.walk() {
-                Ok(Walk { rewritten, .. }) if rewritten > 0 => {
-                    debug!("active flows: {rewritten} backends reconciled with the flow table")
+                Ok(Walk { entries, rewritten }) => {
+                    let took = started.elapsed();
+                    if rewritten > 0 {
+                        debug!(
+                            "active flows: {rewritten} backends reconciled with the flow table ({entries} entries, \
+                             walked in {took:.1?})"
+                        );
+                    }
+                    std::thread::sleep(period.max(took * REST_PER_WALK));
                 }
-                Ok(_) => {}
                 Err(e) => {
                     warn!("flow table: cannot walk it any more, stopping: {e:#}");
                     return;
                 }
             }
-            std::thread::sleep(period);
         });
     }
 }

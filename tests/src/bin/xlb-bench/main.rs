@@ -710,6 +710,31 @@ impl Bench {
     }
 
     /// Empties the flow table (and Katran's LRU).
+    /// Times the agent's walk of the flow table as it is (full), and the per-entry walk of
+    /// before over the same entries; both must see all of them.
+    fn walk_cost(&mut self) -> Result<WalkCost> {
+        let t = Instant::now();
+        let walk = self.dp.flow_walker()?.walk()?;
+        let batched = t.elapsed();
+        let t = Instant::now();
+        let mut counts: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut entries = 0u64;
+        for (key, flow) in self.flows.iter().filter_map(Result::ok) {
+            entries += 1;
+            if flow.active(key.proto) {
+                *counts.entry((flow.backend, flow.generation)).or_default() += 1;
+            }
+        }
+        let per_entry = t.elapsed();
+        ensure!(
+            walk.entries == u64::from(self.share) && entries == walk.entries,
+            "the flow table's walks saw {} (batched) and {entries} (per entry) entries, not its {}",
+            walk.entries,
+            self.share
+        );
+        Ok(WalkCost { entries, batched, per_entry })
+    }
+
     fn clear_flows(&mut self) -> Result<usize> {
         let keys = self.flows.keys().collect::<Result<Vec<_>, _>>()?;
         for k in &keys {
@@ -790,6 +815,36 @@ struct Measured {
     bench_table: FlowMemory,
     /// The 1,000,000-entry table of the memory figure.
     memory: FlowMemory,
+    /// The agent's walk of the full table, when a table-full case ran.
+    walk: Option<WalkCost>,
+}
+
+/// What the agent's walk of a full flow table costs (its recount of active flows), the way it
+/// walks (batched lookups) and, as the baseline in the same run, the way it walked before (a
+/// get-next-key and a lookup per entry).
+#[derive(Clone, Copy)]
+struct WalkCost {
+    entries: u64,
+    batched: Duration,
+    per_entry: Duration,
+}
+
+impl WalkCost {
+    /// The median of each figure over the rounds.
+    fn median(walks: &[WalkCost]) -> Option<WalkCost> {
+        let secs = |f: fn(&WalkCost) -> Duration| {
+            Duration::from_secs_f64(median(&walks.iter().map(|w| f(w).as_secs_f64()).collect::<Vec<_>>()))
+        };
+        Some(WalkCost {
+            entries: walks.first()?.entries,
+            batched: secs(|w| w.batched),
+            per_entry: secs(|w| w.per_entry),
+        })
+    }
+
+    fn ns_per_entry(d: Duration, entries: u64) -> f64 {
+        d.as_nanos() as f64 / entries.max(1) as f64
+    }
 }
 
 /// The bench's backends: the bed's standard ones the services use, and [`MANY`] of each kind
@@ -1079,6 +1134,7 @@ fn run_bench(args: &Args) -> Result<Measured> {
         bench_table.max_entries,
         started.elapsed()
     );
+    let mut walks = Vec::new();
     for round in 0..args.rounds {
         let t = Instant::now();
         for c in cases.iter().filter(|c| c.pin.is_some()) {
@@ -1104,6 +1160,9 @@ fn run_bench(args: &Args) -> Result<Measured> {
                 c.empties.push(bench.measure(c, true, c.runs)?);
             }
         }
+        if filled.contains(&program_names::BALANCER) {
+            walks.push(bench.walk_cost()?);
+        }
         bench.set_rate_limit(0)?;
         let cleared = bench.clear_flows()?;
         eprintln!(
@@ -1120,7 +1179,7 @@ fn run_bench(args: &Args) -> Result<Measured> {
     }
     drop(bench);
     let memory = flow_table_memory(MEMORY_ENTRIES).context("cannot measure the flow table's memory")?;
-    Ok(Measured { cases, stats, possible_cpus: possible, bench_table, memory })
+    Ok(Measured { cases, stats, possible_cpus: possible, bench_table, memory, walk: WalkCost::median(&walks) })
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -1217,7 +1276,7 @@ fn main() -> Result<()> {
     let bench_args = args.clone();
     let measured = bed.run_raw(move || run_bench(&bench_args))?;
     drop(bed);
-    let Measured { cases, stats, possible_cpus, bench_table, memory } = measured;
+    let Measured { cases, stats, possible_cpus, bench_table, memory, walk } = measured;
 
     let nets: Vec<f64> = cases.iter().map(|c| median(&c.nets())).collect();
     let whole: Vec<f64> = cases.iter().map(|c| median(&c.samples)).collect();
@@ -1344,6 +1403,21 @@ fn main() -> Result<()> {
         memory.bytes_per_entry(),
         memory.bytes_per_entry() * 1e6 / f64::from(1u32 << 20)
     );
+    if let Some(w) = walk {
+        let _ = writeln!(
+            md,
+            "flow-table walk (the agent's recount of active flows, every {:?} at most), CPU 0's full share of {} \
+             entries: {:.1?} ({:.0} ns per entry) in batched lookups; the per-entry walk of before (get-next-key and \
+             lookup) {:.1?} ({:.0} ns per entry) in the same run: batched ÷ per entry = {:.2}",
+            lb_agent::dataplane::FLOW_WALK_PERIOD,
+            w.entries,
+            w.batched,
+            WalkCost::ns_per_entry(w.batched, w.entries),
+            w.per_entry,
+            WalkCost::ns_per_entry(w.per_entry, w.entries),
+            w.batched.as_secs_f64() / w.per_entry.as_secs_f64().max(1e-9),
+        );
+    }
     let _ = writeln!(
         md,
         "machine: kernel {}, CPU {}, {} cores, clocksource {}, load average {} at start; total {:.1?}",
@@ -1408,6 +1482,11 @@ fn main() -> Result<()> {
             "memlock_bytes": memory.memlock,
             "bytes_per_entry": json_num(Some(memory.bytes_per_entry()), 3),
         },
+        "flow_table_walk": walk.map(|w| serde_json::json!({
+            "entries": w.entries,
+            "batched_s": json_num(Some(w.batched.as_secs_f64()), 6),
+            "per_entry_s": json_num(Some(w.per_entry.as_secs_f64()), 6),
+        })),
         "goals": goals_json,
         "programs": programs_json,
         "cases": cases_json,
