@@ -549,6 +549,8 @@ struct Samples {
     /// The balancer program's own cost under this traffic: run_time_ns / run_cnt, read with
     /// `kernel.bpf_stats_enabled` on for the measurement only (xlb scenarios).
     in_situ_ns: Vec<f64>,
+    /// The agent's own CPU use while the scenario's traffic ran, in CPUs (1.0: one CPU busy).
+    agent_cpu: Vec<f64>,
 }
 
 /// (run_time_ns, run_cnt) summed over the loaded programs named `name` (bpftool; needs
@@ -640,7 +642,17 @@ fn run_scenario(rig: &mut Rig, s: &Scenario, a: &Args, out: &mut Samples) -> Res
         bpf_stats(true);
     }
     let before = program.map(prog_stats).unwrap_or_default();
+    let agent_before = rig.agent.as_ref().and_then(|agent| Some((Instant::now(), agent.cpu_ticks()?)));
     let result = measure(rig, s, a, out);
+    let agent_after = rig.agent.as_ref().and_then(AgentProcess::cpu_ticks);
+    if let (Some((at, ticks)), Some(after)) = (agent_before, agent_after) {
+        // SAFETY: sysconf only reads a system value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let secs = at.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            out.agent_cpu.push(after.saturating_sub(ticks) as f64 / hz / secs);
+        }
+    }
     let after = program.map(prog_stats).unwrap_or_default();
     if program.is_some() {
         bpf_stats(false);
@@ -957,6 +969,16 @@ fn main() -> Result<()> {
             r.samples.in_situ_ns.len()
         );
     }
+    for r in rows.iter().filter(|r| !r.samples.agent_cpu.is_empty()) {
+        println!(
+            "\n({}) {}: the agent itself used {} of a CPU while the traffic ran (user and system time of its \
+             process, median of {}).",
+            r.s.id,
+            r.s.name,
+            median(r.samples.agent_cpu.clone()).map_or_else(|| "—".into(), |v| format!("{:.1}%", v * 100.0)),
+            r.samples.agent_cpu.len()
+        );
+    }
     if rows.iter().any(|r| r.ka.errors * 100 > r.ka.requests || r.close.errors * 100 > r.close.requests) {
         println!("⚠: more than 1% of the requests failed (socket errors or non-2xx answers); see the JSON.");
     }
@@ -1035,6 +1057,8 @@ fn main() -> Result<()> {
                 "udp": udp,
                 "vs_direct": {"keepalive": json_num(vs_e.0, 4), "close": json_num(vs_e.1, 4), "udp": json_num(vs_e.2, 4)},
                 "vs_haproxy": {"keepalive": json_num(vs_c.0, 4), "close": json_num(vs_c.1, 4)},
+                "in_situ_ns_per_packet": json_num(median(r.samples.in_situ_ns.clone()), 1),
+                "agent_cpu": json_num(median(r.samples.agent_cpu.clone()), 4),
             })
         })
         .collect();
