@@ -199,10 +199,7 @@ impl AgentProcess {
     /// ticks (/proc/<pid>/stat); None once it is gone.
     pub fn cpu_ticks(&self) -> Option<u64> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        // After the command name in parentheses: fields 3.. ; utime and stime are 14 and 15.
-        let (_, rest) = stat.rsplit_once(')')?;
-        let f: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-        Some(f.get(11)? + f.get(12)?)
+        crate::bench::stat_cpu_ticks(&stat, false)
     }
 
     /// SIGKILL, as a crash: the agent cleans nothing up. Waits until it is gone.

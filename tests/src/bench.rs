@@ -73,6 +73,18 @@ pub fn bench_dir() -> PathBuf {
 }
 
 /// A number rounded to `decimals` digits after the point, or null when missing or not finite.
+/// A process's CPU time in clock ticks from its /proc/<pid>/stat text: user and system time,
+/// and with `children` also that of its reaped children. Fields are counted from after the
+/// command name (in parentheses, which may hold spaces): the state is field 3, utime 14,
+/// stime 15, cutime 16, cstime 17.
+pub fn stat_cpu_ticks(stat: &str, children: bool) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    let own = field(14)? + field(15)?;
+    Some(if children { own + field(16)? + field(17)? } else { own })
+}
+
 pub fn json_num(v: Option<f64>, decimals: i32) -> serde_json::Value {
     let scale = 10f64.powi(decimals);
     match v {
@@ -116,5 +128,13 @@ mod tests {
         assert_eq!(json_num(Some(1.23456), 3), serde_json::json!(1.235));
         assert_eq!(json_num(Some(f64::NAN), 3), serde_json::Value::Null);
         assert_eq!(json_num(None, 3), serde_json::Value::Null);
+    }
+
+    #[test]
+    fn cpu_ticks_are_read_past_the_state_and_a_name_with_spaces() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 5 3 2 20 0 4 0 100 0 0";
+        assert_eq!(stat_cpu_ticks(stat, false), Some(12));
+        assert_eq!(stat_cpu_ticks(stat, true), Some(17));
+        assert_eq!(stat_cpu_ticks("garbage", false), None);
     }
 }

@@ -29,7 +29,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
-use xlb_tests::bench::{json_num, loadavg, machine, machine_json, write_results};
+use xlb_tests::bench::{json_num, loadavg, machine, machine_json, stat_cpu_ticks, write_results};
 use xlb_tests::{
     agent::{AgentProcess, TempDir},
     loadgen::{
@@ -759,10 +759,7 @@ impl CpuTicks {
             stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
         let machine_busy = if f.len() >= 3 { f[0] + f[1] + f[2] } else { 0 };
         let own_stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        // After the command name in parentheses: fields 3.. ; utime, stime, cutime, cstime are 14..=17.
-        let rest = own_stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let g: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-        let own = if g.len() >= 15 { g[11] + g[12] + g[13] + g[14] } else { 0 };
+        let own = stat_cpu_ticks(&own_stat, true).unwrap_or(0);
         Self { at: Instant::now(), machine_busy, own }
     }
 
