@@ -726,11 +726,13 @@ impl Bench {
             }
         }
         let per_entry = t.elapsed();
+        // The same entries both ways, and about the full share: the table-full cases leave it
+        // full, give or take an entry the LRU has between an eviction and its reuse.
+        let share = u64::from(self.share);
         ensure!(
-            walk.entries == u64::from(self.share) && entries == walk.entries,
-            "the flow table's walks saw {} (batched) and {entries} (per entry) entries, not its {}",
+            entries == walk.entries && walk.entries.abs_diff(share) <= share / 100,
+            "the flow table's walks saw {} (batched) and {entries} (per entry) entries, not about its {share}",
             walk.entries,
-            self.share
         );
         Ok(WalkCost { entries, batched, per_entry })
     }
