@@ -200,12 +200,11 @@ pub fn hash_for_each<K: aya::Pod + Default, V: aya::Pod + Default>(
     let mut chunk = HASH_BATCH;
     let mut keys = vec![K::default(); chunk as usize];
     let mut values = vec![V::default(); chunk as usize];
-    // The batch token of a hash map: the bucket to go on from.
-    let (mut token_in, mut token_out) = (0u32, 0u32);
-    let mut first = true;
+    // The batch token of a hash map: the bucket to go on from (none: from the start).
+    let (mut token_in, mut token_out) = (None::<u32>, 0u32);
     let mut seen = 0u64;
     loop {
-        let in_batch = if first { 0 } else { &token_in as *const u32 as u64 };
+        let in_batch = token_in.as_ref().map_or(0, |t| t as *const u32 as u64);
         // SAFETY: both buffers hold `chunk` elements and outlive the call; the tokens are u32s,
         // the hash map's kind.
         let (rc, got) = unsafe {
@@ -238,8 +237,7 @@ pub fn hash_for_each<K: aya::Pod + Default, V: aya::Pod + Default>(
         if errno.is_some() {
             return Ok(seen);
         }
-        token_in = token_out;
-        first = false;
+        token_in = Some(token_out);
     }
 }
 

@@ -72,7 +72,6 @@ pub fn bench_dir() -> PathBuf {
     target.unwrap_or_else(|| PathBuf::from("target")).join("bench")
 }
 
-/// A number rounded to `decimals` digits after the point, or null when missing or not finite.
 /// A process's CPU time in clock ticks from its /proc/<pid>/stat text: user and system time,
 /// and with `children` also that of its reaped children. Fields are counted from after the
 /// command name (in parentheses, which may hold spaces): the state is field 3, utime 14,
@@ -85,6 +84,7 @@ pub fn stat_cpu_ticks(stat: &str, children: bool) -> Option<u64> {
     Some(if children { own + field(16)? + field(17)? } else { own })
 }
 
+/// A number rounded to `decimals` digits after the point, or null when missing or not finite.
 pub fn json_num(v: Option<f64>, decimals: i32) -> serde_json::Value {
     let scale = 10f64.powi(decimals);
     match v {

@@ -70,9 +70,9 @@ impl FlowWalker {
     /// never gave their count back, and a TCP flow that ends without a FIN or RST reaching us
     /// (idle, or its FIN on another path) stays counted until its entry goes. A flow counts for
     /// its backend slot when pinned to the slot's current generation and not closed. Batched
-    /// lookups, a few thousand entries per syscall, but still a pass over the whole table: call it
-    /// off the main loop. Flows pinned or closed during the walk may be lost
-    /// to the write (a few, fixed by the next walk).
+    /// lookups, a few thousand entries per syscall, but still a pass over the whole table: call
+    /// it off the main loop. Flows pinned or closed during the walk may be lost to the write (a
+    /// few, fixed by the next walk).
     pub fn walk(&self) -> Result<Walk> {
         let flows = MapData::from_id(self.flows)?;
         let backends: Array<MapData, Backend> = Array::try_from(Map::Array(MapData::from_id(self.backends)?))?;

@@ -45,7 +45,7 @@ pub use self::{
     flows::{FlowWalker, Walk, FLOW_WALK_PERIOD},
     ids::{BackendId, IdPool, ServiceId},
     object::EBPF_OBJECT,
-    pins::DEFAULT_PIN_DIR,
+    pins::{ensure_bpffs, DEFAULT_PIN_DIR},
 };
 use crate::{
     config::{Forward, XdpMode},

@@ -290,7 +290,7 @@ fn set_symlink(path: &Path, target: &str) -> Result<()> {
 /// `root` must be on bpffs. A pin directory under /sys/fs/bpf where nothing is mounted gets a
 /// bpffs mounted there, as systemd does at boot. Under `ip netns exec`, which mounts a /sys
 /// of its own, that bpffs belongs to the agent's private mount namespace and goes with it.
-fn ensure_bpffs(root: &Path) -> Result<()> {
+pub fn ensure_bpffs(root: &Path) -> Result<()> {
     if !root.is_absolute() {
         bail!("the pin directory {} must be an absolute path", root.display());
     }

@@ -646,11 +646,9 @@ fn run_scenario(rig: &mut Rig, s: &Scenario, a: &Args, out: &mut Samples) -> Res
     let result = measure(rig, s, a, out);
     let agent_after = rig.agent.as_ref().and_then(AgentProcess::cpu_ticks);
     if let (Some((at, ticks)), Some(after)) = (agent_before, agent_after) {
-        // SAFETY: sysconf only reads a system value.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let secs = at.elapsed().as_secs_f64();
         if secs > 0.0 {
-            out.agent_cpu.push(after.saturating_sub(ticks) as f64 / hz / secs);
+            out.agent_cpu.push(after.saturating_sub(ticks) as f64 / ticks_per_sec() / secs);
         }
     }
     let after = program.map(prog_stats).unwrap_or_default();
@@ -742,6 +740,12 @@ fn fmt_ratio(v: Option<f64>) -> String {
     v.map_or_else(|| "—".into(), |v| format!("{v:.2}"))
 }
 
+/// Clock ticks per second, the unit of /proc's CPU times.
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a system value.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 /// CPU time in clock ticks: the machine's busy time outside interrupts (/proc/stat), and this
 /// process's with its reaped children (/proc/self/stat), which includes every process the
 /// bench started once they are all stopped.
@@ -766,8 +770,7 @@ impl CpuTicks {
     /// The share of the machine's CPU time that other processes used (user and system time,
     /// interrupts left out: those are mostly the bench's own packets).
     fn other_share(&self, end: &CpuTicks, cores: i64) -> f64 {
-        // SAFETY: sysconf only reads a system value.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let hz = ticks_per_sec();
         let other = end.machine_busy.saturating_sub(self.machine_busy).saturating_sub(end.own.saturating_sub(self.own));
         let available = end.at.duration_since(self.at).as_secs_f64() * hz * cores.max(1) as f64;
         if available > 0.0 {

@@ -151,12 +151,9 @@ impl Katran {
             "no Katran object at {} (cargo xtask bench --katran-src DIR builds it)",
             object.display()
         );
-        // A fresh machine may have no bpffs mounted yet: mount one where systemd would.
-        let bpffs = Path::new("/sys/fs/bpf");
-        if !lb_agent::sys::is_bpffs(bpffs)? {
-            lb_agent::sys::mount_bpffs(bpffs)?;
-        }
-        let dir = bpffs.join(format!("xlb-bench-katran-{}", std::process::id()));
+        let dir = PathBuf::from(format!("/sys/fs/bpf/xlb-bench-katran-{}", std::process::id()));
+        // A fresh machine may have no bpffs there yet: the agent's own check mounts one.
+        lb_agent::dataplane::ensure_bpffs(&dir)?;
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         Self::setup(dir.clone(), object, lru_entries, gw_mac, vips).inspect_err(|_| {

@@ -709,7 +709,6 @@ impl Bench {
         self.measure(&filler, false, self.share + 1024).map(drop)
     }
 
-    /// Empties the flow table (and Katran's LRU).
     /// Times the agent's walk of the flow table as it is (full), and the per-entry walk of
     /// before over the same entries; both must see all of them.
     fn walk_cost(&mut self) -> Result<WalkCost> {
@@ -737,6 +736,7 @@ impl Bench {
         Ok(WalkCost { entries, batched, per_entry })
     }
 
+    /// Empties the flow table (and Katran's LRU).
     fn clear_flows(&mut self) -> Result<usize> {
         let keys = self.flows.keys().collect::<Result<Vec<_>, _>>()?;
         for k in &keys {
