@@ -814,7 +814,8 @@ fn limit_new_flows(bed: &mut Bed, per_cpu_sec: u32) {
     bed.set_settings(settings).unwrap();
 }
 
-/// Pins the calling thread to the CPU it runs on: the new-flow window is per CPU.
+/// Pins the calling thread to the CPU it runs on: the new-flow window and the next-hop cache
+/// are per CPU.
 fn pin_to_current_cpu() {
     // SAFETY: plain libc calls on the calling thread (pid 0) with a zeroed, then filled set.
     unsafe {
@@ -1068,6 +1069,8 @@ fn ip(args: &str) {
 fn next_hops_are_cached_until_the_route_generation_moves() {
     let bed = DpBed::new().expect("bed");
     bed.run(|bed| {
+        // NEXT_HOPS is per CPU: a packet on another CPU would find another cache.
+        pin_to_current_cpu();
         let (c, v) = (IpAddr::V4(CLIENT4), IpAddr::V4(VIP4));
         let f = tcp(c, 48_000, v, PORT_IPIP);
         let input = f.build();
