@@ -26,6 +26,9 @@ pub const DEFAULT_MAGLEV_CAPACITY: u32 = 16 * DEFAULT_MAGLEV_SIZE;
 /// Flow-table entries when the config does not say (about 121 B of kernel memory each with the
 /// hash overhead: see the README).
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+/// CPUs a flow table is kept for (`FLOWS` has a table per possible CPU): 512 covers the
+/// largest two-socket hosts; how far a flow that changed CPU is looked for (see the data path).
+pub const MAX_CPUS: u32 = 512;
 /// Client pins of source-hash services with an affinity timeout (`SOURCE_AFFINITY`, an LRU
 /// hash: the least recently pinned client goes first when full; about 100 B each).
 pub const MAX_SOURCE_AFFINITY: u32 = 1 << 17;

@@ -325,7 +325,9 @@ pub struct Settings {
     /// Changed by the agent whenever a route, neighbour, address or link changes: every
     /// [`NextHop`] of another generation is stale, and the FIB is asked again.
     pub route_generation: u32,
-    pub _pad: u32,
+    /// CPUs with a flow table of their own (the first entries of [`map_names::FLOWS`]): where a
+    /// packet that finds no pin on its CPU looks for one before it is scheduled as new.
+    pub flow_tables: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 48);
 

@@ -1,16 +1,17 @@
-//! The flow table (FLOWS): a packet's pinned backend while it is still in the service (for UDP,
-//! not idle too long); otherwise the scheduler's choice (`sched`), pinned unless over the
-//! new-flow rate. Also the per-backend active-flow counts that follow the pins.
+//! The flow tables (FLOWS, one per CPU): a packet's pinned backend while it is still in the
+//! service (for UDP, not idle too long); otherwise the scheduler's choice (`sched`), pinned in
+//! this CPU's table unless over the new-flow rate. Also the per-backend active-flow counts that
+//! follow the pins.
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed};
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_loop};
 use lb_common::{
-    Backend, Flow, FlowEvent, FlowKey, Service, TcpFlags, BACKEND_F_VALID, FLOW_TCP_CLOSED, FLOW_TCP_ESTABLISHED,
-    IPPROTO_UDP,
+    limits::MAX_CPUS, Backend, Flow, FlowEvent, FlowKey, Service, TcpFlags, BACKEND_F_VALID, FLOW_TCP_CLOSED,
+    FLOW_TCP_ESTABLISHED, IPPROTO_UDP,
 };
 
 use crate::{
-    maps::{ACTIVE_FLOWS, BACKENDS, FLOWS, NEW_FLOW_RATE, SETTINGS},
+    maps::{FlowTable, ACTIVE_FLOWS, BACKENDS, FLOWS, NEW_FLOW_RATE, SETTINGS},
     sched, stats,
 };
 
@@ -129,6 +130,67 @@ fn under_new_flow_limit(now: u64, limit: u32) -> bool {
     }
 }
 
+/// What [`look_in`] is given and gives back, on the caller's stack.
+#[repr(C)]
+struct Search {
+    key: FlowKey,
+    /// The CPU the packet is on: its table has no entry.
+    cpu: u32,
+    /// The CPU whose table has the flow, plus one; 0 while not found.
+    found: u32,
+}
+
+/// bpf_loop's callback for one other CPU (`index`): 1 (stop) when its table has the flow. A
+/// helper-driven loop, so that the verifier checks this body once, not once per CPU.
+extern "C" fn look_in(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    let search = ctx.cast::<Search>();
+    let other = index as u32;
+    // SAFETY: `ctx` is the caller's Search, for the loop's duration.
+    unsafe {
+        if other == (*search).cpu {
+            return 0;
+        }
+        match FLOWS.get(other) {
+            Some(theirs) if theirs.get_ptr_mut(&(*search).key).is_some() => {
+                (*search).found = other + 1;
+                1
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// A pin in another CPU's table for a flow this CPU's `table` has none of: its packets changed
+/// CPU (an interrupt moved, a veth sender migrated). The entry moves into `table`, as it is
+/// (its handshake and active-flow accounting go with it), and leaves the other table, so that
+/// every flow has one entry and the walker counts it once. A lookup per CPU: asked only where
+/// a packet may well belong to a pinned flow (see [`select`]).
+#[inline(never)]
+fn moved_here(table: &FlowTable, key: &FlowKey, cpu: u32, cpus: u32) -> bool {
+    let mut search = Search { key: *key, cpu, found: 0 };
+    let look: extern "C" fn(u64, *mut core::ffi::c_void) -> i64 = look_in;
+    // SAFETY: the callback and its context are valid for the call; no flags.
+    unsafe { bpf_loop(cpus.min(MAX_CPUS), look as *mut core::ffi::c_void, (&raw mut search).cast(), 0) };
+    let Some(other) = search.found.checked_sub(1) else {
+        return false;
+    };
+    let Some(theirs) = FLOWS.get(other) else {
+        return false;
+    };
+    let Some(flow) = theirs.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: the entry stays valid for the program's run (RCU); racing writers only ever
+    // store whole, equally valid values.
+    let flow = unsafe { *flow };
+    if table.insert(key, &flow, 0).is_err() {
+        return false;
+    }
+    let _ = theirs.remove(key);
+    stats::count_flow(FlowEvent::Moved);
+    true
+}
+
 /// The backend for this packet: its pinned one while that is still in the service (and, for
 /// UDP, not idle too long); otherwise its scheduler's, pinned unless over the new-flow rate.
 /// `hash` is the flow's hash, computed only when the flow table has no usable pin.
@@ -140,6 +202,10 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
     // SAFETY: a helper without arguments.
     let clock = || unsafe { bpf_ktime_get_ns() };
     let mut now = 0;
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // None only before the agent has given this CPU a table: nothing is pinned then.
+    let table = FLOWS.get(cpu);
     // A SYN past the new-flow rate would not be pinned: it is placed by the table at once,
     // without the flow-table lookup (a cold bucket in a large table: most of such a SYN's
     // cost), and a SYN flood is all such packets. Katran skips the lookup for every SYN; here
@@ -150,7 +216,24 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
         now = clock();
         over_new_flow_limit(now)
     };
-    let pinned = if syn_over_rate { None } else { FLOWS.get_ptr_mut(key) };
+    let pinned = match table {
+        Some(table) if !syn_over_rate => table.get_ptr_mut(key).or_else(|| {
+            // A miss: a new flow, or one pinned on another CPU. A SYN is new (a retransmitted
+            // one on another CPU is rescheduled: its first got no answer). Anything else looks
+            // in the other CPUs' tables, a lookup each: the price of a new UDP flow on a host
+            // of many CPUs, and of a flow that changed CPU once. Past the new-flow rate nothing
+            // is looked for (a flood of ACKs would pay it per packet).
+            if !udp && tcp_flags.is_syn_only() {
+                return None;
+            }
+            now = clock();
+            if over_new_flow_limit(now) || !moved_here(table, key, cpu, settings.flow_tables) {
+                return None;
+            }
+            table.get_ptr_mut(key)
+        }),
+        _ => None,
+    };
     if let Some(flow) = pinned {
         // SAFETY: the entry stays valid for the program's run (RCU); racing writers only
         // ever store whole, equally valid values.
@@ -164,7 +247,9 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
                 track_tcp(flow, tcp_flags);
             }
             if tcp_flags.is_rst() {
-                let _ = FLOWS.remove(key);
+                if let Some(table) = table {
+                    let _ = table.remove(key);
+                }
                 stats::count_flow(FlowEvent::Closed);
             } else {
                 // Refreshed well before it could expire, but not on every packet.
@@ -197,21 +282,22 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
     let backend = usable(id, None)?;
     stats::count_new_flow(id);
     if !tcp_flags.is_rst() {
-        if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) {
-            // A TCP pin on anything but a SYN (a flow older than its pin) is not a handshake
-            // to watch: it starts established. (UDP ignores the bit: a nanosecond.)
-            let watch = !udp && tcp_flags.is_syn_only();
-            let last_seen_ns = if watch { now & !FLOW_TCP_ESTABLISHED } else { now | FLOW_TCP_ESTABLISHED };
-            let flow = Flow { backend: id, generation: backend.generation, last_seen_ns };
-            if FLOWS.insert(key, &flow, 0).is_ok() {
-                active_add(id);
-                if watch {
-                    stats::count_syn_pinned(id);
+        match table {
+            Some(table) if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) => {
+                // A TCP pin on anything but a SYN (a flow older than its pin) is not a handshake
+                // to watch: it starts established. (UDP ignores the bit: a nanosecond.)
+                let watch = !udp && tcp_flags.is_syn_only();
+                let last_seen_ns = if watch { now & !FLOW_TCP_ESTABLISHED } else { now | FLOW_TCP_ESTABLISHED };
+                let flow = Flow { backend: id, generation: backend.generation, last_seen_ns };
+                if table.insert(key, &flow, 0).is_ok() {
+                    active_add(id);
+                    if watch {
+                        stats::count_syn_pinned(id);
+                    }
                 }
+                stats::count_flow(FlowEvent::New);
             }
-            stats::count_flow(FlowEvent::New);
-        } else {
-            stats::count_flow(FlowEvent::RateLimited);
+            _ => stats::count_flow(FlowEvent::RateLimited),
         }
     }
     Some(Chosen { id, backend, hash: Some(hash) })

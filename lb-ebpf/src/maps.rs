@@ -2,14 +2,13 @@
 //! BTF maps (`.maps`), so the kernel knows their key and value types: `bpftool map dump` shows
 //! them field by field.
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     limits::{
-        DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, MAX_SOURCE_AFFINITY,
-        MAX_TX_PORTS, MAX_VIPS, NEXT_HOP_SLOTS, SERVICE_BUCKETS, SERVICE_BUCKET_ENTRIES, VIP_BITS_WORDS,
+        DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_CPUS, MAX_SERVICES, MAX_SOURCE_AFFINITY, MAX_TX_PORTS, MAX_VIPS,
+        NEXT_HOP_SLOTS, SERVICE_BUCKETS, SERVICE_BUCKET_ENTRIES, VIP_BITS_WORDS,
     },
     Affinity, AffinityKey, Backend, BackendFlows, Counters, Flow, FlowEvent, FlowKey, NextHop, RateWindow, Reason,
     Service, ServiceBucket, ServiceKey, Settings, Vip, VipKey,
@@ -37,11 +36,17 @@ pub static MAGLEV: Array<u32, { DEFAULT_MAGLEV_CAPACITY as usize }> = Array::new
 #[btf_map]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
-/// 5-tuple → pinned backend. LRU lists per CPU (a flow stays on the CPU its NIC queue maps to),
-/// so eviction takes no shared lock; the agent sizes it at load time.
+/// One CPU's flow table: 5-tuple → pinned backend. The agent creates one per possible CPU, of
+/// its share of `flows.size` (the template's one entry is only what the verifier checks
+/// against: the kernel compares no size of an inner hash map).
+pub type FlowTable = LruHashMap<FlowKey, Flow, 1>;
+
+/// The flow tables, by CPU (Katran's layout). A CPU inserts into and evicts from its own table
+/// only, so its LRU lock is its own, and its lists are common ones, which refill and evict in
+/// batches (cheaper per insert than per-CPU lists in one shared table). A flow whose packets
+/// change CPU is moved to the new CPU's table by its first packet there (see `flow`).
 #[btf_map]
-pub static FLOWS: LruHashMap<FlowKey, Flow, { DEFAULT_FLOW_TABLE_SIZE as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
-    LruHashMap::new();
+pub static FLOWS: ArrayOfMaps<FlowTable, { MAX_CPUS as usize }> = ArrayOfMaps::new();
 
 /// (service, client) → the backend a source-hash service with an affinity timeout pinned the
 /// client to. One LRU list for all CPUs: a client's flows arrive on any CPU.

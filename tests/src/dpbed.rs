@@ -29,7 +29,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 use lb_agent::{config::Forward, dataplane::map_addr, sys::if_index};
-use lb_common::{addr_v6, hash::flow_hash, Settings, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{addr_v6, hash::flow_hash, FlowKey, Settings, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     bed::{self, xdp_md},
@@ -348,6 +348,15 @@ pub fn to_lb(mut f: Frame) -> Frame {
     f.dst_mac = LB_MAC;
     f.src_mac = CLIENT_MAC;
     f
+}
+
+/// The flow-table key the data path builds for this frame.
+pub fn flow_key(f: &Frame) -> FlowKey {
+    let (src, family) = map_addr(f.src);
+    let (dst, _) = map_addr(f.dst);
+    let [s0, s1] = f.sport.to_be_bytes();
+    let [d0, d1] = f.dport.to_be_bytes();
+    FlowKey { src, dst, ports: u32::from_ne_bytes([s0, s1, d0, d1]), proto: f.proto, family, _pad: 0 }
 }
 
 pub fn tcp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Frame {

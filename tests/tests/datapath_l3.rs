@@ -9,14 +9,15 @@ use std::{
 };
 
 use lb_common::{
-    FlowEvent, Reason, Settings, ETH_HDR, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR,
+    Flow, FlowEvent, FlowKey, Reason, Settings, ETH_HDR, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR,
+    IPV6_HDR,
 };
 use xlb_tests::{
     bed::{XDP_PASS, XDP_REDIRECT, XDP_TX},
     dpbed::{
-        backend_mac, frame_hash, outer_src_v4, outer_src_v6, tcp, to_lb, udp, with_bed, Bed, DpBed, CLIENT4, CLIENT6,
-        CLIENT_MAC, GW2_MAC, GW4_MAC, GW6_MAC, L2_V4, L2_V6, LB_MAC, LB_MAC2, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP,
-        PORT_NO_NEIGH, PORT_NO_ROUTE, PORT_REDIRECT, PORT_TOO_BIG, SMALL_MTU, UDP_IDLE_NS, VIP4, VIP6,
+        backend_mac, flow_key, frame_hash, outer_src_v4, outer_src_v6, tcp, to_lb, udp, with_bed, Bed, DpBed, CLIENT4,
+        CLIENT6, CLIENT_MAC, GW2_MAC, GW4_MAC, GW6_MAC, L2_V4, L2_V6, LB_MAC, LB_MAC2, PORT_IPIP, PORT_L2_TCP,
+        PORT_L2_UDP, PORT_NO_NEIGH, PORT_NO_ROUTE, PORT_REDIRECT, PORT_TOO_BIG, SMALL_MTU, UDP_IDLE_NS, VIP4, VIP6,
     },
     wire::{
         build::{ipv6_with_ext, set_tos, Ext},
@@ -27,7 +28,7 @@ use xlb_tests::{
     },
 };
 
-use FlowEvent::{Closed, Hit, New, RateLimited, Stale};
+use FlowEvent::{Closed, Hit, Moved, New, RateLimited, Stale};
 
 fn ipv4_of(addr: IpAddr) -> Ipv4Addr {
     match addr {
@@ -739,6 +740,59 @@ fn handshakes_are_counted_once_per_flow() {
         bed.run_flow(&mid.build(), Reason::TxForwarded, &[New]);
         bed.run_flow(&mid.build(), Reason::TxForwarded, &[Hit]);
         assert_eq!(counts(bed, d), (pinned2, est2));
+    });
+}
+
+/// A flow whose packets change CPU keeps its pin: its first packet on the new CPU finds the entry
+/// in the old CPU's table and moves it (the tables are per CPU), with its accounting: counted
+/// neither as new nor as another active flow, and closed once. UDP and TCP alike.
+#[test]
+fn a_flow_that_changes_cpu_keeps_its_pin_and_its_count() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    with_bed(|bed| {
+        let on_cpu = |cpu| xlb_tests::bench::pin_to_cpu(cpu).unwrap();
+        let in_table = |bed: &Bed, cpu: usize, f: &Frame| -> bool {
+            let table = bed.dp.flow_tables().unwrap().swap_remove(cpu);
+            let table: aya::maps::HashMap<_, FlowKey, Flow> =
+                aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(table)).unwrap();
+            table.get(&flow_key(f), 0).is_ok()
+        };
+        let syn = tcp(CLIENT4, 57_000, VIP4, PORT_L2_TCP);
+        let datagram = udp(CLIENT4, 57_000, VIP4, PORT_L2_UDP);
+        on_cpu(0);
+        let b = assert_l2_hit(bed, &syn, &[New]);
+        let c = assert_l2_hit(bed, &datagram, &[New]);
+        let (active_b, active_c) = (bed.dp.active_flows(b).unwrap(), bed.dp.active_flows(c).unwrap());
+        let established = bed.dp.backend_flows(b).unwrap().established;
+        // New tables give every slot to another backend: a flow rescheduled would show it.
+        for (proto, port, pinned) in [(IPPROTO_TCP, PORT_L2_TCP, b), (IPPROTO_UDP, PORT_L2_UDP, c)] {
+            let other = L2_V4.into_iter().find(|&x| x != pinned).unwrap();
+            bed.publish(VIP4.into(), proto, port, vec![other; 251]).unwrap();
+        }
+        on_cpu(1);
+        let ack = syn.clone().tcp_flags(0x10);
+        let out = bed.run_flow(&ack.build(), Reason::TxForwarded, &[Moved, Hit]);
+        assert_eq!(l2_backend(&out), b, "the TCP flow keeps its backend on another CPU");
+        let out = bed.run_flow(&datagram.build(), Reason::TxForwarded, &[Moved, Hit]);
+        assert_eq!(l2_backend(&out), c, "the UDP flow too");
+        assert!(in_table(bed, 1, &syn) && !in_table(bed, 0, &syn), "moved: one entry, on the new CPU");
+        assert!(in_table(bed, 1, &datagram) && !in_table(bed, 0, &datagram));
+        assert_eq!(bed.dp.active_flows(b).unwrap(), active_b, "not counted again");
+        assert_eq!(bed.dp.active_flows(c).unwrap(), active_c);
+        assert_eq!(bed.dp.backend_flows(b).unwrap().established, established + 1, "its handshake completes once");
+        // Back on the first CPU: moved back, and its FIN closes it once.
+        on_cpu(0);
+        let fin = syn.clone().tcp_flags(0x11);
+        let out = bed.run_flow(&fin.build(), Reason::TxForwarded, &[Moved, Hit]);
+        assert_eq!(l2_backend(&out), b);
+        assert_eq!(bed.dp.active_flows(b).unwrap(), active_b - 1, "closed once");
+        // A SYN is not looked for elsewhere: on CPU 1, a port reused is a new flow.
+        on_cpu(1);
+        let out = bed.run_flow(&syn.build(), Reason::TxForwarded, &[New]);
+        assert_ne!(l2_backend(&out), b, "a new flow on the new table");
     });
 }
 

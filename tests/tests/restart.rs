@@ -356,8 +356,14 @@ fn a_failed_start_changes_nothing_and_a_new_flow_table_size_is_taken() {
     assert!(log.contains("pinned map FLOWS does not fit"), "{log}");
     assert!(log.contains("took over the pinned program on veth0"), "{log}");
     assert_ne!(xdp_prog_id(&ns, "veth0"), prog);
-    let flows = aya::maps::MapInfo::from_pin(pins.join("veth0").join("FLOWS")).unwrap();
-    assert_eq!(flows.max_entries(), 4096);
+    // A table per possible CPU, of its share.
+    let flows = aya::maps::MapData::from_pin(pins.join("veth0").join("FLOWS")).unwrap();
+    let flows: aya::maps::ArrayOfMaps<_, aya::maps::MapData> =
+        aya::maps::ArrayOfMaps::try_from(aya::maps::Map::ArrayOfMaps(flows)).unwrap();
+    let sizes: Vec<u32> =
+        (0..flows.len()).map(|cpu| flows.get(&cpu, 0).unwrap().info().unwrap().max_entries()).collect();
+    let cpus = sizes.len() as u32;
+    assert!(cpus >= 1 && sizes.iter().all(|&n| n == 4096u32.div_ceil(cpus)), "{sizes:?}");
     assert_eq!(listing(&pins.join("veth0")), pinned, "staged pins left behind");
     next.stop().unwrap();
     assert!(!xdp_on(&ns, "veth0"));

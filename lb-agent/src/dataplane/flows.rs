@@ -1,6 +1,6 @@
-//! The one walker of the flow table (FLOWS): every few seconds, off the main loop, it counts the
-//! entries (the occupancy metric) and recounts each backend's active flows (what lc/wlc
-//! compare), correcting the counts the data path keeps where they drifted.
+//! The one walker of the flow tables (FLOWS, a table per CPU): every few seconds, off the main
+//! loop, it counts the entries (the occupancy metric) and recounts each backend's active flows
+//! (what lc/wlc compare), correcting the counts the data path keeps where they drifted.
 use std::{
     collections::HashMap as StdHashMap,
     sync::{
@@ -58,6 +58,7 @@ pub struct Walk {
 /// The walker, by map ids: it opens the maps afresh on every walk and stops when they are gone.
 #[derive(Clone, Debug)]
 pub struct FlowWalker {
+    /// FLOWS, the array of the per-CPU tables.
     pub(crate) flows: u32,
     pub(crate) backends: u32,
     pub(crate) active_flows: u32,
@@ -74,15 +75,20 @@ impl FlowWalker {
     /// it off the main loop. Flows pinned or closed during the walk may be lost to the write (a
     /// few, fixed by the next walk).
     pub fn walk(&self) -> Result<Walk> {
-        let flows = MapData::from_id(self.flows)?;
+        let tables = super::flow_tables::tables(&MapData::from_id(self.flows)?)?;
         let backends: Array<MapData, Backend> = Array::try_from(Map::Array(MapData::from_id(self.backends)?))?;
         let mut active: Array<MapData, u64> = Array::try_from(Map::Array(MapData::from_id(self.active_flows)?))?;
         let mut counts: StdHashMap<(u32, u32), u64> = StdHashMap::new();
-        let entries = hash_for_each(&flows, |key: &FlowKey, flow: &Flow| {
-            if flow.active(key.proto) {
-                *counts.entry((flow.backend, flow.generation)).or_default() += 1;
-            }
-        })?;
+        let mut entries = 0;
+        // A flow has one entry, in the table of the CPU its packets last came in on (the data
+        // path moves it when they change CPU), so the tables' counts add up.
+        for table in &tables {
+            entries += hash_for_each(table, |key: &FlowKey, flow: &Flow| {
+                if flow.active(key.proto) {
+                    *counts.entry((flow.backend, flow.generation)).or_default() += 1;
+                }
+            })?;
+        }
         self.state.entries.store(entries, Ordering::Relaxed);
         let limit = self.state.backend_id_limit.load(Ordering::Relaxed).min(backends.len());
         let mut rewritten = 0;

@@ -6,8 +6,10 @@
 //! - `ids`: who owns which service id, backend slot (and its generation) and MAGLEV range;
 //! - `pins`: pinning under bpffs, adoption of a previous agent's data path, takeover;
 //! - `attach`: attaching programs to interfaces;
-//! - `flows`: the one walker of the flow table (occupancy, active-flow reconciliation).
+//! - `flow_tables`: the per-CPU flow tables behind FLOWS;
+//! - `flows`: the one walker of the flow tables (occupancy, active-flow reconciliation).
 mod attach;
+mod flow_tables;
 pub mod flows;
 pub mod ids;
 pub mod object;
@@ -184,8 +186,9 @@ impl Dataplane {
     /// config maps in at once by replacing the program of the pinned link (bpf_link_update).
     pub fn load_pinned(opts: &LoadOptions, pin_root: &Path, iface: &str) -> Result<Self> {
         let mut pins = Pins::open(pin_root, iface)?;
-        let shapes = object::state_map_shapes(opts.flow_table_size)?;
-        let state = pins.prepare_state_maps(&shapes)?;
+        let cpus = flow_tables::possible_cpus()?;
+        let shapes = object::state_map_shapes(cpus)?;
+        let state = pins.prepare_state_maps(&shapes, flow_tables::per_cpu_entries(opts.flow_table_size, cpus))?;
         let mut dp = Self::load_with(opts, &state, Some(&pins.dir))?;
         let seeded = dp.seed_backend_slots(&pins.dir.join(map_names::BACKENDS))?;
         if pins.old_link.is_some() || !pins.adopted.is_empty() {
@@ -205,12 +208,13 @@ impl Dataplane {
     fn load_with(opts: &LoadOptions, pinned: &[(String, PathBuf)], stage: Option<&Path>) -> Result<Self> {
         let seed = opts.hash_seed;
         let mac = lb_common::mac_words(opts.iface_mac);
+        let cpus = flow_tables::possible_cpus()?;
         let mut loader = EbpfLoader::new();
         loader
             .override_global(global_names::HASH_SEED, &seed, true)
             .override_global(global_names::IFACE_MAC, &mac, true)
             .map_max_entries(map_names::MAGLEV, opts.maglev_capacity.max(1))
-            .map_max_entries(map_names::FLOWS, opts.flow_table_size.max(1));
+            .map_max_entries(map_names::FLOWS, cpus);
         for (name, path) in pinned {
             loader.map_pin_path(name.as_str(), path.as_path());
         }
@@ -225,6 +229,10 @@ impl Dataplane {
             }
         }
         object::xdp_program(&mut ebpf, program_names::BALANCER)?;
+        let Some(aya::maps::Map::ArrayOfMaps(flows)) = ebpf.map(map_names::FLOWS) else {
+            bail!("map {} missing from the eBPF object", map_names::FLOWS);
+        };
+        flow_tables::fill(flows, flow_tables::per_cpu_entries(opts.flow_table_size, cpus))?;
         Ok(Self {
             vips: take_map(&mut ebpf, map_names::VIPS)?,
             vip_bits: take_map(&mut ebpf, map_names::VIP_BITS)?,
@@ -243,7 +251,7 @@ impl Dataplane {
             tx_ports: take_map(&mut ebpf, map_names::TX_PORTS)?,
             // NEXT_HOPS is new with every program (a config map): the generation can start at
             // 0, and then counts the changes.
-            current: Settings::default(),
+            current: Settings { flow_tables: cpus, ..Settings::default() },
             ids: IdPool::default(),
             tables: TableSpace::new(opts.maglev_capacity),
             flow_state: FlowTableState::new(),
@@ -516,7 +524,7 @@ impl Dataplane {
     pub fn flow_walker(&self) -> Result<FlowWalker> {
         use aya::maps::IterableMap as _;
         Ok(FlowWalker {
-            flows: self.flow_table_info()?.id(),
+            flows: self.flows()?.info()?.id(),
             backends: self.backends.map().info()?.id(),
             active_flows: self.active_flows.map().info()?.id(),
             state: self.flow_state.clone(),
@@ -529,9 +537,11 @@ impl Dataplane {
     }
 
     /// Replaces the run-time settings (flow expiry, new-flow rate, encapsulation sources); the
-    /// route generation stays the data path's own ([`Dataplane::routes_changed`]).
+    /// route generation and the flow tables stay the data path's own
+    /// ([`Dataplane::routes_changed`], [`Dataplane::load`]).
     pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
-        let settings = Settings { route_generation: self.current.route_generation, ..settings };
+        let Settings { route_generation, flow_tables, .. } = self.current;
+        let settings = Settings { route_generation, flow_tables, ..settings };
         self.settings.set(0, settings, 0).context("cannot write the settings")?;
         self.current = settings;
         Ok(())
@@ -626,16 +636,25 @@ impl Dataplane {
         Ok(sum(&self.backend_stats.get(&id, 0)?))
     }
 
-    /// The flow table's capacity.
+    /// The flow tables' capacity: every CPU's share of it together.
     pub fn flow_table_size(&self) -> Result<u32> {
-        Ok(self.flow_table_info()?.max_entries())
+        let mut size = 0u32;
+        for table in self.flow_tables()? {
+            size = size.saturating_add(table.info()?.max_entries());
+        }
+        Ok(size)
     }
 
-    fn flow_table_info(&self) -> Result<MapInfo> {
-        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(map_names::FLOWS) else {
+    /// Each possible CPU's flow table, by CPU id (opened afresh: new descriptors).
+    pub fn flow_tables(&self) -> Result<Vec<MapData>> {
+        flow_tables::tables(self.flows()?)
+    }
+
+    fn flows(&self) -> Result<&MapData> {
+        let Some(aya::maps::Map::ArrayOfMaps(data)) = self.ebpf.map(map_names::FLOWS) else {
             bail!("map {} missing from the eBPF object", map_names::FLOWS);
         };
-        Ok(data.info()?)
+        Ok(data)
     }
 
     /// New flows, SYN retransmissions and handshakes of a backend, summed over CPUs (since

@@ -120,14 +120,15 @@ pub(crate) fn declared_maps(elf: &[u8]) -> Result<Vec<(String, Shape)>> {
         .collect())
 }
 
-/// The shapes this build's state maps have with a flow table of `flow_table_size` entries.
-pub(crate) fn state_map_shapes(flow_table_size: u32) -> Result<Vec<(String, Shape)>> {
+/// The shapes this build's state maps have on a host of `cpus` possible CPUs (FLOWS has an
+/// entry per CPU; its tables are checked on their own: `flow_tables`).
+pub(crate) fn state_map_shapes(cpus: u32) -> Result<Vec<(String, Shape)>> {
     Ok(declared_maps(EBPF_OBJECT)?
         .into_iter()
         .filter(|(name, _)| is_state_map(name))
-        .map(|(name, mut shape)| {
+        .map(|(name, shape)| {
             if name == map_names::FLOWS {
-                shape.max_entries = flow_table_size.max(1);
+                return (name, super::flow_tables::outer_shape(cpus));
             }
             (name, shape)
         })
@@ -146,8 +147,8 @@ mod tests {
         let maps = declared_maps(EBPF_OBJECT).unwrap();
         let shape = |name: &str| maps.iter().find(|(n, _)| n == name).map(|(_, s)| *s).expect(name);
         let flows = shape(map_names::FLOWS);
-        assert_eq!((flows.key_size, flows.value_size), (40, 16));
-        assert_eq!(flows.max_entries, limits::DEFAULT_FLOW_TABLE_SIZE);
+        assert_eq!((flows.key_size, flows.value_size), (4, 4), "an array of the per-CPU tables");
+        assert_eq!(flows.max_entries, limits::MAX_CPUS);
         let reasons = shape(map_names::REASON_STATS);
         assert_eq!((reasons.key_size, reasons.value_size, reasons.max_entries), (4, 16, Reason::COUNT));
         for name in CONFIG_MAPS {
@@ -180,17 +181,18 @@ mod tests {
         for name in CONFIG_MAPS.iter().chain(&UNUSED_MAPS) {
             loader.map_max_entries(name, 1);
         }
-        loader.map_max_entries(map_names::FLOWS, 4096);
+        let cpus = super::super::flow_tables::possible_cpus().unwrap();
+        loader.map_max_entries(map_names::FLOWS, cpus);
         let ebpf = loader.load(EBPF_OBJECT).unwrap();
         let mut created: Vec<(String, Shape)> = ebpf
             .maps()
             .filter(|(name, _)| is_state_map(name))
             .map(|(name, map)| (name.to_string(), Shape::of(&map_info(map))))
             .collect();
-        let mut declared = state_map_shapes(4096).unwrap();
+        let mut declared = state_map_shapes(cpus).unwrap();
         declared.sort_by(|a, b| a.0.cmp(&b.0));
         created.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(declared, created);
-        assert!(declared.iter().any(|(n, s)| n == map_names::FLOWS && s.max_entries == 4096));
+        assert!(declared.iter().any(|(n, s)| n == map_names::FLOWS && s.max_entries == cpus));
     }
 }

@@ -27,7 +27,12 @@ use aya::{
 };
 use log::warn;
 
-use super::object::{Shape, CONFIG_MAPS};
+use lb_common::map_names;
+
+use super::{
+    flow_tables::pinned_tables_fit,
+    object::{Shape, CONFIG_MAPS},
+};
 use crate::{
     config::XdpMode,
     sys::{if_index, is_bpffs, mount_bpffs, pinned_link_ifindex},
@@ -152,8 +157,13 @@ impl Pins {
     /// Decides, map by map, between the pinned state map (same shape: reused) and a fresh one
     /// (none pinned, or another shape: flows.size changed, or an upgrade changed its layout; a
     /// fresh one replacing a pinned one is staged, and swapped in at attach like the config
-    /// maps). Returns every state map's pin path for the loader.
-    pub(super) fn prepare_state_maps(&mut self, shapes: &[(String, Shape)]) -> Result<Vec<(String, PathBuf)>> {
+    /// maps). FLOWS fits only when each of its per-CPU tables has `flow_entries`. Returns every
+    /// state map's pin path for the loader.
+    pub(super) fn prepare_state_maps(
+        &mut self,
+        shapes: &[(String, Shape)],
+        flow_entries: u32,
+    ) -> Result<Vec<(String, PathBuf)>> {
         let mut paths = Vec::new();
         for (name, want) in shapes {
             let path = self.dir.join(name);
@@ -161,18 +171,25 @@ impl Pins {
                 self.created.push(path.clone());
                 path
             } else {
+                let flows = name == map_names::FLOWS;
                 match MapInfo::from_pin(&path).map(|info| Shape::of(&info)) {
-                    Ok(have) if have == *want => {
+                    Ok(have) if have == *want && (!flows || pinned_tables_fit(&path, flow_entries)) => {
                         self.adopted.push(name.clone());
                         path
                     }
                     have => {
                         warn!(
-                            "pinned map {name} does not fit ({}; this agent needs {want}): an empty one replaces it",
+                            "pinned map {name} does not fit ({}; this agent needs {want}{}): an empty one replaces it",
                             match have {
+                                Ok(have) if have == *want => "its per-CPU tables differ".to_string(),
                                 Ok(have) => format!("it has {have}"),
                                 Err(e) => format!("{e}"),
-                            }
+                            },
+                            if flows {
+                                format!(", with a table of {flow_entries} entries per CPU")
+                            } else {
+                                String::new()
+                            },
                         );
                         self.replaced.push(name.clone());
                         self.dir.join(format!("{STAGED}{name}"))

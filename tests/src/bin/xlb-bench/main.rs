@@ -45,10 +45,9 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, Map, MapData, MapInfo, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{ProgramFd, TestRun, TestRunOptions},
 };
-use aya_obj::generated::BPF_F_NO_COMMON_LRU;
 use lb_agent::{
     config::Forward,
-    dataplane::{map_addr, Dataplane, LoadOptions},
+    dataplane::{Dataplane, LoadOptions},
     sys::if_index,
     tables::maglev::address_key,
     tables::maglev::{self, Member},
@@ -61,7 +60,8 @@ use xlb_tests::bench::{bench_dir, json_num, machine, machine_json, pin_to_cpu0, 
 use xlb_tests::{
     bed::{verdict_name, XDP_DROP, XDP_PASS, XDP_TX},
     dpbed::{
-        self, DpBed, CLIENT4, CLIENT6, GW4, GW4_MAC, GW6_MAC, LB_MAC, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP, VIP4, VIP6,
+        self, flow_key, DpBed, CLIENT4, CLIENT6, GW4, GW4_MAC, GW6_MAC, LB_MAC, PORT_IPIP, PORT_L2_TCP, PORT_L2_UDP,
+        VIP4, VIP6,
     },
     wire::Frame,
 };
@@ -212,15 +212,6 @@ fn build(f: &Frame) -> Vec<u8> {
         bytes[f.l4_offset() + 12] = (((20 + f.payload.len()) / 4) << 4) as u8;
     }
     bytes
-}
-
-/// The flow-table key the data path builds for this frame.
-fn flow_key(f: &Frame) -> FlowKey {
-    let (src, family) = map_addr(f.src);
-    let (dst, _) = map_addr(f.dst);
-    let [s0, s1] = f.sport.to_be_bytes();
-    let [d0, d1] = f.dport.to_be_bytes();
-    FlowKey { src, dst, ports: u32::from_ne_bytes([s0, s1, d0, d1]), proto: f.proto, family, _pad: 0 }
 }
 
 /// Where the harness varies a new flow of `f`: the source address's last 16-bit word, the
@@ -474,14 +465,16 @@ struct Bench {
     dp: Dataplane,
     setup: Setup,
     settings: lb_common::Settings,
+    /// CPU 0's flow table, and CPU 1's (where a contended case's other CPU inserts).
     flows: BpfHashMap<MapData, FlowKey, Flow>,
+    helper_flows: Option<BpfHashMap<MapData, FlowKey, Flow>>,
     rate: PerCpuArray<MapData, RateWindow>,
     frame: Array<MapData, harness::Frame>,
     target: ProgramArray<MapData>,
     seq: PerCpuArray<MapData, u32>,
     /// veth0 in the bed's namespace: every frame arrives there.
     ifindex: u32,
-    /// CPU 0's share of the per-CPU LRU flow table.
+    /// The size of CPU 0's flow table.
     share: u32,
     possible: u32,
     out: Vec<u8>,
@@ -603,10 +596,16 @@ impl Bench {
             "{what}: {runs} runs took {took:?}, longer than the rate window the bench filled: use fewer runs"
         );
         if !empty && c.flows == Flows::New(Table::Free) {
-            for n in new_flows.chain(HELPER_SEQ..HELPER_SEQ + helper_runs) {
+            let helper = HELPER_SEQ..HELPER_SEQ + helper_runs;
+            for n in new_flows.chain(helper.clone()) {
                 let (_, wire) = nth_flow(&c.wire, &c.frame, n);
-                self.flows.remove(&flow_key(&wire)).with_context(|| {
-                    format!("{what}: new flow {n} is not in the flow table after the run (evicted?)")
+                let table = match (helper.contains(&n), &mut self.helper_flows) {
+                    (false, _) => &mut self.flows,
+                    (true, Some(t)) => t,
+                    (true, None) => bail!("{what}: CPU 1 ran, but there is no flow table of CPU 1"),
+                };
+                table.remove(&flow_key(&wire)).with_context(|| {
+                    format!("{what}: new flow {n} is not in its CPU's flow table after the run (evicted?)")
                 })?;
             }
         }
@@ -767,12 +766,12 @@ fn prog_stats(dp: &mut Dataplane, name: &'static str) -> Result<ProgStats> {
     Ok(ProgStats { name, instructions: info.size_translated().map(|b| b / 8), jited_bytes: info.size_jitted() })
 }
 
-/// The flow table's kernel memory.
+/// The flow tables' kernel memory, every CPU's together.
 struct FlowMemory {
     requested: u32,
-    /// As the kernel sized it (a per-CPU LRU map rounds to a multiple of the possible CPUs).
+    /// As the agent sized them: each CPU's share, rounded up.
     max_entries: u32,
-    /// The map's "memlock:" in /proc/self/fdinfo: what the kernel charges for it.
+    /// The tables' "memlock:" in /proc/self/fdinfo: what the kernel charges for them.
     memlock: u64,
 }
 
@@ -782,30 +781,33 @@ impl FlowMemory {
     }
 }
 
-fn flow_memory(info: &MapInfo, requested: u32) -> Result<FlowMemory> {
-    let fd = info.fd()?;
-    let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    let memlock = text
-        .lines()
-        .find_map(|l| l.strip_prefix("memlock:"))
-        .with_context(|| format!("no memlock in {path}"))?
-        .trim()
-        .parse()
-        .with_context(|| format!("bad memlock in {path}"))?;
-    Ok(FlowMemory { requested, max_entries: info.max_entries(), memlock })
+fn flow_memory(tables: &[MapData], requested: u32) -> Result<FlowMemory> {
+    let mut memory = FlowMemory { requested, max_entries: 0, memlock: 0 };
+    for table in tables {
+        let path = format!("/proc/self/fdinfo/{}", table.fd().as_fd().as_raw_fd());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        let memlock: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .with_context(|| format!("no memlock in {path}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("bad memlock in {path}"))?;
+        memory.memlock += memlock;
+        memory.max_entries += table.info()?.max_entries();
+    }
+    Ok(memory)
 }
 
-/// Loads a data path with a flow table of `entries` and reads what its FLOWS map costs.
+/// Loads a data path with a flow table of `entries` and reads what its tables cost.
 fn flow_table_memory(entries: u32) -> Result<FlowMemory> {
-    let mut dp = Dataplane::load(&LoadOptions {
+    let dp = Dataplane::load(&LoadOptions {
         hash_seed: dpbed::SEED,
         iface_mac: LB_MAC,
         maglev_capacity: 1,
         flow_table_size: entries,
     })?;
-    let info = map_info_of(dp.balancer(), map_names::FLOWS)?;
-    flow_memory(&info, entries)
+    flow_memory(&dp.flow_tables()?, entries)
 }
 
 /// What the bench thread hands back.
@@ -927,14 +929,15 @@ fn run_bench(args: &Args) -> Result<Measured> {
         dp.publish_table(&mut slot, &table)?;
         setup.services.push(Svc { vip: *vip, port: *port, proto: *proto, forward: *forward, table });
     }
-    let flows_info = map_info_of(dp.balancer(), map_names::FLOWS)?;
-    let bench_table = flow_memory(&flows_info, args.flow_table)?;
-    // Per-CPU LRU lists give each possible CPU max_entries / possible CPUs of its own; common
-    // lists let one CPU fill the whole table.
-    let per_cpu_lists = flows_info.map_flags() & BPF_F_NO_COMMON_LRU != 0;
-    let share = if per_cpu_lists { bench_table.max_entries / possible } else { bench_table.max_entries };
-    let flows =
-        BpfHashMap::try_from(map_of(dp.balancer(), map_names::FLOWS)?).context("the FLOWS map is not a hash map")?;
+    let mut tables = dp.flow_tables()?;
+    let bench_table = flow_memory(&tables, args.flow_table)?;
+    // CPU 0's table: the bench runs there.
+    let share = tables[0].info()?.max_entries();
+    let helper_flows = match tables.len() {
+        2.. => Some(BpfHashMap::try_from(Map::LruHashMap(tables.swap_remove(1))).context("CPU 1's flow table")?),
+        _ => None,
+    };
+    let flows = BpfHashMap::try_from(Map::LruHashMap(tables.swap_remove(0))).context("CPU 0's flow table")?;
     let rate = PerCpuArray::try_from(map_of(dp.balancer(), map_names::NEW_FLOW_RATE)?)?;
     let prog = dp.program(harness::PROGRAM)?;
     let frame = Array::try_from(map_of(prog, harness::FRAME_MAP)?)?;
@@ -1107,6 +1110,7 @@ fn run_bench(args: &Args) -> Result<Measured> {
         setup,
         settings,
         flows,
+        helper_flows,
         rate,
         frame,
         target,
