@@ -129,7 +129,11 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
     frames.extend(reasons.iter().map(|(r, c)| (vec![("reason", r.name().to_string())], c.packets)));
     let bytes = snap.family("xlb_frame_bytes", Counter, "Bytes of frames by the reason of the verdict.");
     bytes.extend(reasons.iter().map(|(r, c)| (vec![("reason", r.name().to_string())], c.bytes)));
-    let events = snap.family("xlb_flow_events", Counter, "Flow-table events (hit, new, rate_limited, stale, closed).");
+    let events = snap.family(
+        "xlb_flow_events",
+        Counter,
+        "Flow-table events (hit, new, rate_limited, stale, closed, moved: found in another CPU's table).",
+    );
     events.extend(dp.flow_counters()?.into_iter().map(|(e, n)| (vec![("event", e.name().to_string())], n)));
     snap.family(
         "xlb_route_changes",
