@@ -132,7 +132,7 @@ pub fn snapshot(agent: &Agent) -> Result<Snapshot> {
     let events = snap.family(
         "xlb_flow_events",
         Counter,
-        "Flow-table events (hit, new, rate_limited, stale, closed, moved: found in another CPU's table).",
+        "Flow-table events (hit, new, rate_limited, stale, closed, other_cpu: a pin found in another CPU's table).",
     );
     events.extend(dp.flow_counters()?.into_iter().map(|(e, n)| (vec![("event", e.name().to_string())], n)));
     snap.family(

@@ -85,9 +85,9 @@ counted_enum! {
         Stale = 3 => "stale",
         /// TCP RST: the entry is removed.
         Closed = 4 => "closed",
-        /// Pinned flow found in another CPU's table (its packets changed CPU): moved to this
-        /// CPU's, then counted as a hit.
-        Moved = 5 => "moved",
+        /// Pinned flow found in another CPU's table (its packets came in on another CPU before):
+        /// used there, or moved to this CPU's table; then counted as a hit too.
+        OtherCpu = 5 => "other_cpu",
     }
 }
 

@@ -160,35 +160,48 @@ extern "C" fn look_in(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     }
 }
 
-/// A pin in another CPU's table for a flow this CPU's `table` has none of: its packets changed
-/// CPU (an interrupt moved, a veth sender migrated). The entry moves into `table`, as it is
-/// (its handshake and active-flow accounting go with it), and leaves the other table, so that
-/// every flow has one entry and the walker counts it once. A lookup per CPU: asked only where
-/// a packet may well belong to a pinned flow (see [`select`]).
+/// Other CPUs' tables a pin found in is used where it is: looking there again on the flow's next
+/// packet costs less than moving the entry (an insert and a removal). One found further along the
+/// search moves here, so that a flow that has changed CPU for good pays the search once.
+const IN_PLACE_LOOKUPS: u32 = 3;
+
+/// A pin in another CPU's table for a flow this CPU's `table` has none of: its packets came in on
+/// another CPU before (an interrupt moved, an RSS table changed, a veth sender migrated: veth
+/// runs XDP on the sending CPU, so in a veth bed most flows alternate between CPUs). Null when
+/// there is none. The entry keeps its handshake and active-flow accounting, and stays the flow's
+/// one entry: used in place (`home` is set to its CPU) when it was among the first
+/// [`IN_PLACE_LOOKUPS`] tables looked in, moved into `table` otherwise. A lookup per CPU: asked
+/// only where a packet may well belong to a pinned flow (see [`select`]).
 #[inline(never)]
-fn moved_here(table: &FlowTable, key: &FlowKey, cpu: u32, cpus: u32) -> bool {
+fn pinned_elsewhere(table: &FlowTable, key: &FlowKey, cpu: u32, cpus: u32, home: &mut u32) -> *mut Flow {
     let mut search = Search { key: *key, cpu, found: 0 };
     let look: extern "C" fn(u64, *mut core::ffi::c_void) -> i64 = look_in;
     // SAFETY: the callback and its context are valid for the call; no flags.
     unsafe { bpf_loop(cpus.min(MAX_CPUS), look as *mut core::ffi::c_void, (&raw mut search).cast(), 0) };
     let Some(other) = search.found.checked_sub(1) else {
-        return false;
+        return core::ptr::null_mut();
     };
     let Some(theirs) = FLOWS.get(other) else {
-        return false;
+        return core::ptr::null_mut();
     };
     let Some(flow) = theirs.get_ptr_mut(key) else {
-        return false;
+        return core::ptr::null_mut();
     };
+    stats::count_flow(FlowEvent::OtherCpu);
+    let lookups = if other < cpu { other + 1 } else { other };
+    if lookups <= IN_PLACE_LOOKUPS {
+        *home = other;
+        return flow;
+    }
     // SAFETY: the entry stays valid for the program's run (RCU); racing writers only ever
     // store whole, equally valid values.
-    let flow = unsafe { *flow };
-    if table.insert(key, &flow, 0).is_err() {
-        return false;
+    let value = unsafe { *flow };
+    if table.insert(key, &value, 0).is_err() {
+        *home = other;
+        return flow;
     }
     let _ = theirs.remove(key);
-    stats::count_flow(FlowEvent::Moved);
-    true
+    table.get_ptr_mut(key).unwrap_or(core::ptr::null_mut())
 }
 
 /// The backend for this packet: its pinned one while that is still in the service (and, for
@@ -216,21 +229,24 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
         now = clock();
         over_new_flow_limit(now)
     };
+    // The CPU whose table holds the flow's entry.
+    let mut home = cpu;
     let pinned = match table {
         Some(table) if !syn_over_rate => table.get_ptr_mut(key).or_else(|| {
             // A miss: a new flow, or one pinned on another CPU. A SYN is new (a retransmitted
             // one on another CPU is rescheduled: its first got no answer). Anything else looks
             // in the other CPUs' tables, a lookup each: the price of a new UDP flow on a host
-            // of many CPUs, and of a flow that changed CPU once. Past the new-flow rate nothing
-            // is looked for (a flood of ACKs would pay it per packet).
+            // of many CPUs, and of a flow's packet off its entry's CPU. Past the new-flow rate
+            // nothing is looked for (a flood of ACKs would pay it per packet).
             if !udp && tcp_flags.is_syn_only() {
                 return None;
             }
             now = clock();
-            if over_new_flow_limit(now) || !moved_here(table, key, cpu, settings.flow_tables) {
+            if over_new_flow_limit(now) {
                 return None;
             }
-            table.get_ptr_mut(key)
+            let flow = pinned_elsewhere(table, key, cpu, settings.flow_tables, &mut home);
+            (!flow.is_null()).then_some(flow)
         }),
         _ => None,
     };
@@ -247,7 +263,7 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
                 track_tcp(flow, tcp_flags);
             }
             if tcp_flags.is_rst() {
-                if let Some(table) = table {
+                if let Some(table) = FLOWS.get(home) {
                     let _ = table.remove(key);
                 }
                 stats::count_flow(FlowEvent::Closed);
@@ -272,6 +288,13 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
             return Some(Chosen { id: f.backend, backend, hash: None });
         }
         release_stale(f.backend, f.generation, f.active(key.proto));
+        // Released once: the flow's new pin goes into this CPU's table, and a stale entry left
+        // in another would be released again by that CPU's next packet of it.
+        if home != cpu {
+            if let Some(theirs) = FLOWS.get(home) {
+                let _ = theirs.remove(key);
+            }
+        }
         stats::count_flow(FlowEvent::Stale);
     }
     if now == 0 {

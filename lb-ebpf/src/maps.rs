@@ -44,7 +44,7 @@ pub type FlowTable = LruHashMap<FlowKey, Flow, 1>;
 /// The flow tables, by CPU (Katran's layout). A CPU inserts into and evicts from its own table
 /// only, so its LRU lock is its own, and its lists are common ones, which refill and evict in
 /// batches (cheaper per insert than per-CPU lists in one shared table). A flow whose packets
-/// change CPU is moved to the new CPU's table by its first packet there (see `flow`).
+/// change CPU keeps its one entry, found from the new CPU (see `flow`).
 #[btf_map]
 pub static FLOWS: ArrayOfMaps<FlowTable, { MAX_CPUS as usize }> = ArrayOfMaps::new();
 

@@ -135,14 +135,17 @@ impl DpBed {
         Ok(Self { ns })
     }
 
-    /// Runs `f` with a freshly loaded [`Bed`] on a thread inside the namespace; a panic in `f`
-    /// is re-raised here with its own message.
+    /// Runs `f` with a freshly loaded [`Bed`] on a thread inside the namespace, pinned to CPU 0
+    /// (the flow tables are per CPU: a thread that migrated between two packets of a flow would
+    /// find its pin in another CPU's table, counted as such); a panic in `f` is re-raised here
+    /// with its own message.
     pub fn run<F, R>(&self, f: F) -> R
     where
         F: FnOnce(&mut Bed) -> R + Send + 'static,
         R: Send + 'static,
     {
         self.run_raw(move || {
+            crate::bench::pin_to_cpu0().expect("pin the bed's thread");
             let mut bed = Bed::new().expect("load the data-path bed (run the tests as root)");
             f(&mut bed)
         })

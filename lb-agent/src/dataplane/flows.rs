@@ -80,8 +80,8 @@ impl FlowWalker {
         let mut active: Array<MapData, u64> = Array::try_from(Map::Array(MapData::from_id(self.active_flows)?))?;
         let mut counts: StdHashMap<(u32, u32), u64> = StdHashMap::new();
         let mut entries = 0;
-        // A flow has one entry, in the table of the CPU its packets last came in on (the data
-        // path moves it when they change CPU), so the tables' counts add up.
+        // A flow has one entry, in one CPU's table (a packet on another CPU uses it there or
+        // moves it, never copies it), so the tables' counts add up.
         for table in &tables {
             entries += hash_for_each(table, |key: &FlowKey, flow: &Flow| {
                 if flow.active(key.proto) {
