@@ -136,17 +136,19 @@ struct Search {
     key: FlowKey,
     /// The CPU the packet is on: its table has no entry.
     cpu: u32,
+    /// The first CPU the loop looks at (its index 0).
+    first: u32,
     /// The CPU whose table has the flow, plus one; 0 while not found.
     found: u32,
 }
 
-/// bpf_loop's callback for one other CPU (`index`): 1 (stop) when its table has the flow. A
-/// helper-driven loop, so that the verifier checks this body once, not once per CPU.
+/// bpf_loop's callback for one other CPU (`first + index`): 1 (stop) when its table has the
+/// flow. A helper-driven loop, so that the verifier checks this body once, not once per CPU.
 extern "C" fn look_in(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let search = ctx.cast::<Search>();
-    let other = index as u32;
     // SAFETY: `ctx` is the caller's Search, for the loop's duration.
     unsafe {
+        let other = (*search).first.wrapping_add(index as u32);
         if other == (*search).cpu {
             return 0;
         }
@@ -160,24 +162,44 @@ extern "C" fn look_in(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     }
 }
 
-/// Other CPUs' tables a pin found in is used where it is: looking there again on the flow's next
-/// packet costs less than moving the entry (an insert and a removal). One found further along the
-/// search moves here, so that a flow that has changed CPU for good pays the search once.
+/// Other CPUs' tables looked in first, directly, and a pin found in one used where it is:
+/// looking there again on the flow's next packet costs less than moving the entry (an insert
+/// and a removal). One found further along, by a `bpf_loop`, moves here, so that a flow that
+/// has changed CPU for good pays that search once.
 const IN_PLACE_LOOKUPS: u32 = 3;
 
 /// A pin in another CPU's table for a flow this CPU's `table` has none of: its packets came in on
 /// another CPU before (an interrupt moved, an RSS table changed, a veth sender migrated: veth
 /// runs XDP on the sending CPU, so in a veth bed most flows alternate between CPUs). Null when
 /// there is none. The entry keeps its handshake and active-flow accounting, and stays the flow's
-/// one entry: used in place (`home` is set to its CPU) when it was among the first
-/// [`IN_PLACE_LOOKUPS`] tables looked in, moved into `table` otherwise. A lookup per CPU: asked
+/// one entry: used in place (`home` is set to its CPU) when it is in one of the first
+/// [`IN_PLACE_LOOKUPS`] other CPUs' tables, moved into `table` otherwise. A lookup per CPU: asked
 /// only where a packet may well belong to a pinned flow (see [`select`]).
 #[inline(never)]
 fn pinned_elsewhere(table: &FlowTable, key: &FlowKey, cpu: u32, cpus: u32, home: &mut u32) -> *mut Flow {
-    let mut search = Search { key: *key, cpu, found: 0 };
+    let cpus = cpus.min(MAX_CPUS);
+    // CPUs 0..=IN_PLACE_LOOKUPS but this one: IN_PLACE_LOOKUPS others.
+    let near = cpus.min(IN_PLACE_LOOKUPS + 1);
+    for other in 0..IN_PLACE_LOOKUPS + 1 {
+        if other >= near {
+            break;
+        }
+        if other == cpu {
+            continue;
+        }
+        if let Some(flow) = FLOWS.get(other).and_then(|theirs| theirs.get_ptr_mut(key)) {
+            stats::count_flow(FlowEvent::OtherCpu);
+            *home = other;
+            return flow;
+        }
+    }
+    if cpus <= near {
+        return core::ptr::null_mut();
+    }
+    let mut search = Search { key: *key, cpu, first: near, found: 0 };
     let look: extern "C" fn(u64, *mut core::ffi::c_void) -> i64 = look_in;
     // SAFETY: the callback and its context are valid for the call; no flags.
-    unsafe { bpf_loop(cpus.min(MAX_CPUS), look as *mut core::ffi::c_void, (&raw mut search).cast(), 0) };
+    unsafe { bpf_loop(cpus - near, look as *mut core::ffi::c_void, (&raw mut search).cast(), 0) };
     let Some(other) = search.found.checked_sub(1) else {
         return core::ptr::null_mut();
     };
@@ -188,11 +210,6 @@ fn pinned_elsewhere(table: &FlowTable, key: &FlowKey, cpu: u32, cpus: u32, home:
         return core::ptr::null_mut();
     };
     stats::count_flow(FlowEvent::OtherCpu);
-    let lookups = if other < cpu { other + 1 } else { other };
-    if lookups <= IN_PLACE_LOOKUPS {
-        *home = other;
-        return flow;
-    }
     // SAFETY: the entry stays valid for the program's run (RCU); racing writers only ever
     // store whole, equally valid values.
     let value = unsafe { *flow };
