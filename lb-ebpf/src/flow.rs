@@ -6,7 +6,7 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed};
 
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_loop};
 use lb_common::{
-    limits::MAX_CPUS, Backend, Flow, FlowEvent, FlowKey, Service, TcpFlags, BACKEND_F_VALID, FLOW_TCP_CLOSED,
+    limits::MAX_CPUS, Backend, Flow, FlowEvent, FlowKey, Service, Settings, TcpFlags, BACKEND_F_VALID, FLOW_TCP_CLOSED,
     FLOW_TCP_ESTABLISHED, IPPROTO_UDP,
 };
 
@@ -221,6 +221,71 @@ fn pinned_elsewhere(table: &FlowTable, key: &FlowKey, cpu: u32, cpus: u32, home:
     table.get_ptr_mut(key).unwrap_or(core::ptr::null_mut())
 }
 
+/// `BPF_NOEXIST`: an insert that fails, with `EEXIST`, when the key has an entry.
+const NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+/// A pinned flow's packet: its backend while that is still usable (and, for UDP, the pin not
+/// idle), with the pin's bookkeeping; None for a stale pin, released (and removed from `home`'s
+/// table when that is another CPU's, so that it is released once), for a new pin to replace.
+#[inline(always)]
+fn follow(
+    flow: *mut Flow,
+    key: &FlowKey,
+    tcp_flags: TcpFlags,
+    settings: &Settings,
+    cpu: u32,
+    home: u32,
+) -> Option<Chosen> {
+    let udp = key.proto == IPPROTO_UDP;
+    // SAFETY: the entry stays valid for the program's run (RCU); racing writers only ever
+    // store whole, equally valid values.
+    let f = unsafe { *flow };
+    // The clock only matters to UDP pins: a TCP hit does without it.
+    // SAFETY: a helper without arguments.
+    let now = if udp { unsafe { bpf_ktime_get_ns() } } else { 0 };
+    let idle = udp && now.wrapping_sub(f.last_seen_ns) > settings.udp_idle_ns;
+    let (false, Some(backend)) = (idle, usable(f.backend, Some(f.generation))) else {
+        release_stale(f.backend, f.generation, f.active(key.proto));
+        // Released once: the flow's new pin goes into this CPU's table, and a stale entry left
+        // in another would be released again by that CPU's next packet of it.
+        if home != cpu {
+            if let Some(theirs) = FLOWS.get(home) {
+                let _ = theirs.remove(key);
+            }
+        }
+        stats::count_flow(FlowEvent::Stale);
+        return None;
+    };
+    if !udp && tcp_flags.changes_state() {
+        track_tcp(flow, tcp_flags);
+    }
+    if tcp_flags.is_rst() {
+        if let Some(table) = FLOWS.get(home) {
+            let _ = table.remove(key);
+        }
+        stats::count_flow(FlowEvent::Closed);
+    } else {
+        // Refreshed well before it could expire, but not on every packet.
+        let refresh = if settings.udp_idle_ns < 2 * NS_PER_SEC { settings.udp_idle_ns / 2 } else { NS_PER_SEC };
+        if udp && now.wrapping_sub(f.last_seen_ns) > refresh {
+            // SAFETY: as above.
+            unsafe { (*flow).last_seen_ns = now };
+        }
+        stats::count_flow(FlowEvent::Hit);
+        // A pure ACK changes no state (track_tcp left the entry alone): `f` is current.
+        if !udp && tcp_flags.is_ack_only() && !f.established() && f.last_seen_ns != FLOW_TCP_CLOSED {
+            // SAFETY: as above.
+            unsafe { (*flow).last_seen_ns |= FLOW_TCP_ESTABLISHED };
+            stats::count_established(f.backend);
+        }
+        if tcp_flags.is_syn_only() {
+            stats::count_syn_retransmit(f.backend);
+        }
+    }
+    Some(Chosen { id: f.backend, backend, hash: None })
+}
+
 /// The backend for this packet: its pinned one while that is still in the service (and, for
 /// UDP, not idle too long); otherwise its scheduler's, pinned unless over the new-flow rate.
 /// `hash` is the flow's hash, computed only when the flow table has no usable pin.
@@ -228,36 +293,27 @@ fn pinned_elsewhere(table: &FlowTable, key: &FlowKey, cpu: u32, cpus: u32, home:
 pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl Fn() -> u32) -> Option<Chosen> {
     let settings = SETTINGS.get(0)?;
     let udp = key.proto == IPPROTO_UDP;
-    // The clock only matters to UDP pins and new pins: a TCP hit does without it.
     // SAFETY: a helper without arguments.
     let clock = || unsafe { bpf_ktime_get_ns() };
-    let mut now = 0;
     // SAFETY: a helper without arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     // None only before the agent has given this CPU a table: nothing is pinned then.
     let table = FLOWS.get(cpu);
-    // A SYN past the new-flow rate would not be pinned: it is placed by the table at once,
-    // without the flow-table lookup (a cold bucket in a large table: most of such a SYN's
-    // cost), and a SYN flood is all such packets. Katran skips the lookup for every SYN; here
-    // only past the rate, where nothing is pinned anyway. What it gives up: a retransmitted or
-    // port-reusing SYN of a pinned flow takes the table's backend instead of its pin, which
-    // differs only if the table changed since the pin.
-    let syn_over_rate = !udp && tcp_flags.is_syn_only() && {
-        now = clock();
-        over_new_flow_limit(now)
-    };
+    // A SYN is not looked up: it is a new flow but for a retransmission or a reused 5-tuple,
+    // which its insert finds (below). The lookup, a cold bucket in a large table, was most of a
+    // SYN flood's per-packet cost, and the insert walks the same bucket anyway. Katran skips it
+    // too (and re-pins such a SYN by the table).
+    let syn = !udp && tcp_flags.is_syn_only();
     // The CPU whose table holds the flow's entry.
     let mut home = cpu;
+    let mut now = 0;
     let pinned = match table {
-        Some(table) if !syn_over_rate => table.get_ptr_mut(key).or_else(|| {
-            // A miss: a new flow, or one pinned on another CPU. A SYN is new (a retransmitted
-            // one on another CPU is rescheduled: its first got no answer). Anything else looks
-            // in the other CPUs' tables, a lookup each: the price of a new UDP flow on a host
-            // of many CPUs, and of a flow's packet off its entry's CPU. Past the new-flow rate
+        Some(table) if !syn => table.get_ptr_mut(key).or_else(|| {
+            // A miss: a new flow, or one pinned on another CPU. Anything but a SYN looks in
+            // the other CPUs' tables, a lookup each: the price of a new UDP flow on a host of
+            // many CPUs, and of a flow's packet off its entry's CPU (a retransmitted SYN on
+            // another CPU is scheduled afresh: its first got no answer). Past the new-flow rate
             // nothing is looked for (a flood of ACKs would pay it per packet).
-            if !udp && tcp_flags.is_syn_only() {
-                return None;
-            }
             now = clock();
             if over_new_flow_limit(now) {
                 return None;
@@ -268,51 +324,9 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
         _ => None,
     };
     if let Some(flow) = pinned {
-        // SAFETY: the entry stays valid for the program's run (RCU); racing writers only
-        // ever store whole, equally valid values.
-        let f = unsafe { *flow };
-        if udp {
-            now = clock();
+        if let Some(chosen) = follow(flow, key, tcp_flags, settings, cpu, home) {
+            return Some(chosen);
         }
-        let idle = udp && now.wrapping_sub(f.last_seen_ns) > settings.udp_idle_ns;
-        if let (false, Some(backend)) = (idle, usable(f.backend, Some(f.generation))) {
-            if !udp && tcp_flags.changes_state() {
-                track_tcp(flow, tcp_flags);
-            }
-            if tcp_flags.is_rst() {
-                if let Some(table) = FLOWS.get(home) {
-                    let _ = table.remove(key);
-                }
-                stats::count_flow(FlowEvent::Closed);
-            } else {
-                // Refreshed well before it could expire, but not on every packet.
-                let refresh = if settings.udp_idle_ns < 2 * NS_PER_SEC { settings.udp_idle_ns / 2 } else { NS_PER_SEC };
-                if udp && now.wrapping_sub(f.last_seen_ns) > refresh {
-                    // SAFETY: as above.
-                    unsafe { (*flow).last_seen_ns = now };
-                }
-                stats::count_flow(FlowEvent::Hit);
-                // A pure ACK changes no state (track_tcp left the entry alone): `f` is current.
-                if !udp && tcp_flags.is_ack_only() && !f.established() && f.last_seen_ns != FLOW_TCP_CLOSED {
-                    // SAFETY: as above.
-                    unsafe { (*flow).last_seen_ns |= FLOW_TCP_ESTABLISHED };
-                    stats::count_established(f.backend);
-                }
-                if tcp_flags.is_syn_only() {
-                    stats::count_syn_retransmit(f.backend);
-                }
-            }
-            return Some(Chosen { id: f.backend, backend, hash: None });
-        }
-        release_stale(f.backend, f.generation, f.active(key.proto));
-        // Released once: the flow's new pin goes into this CPU's table, and a stale entry left
-        // in another would be released again by that CPU's next packet of it.
-        if home != cpu {
-            if let Some(theirs) = FLOWS.get(home) {
-                let _ = theirs.remove(key);
-            }
-        }
-        stats::count_flow(FlowEvent::Stale);
     }
     if now == 0 {
         now = clock();
@@ -320,25 +334,46 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
     let hash = hash();
     let id = sched::new_flow_backend(service, key, tcp_flags, hash, now)?;
     let backend = usable(id, None)?;
-    stats::count_new_flow(id);
-    if !tcp_flags.is_rst() {
-        match table {
-            Some(table) if under_new_flow_limit(now, settings.new_flows_per_cpu_sec) => {
-                // A TCP pin on anything but a SYN (a flow older than its pin) is not a handshake
-                // to watch: it starts established. (UDP ignores the bit: a nanosecond.)
-                let watch = !udp && tcp_flags.is_syn_only();
-                let last_seen_ns = if watch { now & !FLOW_TCP_ESTABLISHED } else { now | FLOW_TCP_ESTABLISHED };
-                let flow = Flow { backend: id, generation: backend.generation, last_seen_ns };
-                if table.insert(key, &flow, 0).is_ok() {
-                    active_add(id);
-                    if watch {
-                        stats::count_syn_pinned(id);
-                    }
-                }
-                stats::count_flow(FlowEvent::New);
-            }
-            _ => stats::count_flow(FlowEvent::RateLimited),
-        }
+    let chosen = Chosen { id, backend, hash: Some(hash) };
+    if tcp_flags.is_rst() {
+        stats::count_new_flow(id);
+        return Some(chosen);
     }
-    Some(Chosen { id, backend, hash: Some(hash) })
+    let Some(table) = table.filter(|_| under_new_flow_limit(now, settings.new_flows_per_cpu_sec)) else {
+        stats::count_new_flow(id);
+        stats::count_flow(FlowEvent::RateLimited);
+        return Some(chosen);
+    };
+    // A TCP pin on anything but a SYN (a flow older than its pin) is not a handshake to watch:
+    // it starts established. (UDP ignores the bit: a nanosecond.)
+    let last_seen_ns = if syn { now & !FLOW_TCP_ESTABLISHED } else { now | FLOW_TCP_ESTABLISHED };
+    let flow = Flow { backend: id, generation: backend.generation, last_seen_ns };
+    // A SYN's insert may not replace a pin: its failure says the flow has one (a retransmitted
+    // SYN, or the 5-tuple reused), to follow as any pinned packet would. (On a full table the
+    // failed insert has already evicted an entry for its own: the LRU's oldest, rarely.)
+    // Anything else reached here without a usable pin: it replaces a stale one.
+    match table.insert(key, &flow, if syn { NOEXIST } else { 0 }) {
+        Ok(()) => {
+            active_add(id);
+            if syn {
+                stats::count_syn_pinned(id);
+            }
+        }
+        Err(e) if syn && -e == EEXIST => {
+            if let Some(pin) = table.get_ptr_mut(key) {
+                if let Some(pinned) = follow(pin, key, tcp_flags, settings, cpu, cpu) {
+                    return Some(pinned);
+                }
+            }
+            // Stale, and released: replaced.
+            if table.insert(key, &flow, 0).is_ok() {
+                active_add(id);
+                stats::count_syn_pinned(id);
+            }
+        }
+        Err(_) => {}
+    }
+    stats::count_new_flow(id);
+    stats::count_flow(FlowEvent::New);
+    Some(chosen)
 }

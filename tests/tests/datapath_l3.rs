@@ -880,8 +880,22 @@ fn a_syn_past_the_rate_is_placed_without_the_flow_table() {
         assert_eq!(l2_backend(&out), pinned, "the ACK: the pin");
         // Under the rate again (no limit), the SYN finds its pin.
         limit_new_flows(bed, 0);
+        let (before, active) = (bed.dp.backend_flows(pinned).unwrap(), bed.dp.active_flows(pinned).unwrap());
         let out = bed.run_flow(&syn.build(), Reason::TxForwarded, &[Hit]);
         assert_eq!(l2_backend(&out), pinned, "a retransmitted SYN under the rate: the pin");
+        // Found by its insert (a SYN is not looked up): a retransmission, not a new flow.
+        let after = bed.dp.backend_flows(pinned).unwrap();
+        assert_eq!(after.syn_retransmits, before.syn_retransmits + 1);
+        assert_eq!((after.new_flows, after.syn_pinned), (before.new_flows, before.syn_pinned), "not a new flow");
+        assert_eq!(bed.dp.active_flows(pinned).unwrap(), active);
+        // A SYN whose pin went stale (its backend down) replaces it.
+        let info = bed.backend(pinned);
+        bed.set_backend(pinned, info.addr, info.mac, false).unwrap();
+        let out = bed.run_flow(&syn.build(), Reason::TxForwarded, &[Stale, New]);
+        assert_eq!(l2_backend(&out), other);
+        assert_eq!(bed.dp.active_flows(pinned).unwrap(), active - 1, "the stale pin released");
+        let out = bed.run_flow(&syn.clone().tcp_flags(0x10).build(), Reason::TxForwarded, &[Hit]);
+        assert_eq!(l2_backend(&out), other, "and the flow pinned anew");
     });
 }
 
