@@ -316,7 +316,8 @@ pub struct Settings {
     /// New flows per second and CPU that get a flow-table entry; past it (a SYN flood) the
     /// Maglev answer is used without inserting, so the flood cannot flush the table. 0: no limit.
     pub new_flows_per_cpu_sec: u32,
-    /// Outer source of IPv4 encapsulation: `ipip_src_v4 | (flow hash & ipip_src_v4_host)`.
+    /// Outer source of IPv4 encapsulation: `ipip_src_v4 | (encap hash & ipip_src_v4_host)`
+    /// ([`crate::hash::encap_hash`]).
     pub ipip_src_v4: u32,
     pub ipip_src_v4_host: u32,
     /// As for IPv4; the host part varies in the last word only.

@@ -4,9 +4,10 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    addr_v4, addr_v6, hash::flow_hash, vip_bit, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags,
-    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF, TCP_HDR,
-    UDP_HDR,
+    addr_v4, addr_v6,
+    hash::{encap_hash, flow_hash},
+    vip_bit, Addr, Backend, FlowKey, Reason, Service, ServiceKey, TcpFlags, FAMILY_V4, FAMILY_V6, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR, IPV6_HDR, IP_DF, TCP_HDR, UDP_HDR,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -56,16 +57,14 @@ pub fn balance(ctx: &XdpContext) -> Reason {
     let Some(service) = maps::service(&service_key) else {
         return on_vip(&k.dst, k.family, Reason::DropUnknownService);
     };
-    // About 175 instructions in a row: only a new flow (its backend) and encapsulation (the
-    // outer source) need it, not an established L2 flow; a new flow's comes back in `chosen`,
-    // so an encapsulated one pays for it once (the seed's volatile read keeps the compiler
-    // from merging two calls).
+    // About 175 instructions in a row: only a new flow's backend needs it, not an established
+    // flow (encapsulation takes its outer bits from a cheaper hash).
     let hash = || flow_hash(&k.src, &k.dst, k.ports, k.proto, maps::hash_seed());
     let Some(chosen) = flow::select(k, packet.tcp_flags, &service, hash) else {
         return Reason::DropNoBackend;
     };
     let bytes = frame::frame_len(ctx);
-    let reason = forward(ctx, &packet, &service, &chosen, hash);
+    let reason = forward(ctx, &packet, &service, &chosen);
     if matches!(reason, Reason::TxForwarded | Reason::TxEncap | Reason::RedirectEncap | Reason::PassNoNeighbour) {
         stats::count_forward(service.id, chosen.id, bytes);
     }
@@ -204,14 +203,14 @@ fn transport(proto: u8, icmp: u8) -> Result<u8, Reason> {
 }
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen, hash: impl Fn() -> u32) -> Reason {
+fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen) -> Reason {
     if !service.is_ipip() {
         return match parse::set_macs(ctx, chosen.backend.mac, maps::iface_mac()) {
             Some(()) => Reason::TxForwarded,
             None => Reason::PassMalformed,
         };
     }
-    match forward_encap(ctx, packet, chosen.id, chosen.backend, chosen.hash.unwrap_or_else(hash)) {
+    match forward_encap(ctx, packet, chosen.id, chosen.backend) {
         Ok(reason) => reason,
         // Called from here, not from forward_encap: the verifier adds up the stacks of a chain.
         Err(mtu) => too_big(ctx, packet, mtu),
@@ -222,13 +221,14 @@ fn forward(ctx: &XdpContext, packet: &Packet, service: &Service, chosen: &Chosen
 /// L2 path, and the verifier limits the whole call chain to 512 bytes.
 #[inline(never)]
 /// Err(mtu): too big for the egress MTU once encapsulated, and not to be fragmented.
-fn forward_encap(ctx: &XdpContext, packet: &Packet, id: u32, backend: &Backend, hash: u32) -> Result<Reason, u16> {
+fn forward_encap(ctx: &XdpContext, packet: &Packet, id: u32, backend: &Backend) -> Result<Reason, u16> {
     // The verifier lost l3's bounds on the way through memory; it is 14 or 18.
     let l3 = frame::l3_bounded(packet.l3);
     let Some(settings) = SETTINGS.get(0) else {
         return Ok(Reason::DropNoRoute);
     };
     let family = packet.key.family;
+    let hash = encap_hash(&packet.key.src, packet.key.ports);
     let dst = &backend.addr;
     let (src, outer_hdr) = if family == FAMILY_V4 {
         let src = settings.ipip_src_v4 | (hash.to_be() & settings.ipip_src_v4_host);

@@ -17,12 +17,10 @@ use crate::{
 
 pub(crate) const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// A usable backend: its id and its slot, and the flow's hash when choosing it took one (a
-/// new flow), so that an encapsulation does not compute it again.
+/// A usable backend: its id and its slot.
 pub struct Chosen {
     pub id: u32,
     pub backend: &'static Backend,
-    pub hash: Option<u32>,
 }
 
 /// The backend in slot `id` when it is valid (and, given a generation, still the same one).
@@ -283,7 +281,7 @@ fn follow(
             stats::count_syn_retransmit(f.backend);
         }
     }
-    Some(Chosen { id: f.backend, backend, hash: None })
+    Some(Chosen { id: f.backend, backend })
 }
 
 /// The backend for this packet: its pinned one while that is still in the service (and, for
@@ -334,7 +332,7 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
     let hash = hash();
     let id = sched::new_flow_backend(service, key, tcp_flags, hash, now)?;
     let backend = usable(id, None)?;
-    let chosen = Chosen { id, backend, hash: Some(hash) };
+    let chosen = Chosen { id, backend };
     if tcp_flags.is_rst() {
         stats::count_new_flow(id);
         return Some(chosen);

@@ -378,7 +378,14 @@ pub fn frame_hash(f: &Frame) -> u32 {
     flow_hash(&map_addr(f.src).0, &map_addr(f.dst).0, ports, f.proto, SEED)
 }
 
-/// The outer IPv4 source for a flow of this hash: the prefix, the host part from the hash.
+/// The encapsulation hash the data path computes for this frame (outer source bits, flow label).
+pub fn encap_hash(f: &Frame) -> u32 {
+    let [s0, s1] = f.sport.to_be_bytes();
+    let [d0, d1] = f.dport.to_be_bytes();
+    lb_common::hash::encap_hash(&map_addr(f.src).0, u32::from_ne_bytes([s0, s1, d0, d1]))
+}
+
+/// The outer IPv4 source for a flow of this encapsulation hash: the prefix, the host part from the hash.
 pub fn outer_src_v4(hash: u32) -> Ipv4Addr {
     let host = u32::MAX >> IPIP_SRC4_LEN;
     Ipv4Addr::from((u32::from(IPIP_SRC4) & !host) | (hash & host))

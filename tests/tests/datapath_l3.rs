@@ -15,7 +15,7 @@ use lb_common::{
 use xlb_tests::{
     bed::{XDP_PASS, XDP_REDIRECT, XDP_TX},
     dpbed::{
-        backend_mac, flow_key, frame_hash, outer_src_v4, outer_src_v6, tcp, to_lb, udp, with_bed, Bed, DpBed, CLIENT4,
+        backend_mac, encap_hash, flow_key, outer_src_v4, outer_src_v6, tcp, to_lb, udp, with_bed, Bed, DpBed, CLIENT4,
         CLIENT6, CLIENT_MAC, GW2_MAC, GW4_MAC, GW6_MAC, L2_V4, L2_V6, LB_MAC, LB_MAC2, PORT_IPIP, PORT_L2_TCP,
         PORT_L2_UDP, PORT_NO_NEIGH, PORT_NO_ROUTE, PORT_REDIRECT, PORT_TOO_BIG, SMALL_MTU, UDP_IDLE_NS, VIP4, VIP6,
     },
@@ -67,7 +67,7 @@ fn l2_backend(out: &[u8]) -> u32 {
 /// The encapsulated frame the balancer must emit for `input` towards `backend`, with the MACs
 /// of the route through veth0 (gateway's lladdr, veth0's MAC).
 fn expected_encap(bed: &Bed, f: &Frame, input: &[u8], backend: u32) -> Vec<u8> {
-    let hash = frame_hash(f);
+    let hash = encap_hash(f);
     let addr = bed.backend(backend).addr;
     match f.src {
         IpAddr::V4(_) => expect_ipip_v4(input, GW4_MAC, LB_MAC, outer_src_v4(hash), ipv4_of(addr)),
@@ -299,7 +299,7 @@ fn encapsulated_frames_are_exact() {
                 assert_eq!(eth.ether_type(), case.ether_type);
                 let source: IpAddr = match bed.backend(backend).addr {
                     IpAddr::V4(addr) => check_ipip_v4_fields(&input, &out, addr).into(),
-                    IpAddr::V6(addr) => check_ip6ip6_fields(&input, &out, addr, frame_hash(&f)).into(),
+                    IpAddr::V6(addr) => check_ip6ip6_fields(&input, &out, addr, encap_hash(&f)).into(),
                 };
                 sources.insert(source);
                 let be1 = bed.dp.backend_counters(backend).unwrap();
@@ -327,7 +327,7 @@ fn vlan_tagged_ipip_keeps_its_tag() {
                     check_ipip_v4_fields(&input, &out, ipv4_of(bed.backend(backend).addr));
                 }
                 IpAddr::V6(_) => {
-                    check_ip6ip6_fields(&input, &out, ipv6_of(bed.backend(backend).addr), frame_hash(&f));
+                    check_ip6ip6_fields(&input, &out, ipv6_of(bed.backend(backend).addr), encap_hash(&f));
                 }
             }
         }
@@ -339,7 +339,7 @@ fn another_egress_interface_is_redirected_through_the_devmap() {
     with_bed(|bed| {
         let flows = [tcp(CLIENT4, 46_000, VIP4, PORT_REDIRECT), tcp(CLIENT6, 46_000, VIP6, PORT_REDIRECT)];
         let expected = |bed: &Bed, f: &Frame, input: &[u8]| {
-            let hash = frame_hash(f);
+            let hash = encap_hash(f);
             let backend = bed.expected_backend(f);
             match bed.backend(backend).addr {
                 IpAddr::V4(a) => expect_ipip_v4(input, GW2_MAC, LB_MAC2, outer_src_v4(hash), a),
@@ -531,7 +531,7 @@ fn no_neighbour_frames_are_forwarded_by_the_kernel() {
     // kernel would call those martians).
     let f = (53_001..54_000u16)
         .map(|sport| tcp(CLIENT4, sport, VIP4, PORT_NO_NEIGH))
-        .find(|f| !matches!(outer_src_v4(frame_hash(f)).octets()[3], 0 | 1 | 255))
+        .find(|f| !matches!(outer_src_v4(encap_hash(f)).octets()[3], 0 | 1 | 255))
         .unwrap();
     let g = f.clone();
     let before = forwarded(&dp);
@@ -1096,7 +1096,7 @@ fn frames_with_trailing_bytes_are_trimmed_and_forwarded_by_the_kernel() {
                 Some(n) => sized_tcp(CLIENT4.into(), sport, VIP4.into(), port, n),
                 None => tcp(CLIENT4, sport, VIP4, port).payload(Vec::new()),
             })
-            .find(|f| !matches!(outer_src_v4(frame_hash(f)).octets()[3], 0 | 1 | 255))
+            .find(|f| !matches!(outer_src_v4(encap_hash(f)).octets()[3], 0 | 1 | 255))
             .unwrap()
     };
     let mut padded = ordinary(PORT_NO_NEIGH, None).build();

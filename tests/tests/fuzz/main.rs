@@ -38,7 +38,12 @@ use lb_agent::{
     sys::if_index,
     tables::maglev::{self, Member},
 };
-use lb_common::{addr_v6, hash::flow_hash, reason::DecapReason, Reason, Settings, NO_BACKEND};
+use lb_common::{
+    addr_v6,
+    hash::{encap_hash, flow_hash},
+    reason::DecapReason,
+    Reason, Settings, NO_BACKEND,
+};
 use xlb_tests::{
     bed::{verdict_name, xdp_md, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     netns::Netns,

@@ -258,6 +258,8 @@ impl Model {
             _ => out.extend_from_slice(&f[..12]),
         }
         out.extend_from_slice(&f[12..l3]);
+        // The outer source bits and flow label: the encapsulation hash, not the flow hash.
+        let hash = encap_hash(&map_addr(flow.src).0, u32::from_ne_bytes(flow.ports));
         let hash_be = hash.to_be_bytes();
         if flow.v6 {
             let label = hash & 0xf_ffff;

@@ -278,10 +278,12 @@ impl Setup {
                 out
             }
             (Forward::Ipip, IpAddr::V4(a)) => {
-                xlb_tests::wire::expect::expect_ipip_v4(input, GW4_MAC, LB_MAC, dpbed::outer_src_v4(hash), a)
+                let bits = dpbed::encap_hash(f);
+                xlb_tests::wire::expect::expect_ipip_v4(input, GW4_MAC, LB_MAC, dpbed::outer_src_v4(bits), a)
             }
             (Forward::Ipip, IpAddr::V6(a)) => {
-                xlb_tests::wire::expect::expect_ip6ip6(input, GW6_MAC, LB_MAC, dpbed::outer_src_v6(hash), a, hash)
+                let bits = dpbed::encap_hash(f);
+                xlb_tests::wire::expect::expect_ip6ip6(input, GW6_MAC, LB_MAC, dpbed::outer_src_v6(bits), a, bits)
             }
         })
     }
