@@ -350,26 +350,19 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
     // SYN, or the 5-tuple reused), to follow as any pinned packet would. (On a full table the
     // failed insert has already evicted an entry for its own: the LRU's oldest, rarely.)
     // Anything else reached here without a usable pin: it replaces a stale one.
-    match table.insert(key, &flow, if syn { NOEXIST } else { 0 }) {
-        Ok(()) => {
-            active_add(id);
-            if syn {
-                stats::count_syn_pinned(id);
-            }
+    let mut inserted = table.insert(key, &flow, if syn { NOEXIST } else { 0 });
+    if syn && matches!(inserted, Err(e) if -e == EEXIST) {
+        if let Some(pinned) = table.get_ptr_mut(key).and_then(|pin| follow(pin, key, tcp_flags, settings, cpu, cpu)) {
+            return Some(pinned);
         }
-        Err(e) if syn && -e == EEXIST => {
-            if let Some(pin) = table.get_ptr_mut(key) {
-                if let Some(pinned) = follow(pin, key, tcp_flags, settings, cpu, cpu) {
-                    return Some(pinned);
-                }
-            }
-            // Stale, and released: replaced.
-            if table.insert(key, &flow, 0).is_ok() {
-                active_add(id);
-                stats::count_syn_pinned(id);
-            }
+        // Stale, and released: replaced.
+        inserted = table.insert(key, &flow, 0);
+    }
+    if inserted.is_ok() {
+        active_add(id);
+        if syn {
+            stats::count_syn_pinned(id);
         }
-        Err(_) => {}
     }
     stats::count_new_flow(id);
     stats::count_flow(FlowEvent::New);

@@ -357,9 +357,7 @@ pub fn to_lb(mut f: Frame) -> Frame {
 pub fn flow_key(f: &Frame) -> FlowKey {
     let (src, family) = map_addr(f.src);
     let (dst, _) = map_addr(f.dst);
-    let [s0, s1] = f.sport.to_be_bytes();
-    let [d0, d1] = f.dport.to_be_bytes();
-    FlowKey { src, dst, ports: u32::from_ne_bytes([s0, s1, d0, d1]), proto: f.proto, family, _pad: 0 }
+    FlowKey { src, dst, ports: ports_word(f), proto: f.proto, family, _pad: 0 }
 }
 
 pub fn tcp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u16) -> Frame {
@@ -372,17 +370,19 @@ pub fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u1
 
 /// The flow hash the data path computes for this frame with the bed's seed.
 pub fn frame_hash(f: &Frame) -> u32 {
-    let [s0, s1] = f.sport.to_be_bytes();
-    let [d0, d1] = f.dport.to_be_bytes();
-    let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
-    flow_hash(&map_addr(f.src).0, &map_addr(f.dst).0, ports, f.proto, SEED)
+    flow_hash(&map_addr(f.src).0, &map_addr(f.dst).0, ports_word(f), f.proto, SEED)
 }
 
 /// The encapsulation hash the data path computes for this frame (outer source bits, flow label).
 pub fn encap_hash(f: &Frame) -> u32 {
+    lb_common::hash::encap_hash(&map_addr(f.src).0, ports_word(f))
+}
+
+/// The frame's L4 ports as the data path reads them: the transport header's first four bytes.
+fn ports_word(f: &Frame) -> u32 {
     let [s0, s1] = f.sport.to_be_bytes();
     let [d0, d1] = f.dport.to_be_bytes();
-    lb_common::hash::encap_hash(&map_addr(f.src).0, u32::from_ne_bytes([s0, s1, d0, d1]))
+    u32::from_ne_bytes([s0, s1, d0, d1])
 }
 
 /// The outer IPv4 source for a flow of this encapsulation hash: the prefix, the host part from the hash.
