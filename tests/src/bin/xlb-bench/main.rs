@@ -681,17 +681,26 @@ impl Bench {
         Ok(ns)
     }
 
-    /// Pins an established case's flow with its SYN (the balancer itself, once).
+    /// Pins an established case's flow with its SYN (the balancer itself, once), under no
+    /// rate limit and out of Katran's flood path, whichever case ran before.
     fn pin(&mut self, c: &Case) -> Result<()> {
         let Some(syn) = &c.pin else { return Ok(()) };
         if c.program == katran::PROGRAM {
-            let k = self.katran.as_ref().context("Katran is not loaded")?;
+            let possible = self.possible;
+            let k = self.katran.as_mut().context("Katran is not loaded")?;
+            k.set_flood(false, monotonic_ns(), possible)?;
             let (got, _, len) = test_run(&k.prog, syn, self.ifindex, 1, &mut self.out)?;
             ensure!(got == c.verdict, "case {}: its SYN got {}", c.name, verdict_name(got));
             let real = k.real_of(syn, &self.out[..len]).with_context(|| format!("case {}: its SYN", c.name))?;
+            ensure!(
+                k.lru.get(&katran::flow_key(&c.wire), 0).is_ok(),
+                "case {}: its SYN is not in Katran's LRU",
+                c.name
+            );
             self.katran_pins.insert(c.name.clone(), real);
             return Ok(());
         }
+        self.set_rate_limit(0)?;
         let before = self.dp.flow_counters()?;
         let prog = self.dp.balancer();
         let (got, _, _) = test_run(prog, syn, self.ifindex, 1, &mut self.out)?;
