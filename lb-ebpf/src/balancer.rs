@@ -57,9 +57,9 @@ pub fn balance(ctx: &XdpContext) -> Reason {
     let Some(service) = maps::service(&service_key) else {
         return on_vip(&k.dst, k.family, Reason::DropUnknownService);
     };
-    // About 175 instructions in a row: only a new flow's backend needs it, not an established
+    // A serial chain of multiplies: only a new flow's backend needs it, not an established
     // flow (encapsulation takes its outer bits from a cheaper hash).
-    let hash = || flow_hash(&k.src, &k.dst, k.ports, k.proto, maps::hash_seed());
+    let hash = || flow_hash(&k.src, k.ports, maps::hash_seed());
     let Some(chosen) = flow::select(k, packet.tcp_flags, &service, hash) else {
         return Reason::DropNoBackend;
     };

@@ -4,8 +4,9 @@
 //! the service here and nowhere else.
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use lb_common::{
-    hash::source_hash, Addr, Affinity, AffinityKey, FlowKey, Service, TcpFlags, NO_BACKEND, SCHED_LC, SCHED_MAGLEV,
-    SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
+    hash::{ring_slot, source_hash},
+    Addr, Affinity, AffinityKey, FlowKey, Service, TcpFlags, NO_BACKEND, SCHED_LC, SCHED_MAGLEV, SCHED_RR,
+    SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
 };
 
 use crate::{
@@ -20,42 +21,48 @@ pub fn new_flow_backend(service: &Service, key: &FlowKey, tcp_flags: TcpFlags, h
     if service.has_affinity() {
         return Some(source_affinity(service, key, tcp_flags, now));
     }
-    let index =
-        if service.scheduler == SCHED_MAGLEV { hash } else { scheduled_index(service, &key.src, hash, tcp_flags, now) };
-    maglev(service, index)
+    let slot = if service.scheduler == SCHED_MAGLEV {
+        ring_slot(hash, service.table_size)
+    } else {
+        scheduled_slot(service, &key.src, hash, tcp_flags, now)
+    };
+    maglev(service, slot)
 }
 
+/// The backend in slot `slot` (below the table's size) of the service's table.
 #[inline(always)]
-fn maglev(service: &Service, hash: u32) -> Option<u32> {
-    if service.table_size == 0 {
+fn maglev(service: &Service, slot: u32) -> Option<u32> {
+    if slot >= service.table_size {
         return None;
     }
-    MAGLEV.get(service.table_base.wrapping_add(hash % service.table_size)).copied()
+    MAGLEV.get(service.table_base.wrapping_add(slot)).copied()
 }
 
-/// The index into the service's table for a new flow of a service whose scheduler is not
+/// The slot of the service's table for a new flow of a service whose scheduler is not
 /// Maglev. Not inlined: Maglev services never pay for it, and its frame stays off the
 /// balancer's (the verifier adds up the stacks of a call chain, 512 bytes at most).
 /// rr/wrr take this CPU's cursor, unless the flow will not be pinned (a RST, or past the
 /// new-flow rate): such a flow is placed by its hash over the same table, so that its later
 /// packets, which will not find a pin either, land on the same backend.
 #[inline(never)]
-fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: TcpFlags, now: u64) -> u32 {
+fn scheduled_slot(service: &Service, src: &Addr, hash: u32, tcp_flags: TcpFlags, now: u64) -> u32 {
+    let size = service.table_size;
     match service.scheduler {
-        SCHED_SOURCE_HASH => source_hash(src, maps::hash_seed()),
+        SCHED_SOURCE_HASH => ring_slot(source_hash(src, maps::hash_seed()), size),
         SCHED_RR | SCHED_WRR => {
             let pinned = !tcp_flags.is_rst() && !over_new_flow_limit(now);
             let Some(cursor) = RR_CURSOR.get_ptr_mut(service.id) else {
-                return hash;
+                return ring_slot(hash, size);
             };
             if !pinned {
-                return hash;
+                return ring_slot(hash, size);
             }
             // SAFETY: this CPU's slot, valid for the program's run.
             unsafe {
-                let at = *cursor;
+                // Past the end only if the table shrank since the cursor moved: start over.
+                let at = if *cursor < size { *cursor } else { 0 };
                 let next = at.wrapping_add(1);
-                *cursor = if next >= service.table_size { 0 } else { next };
+                *cursor = if next >= size { 0 } else { next };
                 at
             }
         }
@@ -63,11 +70,11 @@ fn scheduled_index(service: &Service, src: &Addr, hash: u32, tcp_flags: TcpFlags
             // A flow that will not be pinned is placed by its hash: its later packets find no
             // pin either, and must land on the same backend.
             if tcp_flags.is_rst() || over_new_flow_limit(now) {
-                return hash;
+                return ring_slot(hash, size);
             }
             least_loaded(service)
         }
-        _ => hash,
+        _ => ring_slot(hash, size),
     }
 }
 
@@ -96,7 +103,8 @@ fn source_affinity(service: &Service, key: &FlowKey, tcp_flags: TcpFlags, now: u
             return p.backend;
         }
     }
-    let Some(id) = maglev(service, source_hash(&key.src, maps::hash_seed())) else { return NO_BACKEND };
+    let slot = ring_slot(source_hash(&key.src, maps::hash_seed()), service.table_size);
+    let Some(id) = maglev(service, slot) else { return NO_BACKEND };
     let Some(backend) = usable(id, None) else { return NO_BACKEND };
     if !tcp_flags.is_rst() && !over_new_flow_limit(now) {
         let pin = Affinity { backend: id, generation: backend.generation, last_seen_ns: now };
@@ -116,26 +124,26 @@ const LC_CANDIDATES: u32 = 2;
 fn least_loaded(service: &Service) -> u32 {
     let weighted = service.scheduler == SCHED_WLC;
     // SAFETY: a helper without arguments.
-    let mut best = unsafe { bpf_get_prandom_u32() };
+    let mut best = ring_slot(unsafe { bpf_get_prandom_u32() }, service.table_size);
     let mut best_load = load(service, best, weighted);
     for _ in 1..LC_CANDIDATES {
         // SAFETY: as above.
-        let index = unsafe { bpf_get_prandom_u32() };
-        let l = load(service, index, weighted);
+        let slot = ring_slot(unsafe { bpf_get_prandom_u32() }, service.table_size);
+        let l = load(service, slot, weighted);
         // active_a / weight_a < active_b / weight_b, without dividing.
         if l.0 * best_load.1 < best_load.0 * l.1 {
-            best = index;
+            best = slot;
             best_load = l;
         }
     }
     best
 }
 
-/// (active flows, weight) of the backend at `index` (modulo the table) of the service's table;
-/// the weight is 1 unless `weighted`. An entry without a backend loads as u32::MAX per 1.
+/// (active flows, weight) of the backend in slot `slot` of the service's table; the weight is 1
+/// unless `weighted`. An entry without a backend loads as u32::MAX per 1.
 #[inline(always)]
-fn load(service: &Service, index: u32, weighted: bool) -> (u64, u64) {
-    let Some(id) = maglev(service, index) else { return (u64::from(u32::MAX), 1) };
+fn load(service: &Service, slot: u32, weighted: bool) -> (u64, u64) {
+    let Some(id) = maglev(service, slot) else { return (u64::from(u32::MAX), 1) };
     let active = ACTIVE_FLOWS.get(id).map_or(0, |a| (*a).min(u64::from(u32::MAX)));
     let weight = if weighted { BACKEND_WEIGHTS.get(id).map_or(1, |w| u64::from(*w).max(1)) } else { 1 };
     (active, weight)

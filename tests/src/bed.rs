@@ -11,7 +11,10 @@ use lb_agent::{
     dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
     tables::maglev::{self, address_key, Member},
 };
-use lb_common::{hash::flow_hash, Counters, FlowEvent, Reason, Settings, XdpAction, SCHED_MAGLEV};
+use lb_common::{
+    hash::{flow_hash, ring_slot},
+    Counters, FlowEvent, Reason, Settings, XdpAction, SCHED_MAGLEV,
+};
 
 use crate::{testrun::assert_one_counted, wire::Frame};
 
@@ -245,13 +248,13 @@ impl Bed {
         let [s0, s1] = f.sport.to_be_bytes();
         let [d0, d1] = f.dport.to_be_bytes();
         let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
-        flow_hash(&map_addr(f.src).0, &map_addr(f.dst).0, ports, f.proto, self.seed)
+        flow_hash(&map_addr(f.src).0, ports, self.seed)
     }
 
     /// The backend the service's current table gives this flow.
     pub fn expected_backend(&self, f: &Frame) -> u32 {
         let svc = self.service(f.dst, f.proto, f.dport);
-        svc.table[(self.frame_hash(f) % self.table_size) as usize]
+        svc.table[ring_slot(self.frame_hash(f), self.table_size) as usize]
     }
 
     /// Runs one frame: (verdict, output frame).

@@ -370,7 +370,7 @@ pub fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u1
 
 /// The flow hash the data path computes for this frame with the bed's seed.
 pub fn frame_hash(f: &Frame) -> u32 {
-    flow_hash(&map_addr(f.src).0, &map_addr(f.dst).0, ports_word(f), f.proto, SEED)
+    flow_hash(&map_addr(f.src).0, ports_word(f), SEED)
 }
 
 /// The encapsulation hash the data path computes for this frame (outer source bits, flow label).

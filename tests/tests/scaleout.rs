@@ -7,12 +7,16 @@ use std::time::{Duration, Instant};
 use lb_agent::tables::maglev::{self, address_key, Member};
 use std::net::IpAddr;
 
-use lb_common::{addr_v4, addr_v6, hash::flow_hash, limits::DEFAULT_MAGLEV_SIZE, IPPROTO_TCP};
+use lb_common::{
+    addr_v4, addr_v6,
+    hash::{flow_hash, ring_slot},
+    limits::DEFAULT_MAGLEV_SIZE,
+};
 use xlb_tests::{
     agent::AgentProcess,
     scaleout::{
         backend_addr, backend_addr6, lb_config, vip, vip6, ScaleOutBed, CLIENT, CLIENT6, DRAIN_SECS, HASH_SEED,
-        METRICS, PORT, VIP, VIP6,
+        METRICS, PORT, VIP,
     },
     scenario::backend_name,
     traffic::{failures, open_connections, tcp_requests, Conn, Server},
@@ -35,13 +39,9 @@ fn expected_backend(c: &Conn) -> String {
     let [s0, s1] = c.local_port().to_be_bytes();
     let [d0, d1] = PORT.to_be_bytes();
     let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
-    let (src, dst) = if v6 {
-        (addr_v6(CLIENT6.octets()), addr_v6(VIP6.octets()))
-    } else {
-        (addr_v4(CLIENT.octets()), addr_v4(VIP.octets()))
-    };
-    let hash = flow_hash(&src, &dst, ports, IPPROTO_TCP, HASH_SEED);
-    backend_name(table[(hash % DEFAULT_MAGLEV_SIZE) as usize] as usize)
+    let src = if v6 { addr_v6(CLIENT6.octets()) } else { addr_v4(CLIENT.octets()) };
+    let hash = flow_hash(&src, ports, HASH_SEED);
+    backend_name(table[ring_slot(hash, DEFAULT_MAGLEV_SIZE) as usize] as usize)
 }
 
 /// What asking every connection again, round after round for `time`, found.

@@ -40,7 +40,7 @@ use lb_agent::{
 };
 use lb_common::{
     addr_v6,
-    hash::{encap_hash, flow_hash},
+    hash::{encap_hash, flow_hash, ring_slot},
     reason::DecapReason,
     Reason, Settings, NO_BACKEND,
 };

@@ -203,14 +203,8 @@ impl Model {
         let Some(service) = self.services.get(&(flow.dst, dport, flow.proto)) else {
             return Expect::same(Reason::DropUnknownService);
         };
-        let hash = flow_hash(
-            &map_addr(flow.src).0,
-            &map_addr(flow.dst).0,
-            u32::from_ne_bytes(flow.ports),
-            flow.proto,
-            HASH_SEED,
-        );
-        let id = service.table[(hash % TABLE) as usize];
+        let hash = flow_hash(&map_addr(flow.src).0, u32::from_ne_bytes(flow.ports), HASH_SEED);
+        let id = service.table[ring_slot(hash, TABLE) as usize];
         if id == NO_BACKEND {
             return Expect::same(Reason::DropNoBackend);
         }
