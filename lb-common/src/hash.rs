@@ -50,7 +50,7 @@ pub const fn ring_slot(hash: u32, size: u32) -> u32 {
 }
 
 /// The bits an encapsulated packet takes from its flow: the outer source's host part and the
-/// IPv6 flow label. Not the flow hash (about 175 instructions, which an established flow
+/// IPv6 flow label. Not the flow hash (a serial chain of multiplies, which an established flow
 /// otherwise never needs): a fold of the client's address and the ports, mixed by the
 /// finaliser, so every packet of a flow gets the same bits and a backend's RSS spreads flows
 /// by them. Unseeded: nothing is chosen by it.
