@@ -21,10 +21,11 @@ pub fn new_flow_backend(service: &Service, key: &FlowKey, tcp_flags: TcpFlags, h
     if service.has_affinity() {
         return Some(source_affinity(service, key, tcp_flags, now));
     }
+    let by_hash = ring_slot(hash, service.table_size);
     let slot = if service.scheduler == SCHED_MAGLEV {
-        ring_slot(hash, service.table_size)
+        by_hash
     } else {
-        scheduled_slot(service, &key.src, hash, tcp_flags, now)
+        scheduled_slot(service, &key.src, by_hash, tcp_flags, now)
     };
     maglev(service, slot)
 }
@@ -43,19 +44,20 @@ fn maglev(service: &Service, slot: u32) -> Option<u32> {
 /// balancer's (the verifier adds up the stacks of a call chain, 512 bytes at most).
 /// rr/wrr take this CPU's cursor, unless the flow will not be pinned (a RST, or past the
 /// new-flow rate): such a flow is placed by its hash over the same table, so that its later
-/// packets, which will not find a pin either, land on the same backend.
+/// packets, which will not find a pin either, land on the same backend (`by_hash`, the flow
+/// hash's slot).
 #[inline(never)]
-fn scheduled_slot(service: &Service, src: &Addr, hash: u32, tcp_flags: TcpFlags, now: u64) -> u32 {
+fn scheduled_slot(service: &Service, src: &Addr, by_hash: u32, tcp_flags: TcpFlags, now: u64) -> u32 {
     let size = service.table_size;
     match service.scheduler {
         SCHED_SOURCE_HASH => ring_slot(source_hash(src, maps::hash_seed()), size),
         SCHED_RR | SCHED_WRR => {
             let pinned = !tcp_flags.is_rst() && !over_new_flow_limit(now);
             let Some(cursor) = RR_CURSOR.get_ptr_mut(service.id) else {
-                return ring_slot(hash, size);
+                return by_hash;
             };
             if !pinned {
-                return ring_slot(hash, size);
+                return by_hash;
             }
             // SAFETY: this CPU's slot, valid for the program's run.
             unsafe {
@@ -70,11 +72,11 @@ fn scheduled_slot(service: &Service, src: &Addr, hash: u32, tcp_flags: TcpFlags,
             // A flow that will not be pinned is placed by its hash: its later packets find no
             // pin either, and must land on the same backend.
             if tcp_flags.is_rst() || over_new_flow_limit(now) {
-                return ring_slot(hash, size);
+                return by_hash;
             }
             least_loaded(service)
         }
-        _ => ring_slot(hash, size),
+        _ => by_hash,
     }
 }
 
