@@ -48,10 +48,10 @@ fn maglev(service: &Service, slot: u32) -> Option<u32> {
 /// hash's slot).
 #[inline(never)]
 fn scheduled_slot(service: &Service, src: &Addr, by_hash: u32, tcp_flags: TcpFlags, now: u64) -> u32 {
-    let size = service.table_size;
     match service.scheduler {
-        SCHED_SOURCE_HASH => ring_slot(source_hash(src, maps::hash_seed()), size),
+        SCHED_SOURCE_HASH => source_slot(service, src),
         SCHED_RR | SCHED_WRR => {
+            let size = service.table_size;
             let pinned = !tcp_flags.is_rst() && !over_new_flow_limit(now);
             let Some(cursor) = RR_CURSOR.get_ptr_mut(service.id) else {
                 return by_hash;
@@ -105,8 +105,7 @@ fn source_affinity(service: &Service, key: &FlowKey, tcp_flags: TcpFlags, now: u
             return p.backend;
         }
     }
-    let slot = ring_slot(source_hash(&key.src, maps::hash_seed()), service.table_size);
-    let Some(id) = maglev(service, slot) else { return NO_BACKEND };
+    let Some(id) = maglev(service, source_slot(service, &key.src)) else { return NO_BACKEND };
     let Some(backend) = usable(id, None) else { return NO_BACKEND };
     if !tcp_flags.is_rst() && !over_new_flow_limit(now) {
         let pin = Affinity { backend: id, generation: backend.generation, last_seen_ns: now };
@@ -125,12 +124,10 @@ const LC_CANDIDATES: u32 = 2;
 #[inline(always)]
 fn least_loaded(service: &Service) -> u32 {
     let weighted = service.scheduler == SCHED_WLC;
-    // SAFETY: a helper without arguments.
-    let mut best = ring_slot(unsafe { bpf_get_prandom_u32() }, service.table_size);
+    let mut best = random_slot(service);
     let mut best_load = load(service, best, weighted);
     for _ in 1..LC_CANDIDATES {
-        // SAFETY: as above.
-        let slot = ring_slot(unsafe { bpf_get_prandom_u32() }, service.table_size);
+        let slot = random_slot(service);
         let l = load(service, slot, weighted);
         // active_a / weight_a < active_b / weight_b, without dividing.
         if l.0 * best_load.1 < best_load.0 * l.1 {
@@ -139,6 +136,19 @@ fn least_loaded(service: &Service) -> u32 {
         }
     }
     best
+}
+
+/// The slot of the service's table the client's address alone picks (source-hash).
+#[inline(always)]
+fn source_slot(service: &Service, src: &Addr) -> u32 {
+    ring_slot(source_hash(src, maps::hash_seed()), service.table_size)
+}
+
+/// A slot of the service's table at random (lc/wlc's candidates).
+#[inline(always)]
+fn random_slot(service: &Service) -> u32 {
+    // SAFETY: a helper without arguments.
+    ring_slot(unsafe { bpf_get_prandom_u32() }, service.table_size)
 }
 
 /// (active flows, weight) of the backend in slot `slot` of the service's table; the weight is 1

@@ -11,10 +11,7 @@ use lb_agent::{
     dataplane::{map_addr, Dataplane, LoadOptions, ServiceSlot},
     tables::maglev::{self, address_key, Member},
 };
-use lb_common::{
-    hash::{flow_hash, ring_slot},
-    Counters, FlowEvent, Reason, Settings, XdpAction, SCHED_MAGLEV,
-};
+use lb_common::{hash::flow_hash, Counters, FlowEvent, Reason, Settings, XdpAction, SCHED_MAGLEV};
 
 use crate::{testrun::assert_one_counted, wire::Frame};
 
@@ -254,7 +251,7 @@ impl Bed {
     /// The backend the service's current table gives this flow.
     pub fn expected_backend(&self, f: &Frame) -> u32 {
         let svc = self.service(f.dst, f.proto, f.dport);
-        svc.table[ring_slot(self.frame_hash(f), self.table_size) as usize]
+        crate::dpbed::ring_entry(&svc.table, self.frame_hash(f))
     }
 
     /// Runs one frame: (verdict, output frame).

@@ -29,7 +29,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 use lb_agent::{config::Forward, dataplane::map_addr, sys::if_index};
-use lb_common::{addr_v6, hash::flow_hash, FlowKey, Settings, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    addr_v6,
+    hash::{flow_hash, ring_slot},
+    FlowKey, Settings, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 use crate::{
     bed::{self, xdp_md},
@@ -371,6 +375,12 @@ pub fn udp(src: impl Into<IpAddr>, sport: u16, dst: impl Into<IpAddr>, dport: u1
 /// The flow hash the data path computes for this frame with the bed's seed.
 pub fn frame_hash(f: &Frame) -> u32 {
     flow_hash(&map_addr(f.src).0, ports_word(f), SEED)
+}
+
+/// The entry of a service's table (Maglev, rr, wrr) that `hash` picks, as the data path picks
+/// it: its ring slot over the whole table.
+pub fn ring_entry(table: &[u32], hash: u32) -> u32 {
+    table[ring_slot(hash, table.len() as u32) as usize]
 }
 
 /// The encapsulation hash the data path computes for this frame (outer source bits, flow label).

@@ -7,13 +7,10 @@ use std::time::{Duration, Instant};
 use lb_agent::tables::maglev::{self, address_key, Member};
 use std::net::IpAddr;
 
-use lb_common::{
-    addr_v4, addr_v6,
-    hash::{flow_hash, ring_slot},
-    limits::DEFAULT_MAGLEV_SIZE,
-};
+use lb_common::{addr_v4, addr_v6, hash::flow_hash, limits::DEFAULT_MAGLEV_SIZE};
 use xlb_tests::{
     agent::AgentProcess,
+    dpbed::ring_entry,
     scaleout::{
         backend_addr, backend_addr6, lb_config, vip, vip6, ScaleOutBed, CLIENT, CLIENT6, DRAIN_SECS, HASH_SEED,
         METRICS, PORT, VIP,
@@ -41,7 +38,7 @@ fn expected_backend(c: &Conn) -> String {
     let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
     let src = if v6 { addr_v6(CLIENT6.octets()) } else { addr_v4(CLIENT.octets()) };
     let hash = flow_hash(&src, ports, HASH_SEED);
-    backend_name(table[ring_slot(hash, DEFAULT_MAGLEV_SIZE) as usize] as usize)
+    backend_name(ring_entry(&table, hash) as usize)
 }
 
 /// What asking every connection again, round after round for `time`, found.

@@ -9,12 +9,10 @@ use lb_agent::{
         rr,
     },
 };
-use lb_common::{
-    hash::{ring_slot, source_hash},
-    Settings, SCHED_LC, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR,
-};
+use lb_common::{hash::source_hash, Settings, SCHED_LC, SCHED_RR, SCHED_SOURCE_HASH, SCHED_WLC, SCHED_WRR};
 use xlb_tests::{
     bed::{Builder, XDP_TX},
+    dpbed::ring_entry,
     scenario::{backend_name, config_for, vip, Scenario},
     traffic::{failures, open_connections, tcp_requests},
     wire::Frame,
@@ -165,7 +163,7 @@ fn datapath_schedulers_pick_new_flows_and_pins_never_move() {
 
     // source-hash: every flow of a client to one backend, the one the client's hash names.
     let (addr, _) = map_addr(CLIENT.into());
-    let expected = bed.maglev_table[ring_slot(source_hash(&addr, SEED), TABLE) as usize];
+    let expected = ring_entry(&bed.maglev_table, source_hash(&addr, SEED));
     for sport in 30_000..30_040 {
         assert_eq!(bed.new_flow(CLIENT, sport, SH_PORT), expected, "source port {sport}");
     }
@@ -177,7 +175,7 @@ fn datapath_schedulers_pick_new_flows_and_pins_never_move() {
         let b2 = bed.new_flow(client, 40_001, SH_PORT);
         assert_eq!(b, b2, "client {client}");
         let (a, _) = map_addr(client.into());
-        assert_eq!(b, bed.maglev_table[ring_slot(source_hash(&a, SEED), TABLE) as usize]);
+        assert_eq!(b, ring_entry(&bed.maglev_table, source_hash(&a, SEED)));
         spread[b as usize] += 1;
     }
     eprintln!("source-hash, 90 clients: {spread:?}");
@@ -222,8 +220,7 @@ fn source_hash_affinity_keeps_a_client_on_its_backend_until_the_timeout() {
     let table3 = bed.maglev_table.clone();
     let table4 = maglev::build(&(0..4).map(|i| member(i, 1)).collect::<Vec<_>>(), TABLE);
     let client = |c: u8| Ipv4Addr::new(10, 96, c, 9);
-    let entry =
-        |table: &[u32], c: u8| table[ring_slot(source_hash(&map_addr(client(c).into()).0, SEED), TABLE) as usize];
+    let entry = |table: &[u32], c: u8| ring_entry(table, source_hash(&map_addr(client(c).into()).0, SEED));
     // The clients the new table (backend 3 joins) moves elsewhere.
     let moved: Vec<u8> = (0..=255u8).filter(|&c| entry(&table3, c) != entry(&table4, c)).collect();
     assert!(moved.len() >= 20, "only {} of 256 clients move", moved.len());
@@ -278,7 +275,7 @@ fn rr_flows_that_will_not_be_pinned_follow_their_hash() {
         let [d0, d1] = RR_PORT.to_be_bytes();
         let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
         let h = lb_common::hash::flow_hash(&map_addr(CLIENT.into()).0, ports, SEED);
-        assert_eq!(first, table[ring_slot(h, table.len() as u32) as usize], "source port {sport}");
+        assert_eq!(first, ring_entry(&table, h), "source port {sport}");
     }
 }
 
@@ -287,7 +284,7 @@ fn lc_prefers_the_backend_with_fewer_active_flows_and_fin_rst_give_flows_back() 
     let mut bed = bed();
     // 40 flows of one client over source-hash: all on one backend, which lc then avoids.
     let (addr, _) = map_addr(CLIENT.into());
-    let loaded = bed.maglev_table[ring_slot(source_hash(&addr, SEED), TABLE) as usize];
+    let loaded = ring_entry(&bed.maglev_table, source_hash(&addr, SEED));
     for sport in 1_000..1_040 {
         assert_eq!(bed.new_flow(CLIENT, sport, SH_PORT), loaded);
     }

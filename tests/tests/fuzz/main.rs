@@ -40,12 +40,13 @@ use lb_agent::{
 };
 use lb_common::{
     addr_v6,
-    hash::{encap_hash, flow_hash, ring_slot},
+    hash::{encap_hash, flow_hash},
     reason::DecapReason,
     Reason, Settings, NO_BACKEND,
 };
 use xlb_tests::{
     bed::{verdict_name, xdp_md, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    dpbed::ring_entry,
     netns::Netns,
     rng::Rng,
     wire::{checksum, Frame},

@@ -204,7 +204,7 @@ impl Model {
             return Expect::same(Reason::DropUnknownService);
         };
         let hash = flow_hash(&map_addr(flow.src).0, u32::from_ne_bytes(flow.ports), HASH_SEED);
-        let id = service.table[ring_slot(hash, TABLE) as usize];
+        let id = ring_entry(&service.table, hash);
         if id == NO_BACKEND {
             return Expect::same(Reason::DropNoBackend);
         }

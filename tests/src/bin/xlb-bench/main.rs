@@ -268,7 +268,7 @@ impl Setup {
             .find(|s| s.vip == f.dst && s.port == f.dport && s.proto == f.proto)
             .with_context(|| format!("no service {} {}/{}", f.dst, f.proto, f.dport))?;
         let hash = dpbed::frame_hash(f);
-        let id = svc.table[lb_common::hash::ring_slot(hash, TABLE) as usize];
+        let id = dpbed::ring_entry(&svc.table, hash);
         let addr = self.backends[&id];
         Ok(match (svc.forward, addr) {
             (Forward::L2, _) => {
