@@ -41,6 +41,12 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 /// Slots of each CPU's next-hop cache (`NEXT_HOPS`, a power of two): a backend id takes slot
 /// `id % NEXT_HOP_SLOTS`; 32 B per slot and CPU.
 pub const NEXT_HOP_SLOTS: u32 = 4096;
+/// Slots of each CPU's flow cache (`FLOW_CACHE`, a power of two) in front of its flow table:
+/// a flow takes the slot its [`crate::hash::encap_hash`] names; 64 B per slot and CPU.
+pub const FLOW_CACHE_SLOTS: u32 = 4096;
+/// Jiffies a flow-cache entry answers for before the flow table is asked again (and its LRU
+/// entry marked used): 0.26 s at HZ=1000, 2.6 s at HZ=100.
+pub const FLOW_CACHE_REFRESH_JIFFIES: u64 = 256;
 /// Egress interfaces in the XDP_REDIRECT devmap.
 pub const MAX_TX_PORTS: u32 = 64;
 /// Addresses one backend host accepts encapsulated packets for (`lb-agent decap`).

@@ -28,6 +28,12 @@ pub mod map_names {
     pub const FLOW_STATS: &str = "FLOW_STATS";
     /// [`crate::FlowKey`] → [`crate::Flow`]: LRU hash with per-CPU LRU lists.
     pub const FLOWS: &str = "FLOWS";
+    /// Per-CPU [`crate::CachedFlow`] per slot: each CPU's cache of its established TCP flows'
+    /// pins, in front of [`FLOWS`].
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    /// `u32` per [`FLOW_CACHE`] slot, global: bumped by every new pin of a flow of the slot, so
+    /// that no CPU's cache answers for a 5-tuple pinned anew (on any CPU) since it was cached.
+    pub const PIN_VERSIONS: &str = "PIN_VERSIONS";
     /// One [`crate::Settings`].
     pub const SETTINGS: &str = "SETTINGS";
     /// Per-CPU [`crate::RateWindow`].
@@ -257,6 +263,22 @@ pub struct Flow {
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Flow>() == 16);
+
+/// Value of [`map_names::FLOW_CACHE`]: an established, open TCP flow's pin as this CPU last
+/// found it in [`map_names::FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow {
+    pub key: FlowKey,
+    pub backend: u32,
+    pub generation: u32,
+    /// The slot's [`map_names::PIN_VERSIONS`] entry, read before the flow table was.
+    pub version: u32,
+    pub _pad: u32,
+    /// bpf_jiffies64() when it was filled.
+    pub filled_jiffies: u64,
+}
+const _: () = assert!(core::mem::size_of::<CachedFlow>() == 64);
 
 /// [`Flow::last_seen_ns`] of a TCP flow that saw a FIN: pinned still (its last packets must
 /// reach the same backend), but no longer active. The clock never reads 0, so an entry pinned

@@ -7,10 +7,11 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering::Relaxed};
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_loop};
 use lb_common::{
     limits::MAX_CPUS, Backend, Flow, FlowEvent, FlowKey, Service, Settings, TcpFlags, BACKEND_F_VALID, FLOW_TCP_CLOSED,
-    FLOW_TCP_ESTABLISHED, IPPROTO_UDP,
+    FLOW_TCP_ESTABLISHED, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
+    flow_cache,
     maps::{FlowTable, ACTIVE_FLOWS, BACKENDS, FLOWS, NEW_FLOW_RATE, SETTINGS},
     sched, stats,
 };
@@ -289,6 +290,16 @@ fn follow(
 /// `hash` is the flow's hash, computed only when the flow table has no usable pin.
 #[inline(always)]
 pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl Fn() -> u32) -> Option<Chosen> {
+    // A TCP packet that changes nothing (no SYN, FIN or RST): most of an established flow's,
+    // which this CPU's flow cache may answer for.
+    let plain = key.proto == IPPROTO_TCP && !tcp_flags.changes_state();
+    let cache_slot = if plain { flow_cache::slot(key) } else { 0 };
+    if plain {
+        if let Some(chosen) = flow_cache::lookup(key, cache_slot) {
+            stats::count_flow(FlowEvent::Hit);
+            return Some(chosen);
+        }
+    }
     let settings = SETTINGS.get(0)?;
     let udp = key.proto == IPPROTO_UDP;
     // SAFETY: a helper without arguments.
@@ -305,6 +316,8 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
     // The CPU whose table holds the flow's entry.
     let mut home = cpu;
     let mut now = 0;
+    // Read before the table: a pin inserted after this read is one the cache must not keep.
+    let version = if plain { flow_cache::version(cache_slot) } else { None };
     let pinned = match table {
         Some(table) if !syn => table.get_ptr_mut(key).or_else(|| {
             // A miss: a new flow, or one pinned on another CPU. Anything but a SYN looks in
@@ -323,6 +336,13 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
     };
     if let Some(flow) = pinned {
         if let Some(chosen) = follow(flow, key, tcp_flags, settings, cpu, home) {
+            if let Some(version) = version {
+                // SAFETY: the entry stays valid for the program's run (RCU).
+                let f = unsafe { *flow };
+                if f.established() && f.last_seen_ns != FLOW_TCP_CLOSED {
+                    flow_cache::fill(key, cache_slot, version, &f);
+                }
+            }
             return Some(chosen);
         }
     }
@@ -359,6 +379,7 @@ pub fn select(key: &FlowKey, tcp_flags: TcpFlags, service: &Service, hash: impl 
         inserted = table.insert(key, &flow, 0);
     }
     if inserted.is_ok() {
+        flow_cache::invalidate(key);
         active_add(id);
         if syn {
             stats::count_syn_pinned(id);

@@ -17,6 +17,8 @@ mod fib;
 #[cfg(target_arch = "bpf")]
 mod flow;
 #[cfg(target_arch = "bpf")]
+mod flow_cache;
+#[cfg(target_arch = "bpf")]
 mod forwarder;
 #[cfg(target_arch = "bpf")]
 mod frame;

@@ -7,11 +7,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     limits::{
-        DEFAULT_MAGLEV_CAPACITY, MAX_BACKENDS, MAX_CPUS, MAX_SERVICES, MAX_SOURCE_AFFINITY, MAX_TX_PORTS, MAX_VIPS,
-        NEXT_HOP_SLOTS, SERVICE_BUCKETS, SERVICE_BUCKET_ENTRIES, VIP_BITS_WORDS,
+        DEFAULT_MAGLEV_CAPACITY, FLOW_CACHE_SLOTS, MAX_BACKENDS, MAX_CPUS, MAX_SERVICES, MAX_SOURCE_AFFINITY,
+        MAX_TX_PORTS, MAX_VIPS, NEXT_HOP_SLOTS, SERVICE_BUCKETS, SERVICE_BUCKET_ENTRIES, VIP_BITS_WORDS,
     },
-    Affinity, AffinityKey, Backend, BackendFlows, Counters, Flow, FlowEvent, FlowKey, NextHop, RateWindow, Reason,
-    Service, ServiceBucket, ServiceKey, Settings, Vip, VipKey,
+    Affinity, AffinityKey, Backend, BackendFlows, CachedFlow, Counters, Flow, FlowEvent, FlowKey, NextHop, RateWindow,
+    Reason, Service, ServiceBucket, ServiceKey, Settings, Vip, VipKey,
 };
 
 /// Destination addresses we balance.
@@ -47,6 +47,14 @@ pub type FlowTable = LruHashMap<FlowKey, Flow, 1>;
 /// change CPU keeps its one entry, found from the new CPU (see `flow`).
 #[btf_map]
 pub static FLOWS: ArrayOfMaps<FlowTable, { MAX_CPUS as usize }> = ArrayOfMaps::new();
+
+/// Each CPU's cache of established TCP flows' pins, a slot per `encap_hash` (see `flow_cache`).
+#[btf_map]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow, { FLOW_CACHE_SLOTS as usize }> = PerCpuArray::new();
+
+/// A version per FLOW_CACHE slot, global, bumped by each new pin of a flow of the slot.
+#[btf_map]
+pub static PIN_VERSIONS: Array<u32, { FLOW_CACHE_SLOTS as usize }> = Array::new();
 
 /// (service, client) → the backend a source-hash service with an affinity timeout pinned the
 /// client to. One LRU list for all CPUs: a client's flows arrive on any CPU.

@@ -775,8 +775,11 @@ fn a_flow_that_changes_cpu_keeps_its_pin_and_its_count() {
         }
         on_cpu(1);
         let ack = syn.clone().tcp_flags(0x10);
-        for _ in 0..2 {
-            let out = bed.run_flow(&ack.build(), Reason::TxForwarded, &[OtherCpu, Hit]);
+        for round in 0..2 {
+            // The TCP flow's second ACK here comes from this CPU's flow cache, filled by its
+            // first: no table is looked in. UDP is never cached.
+            let events: &[_] = if round == 0 { &[OtherCpu, Hit] } else { &[Hit] };
+            let out = bed.run_flow(&ack.build(), Reason::TxForwarded, events);
             assert_eq!(l2_backend(&out), b, "the TCP flow keeps its backend on another CPU");
             let out = bed.run_flow(&datagram.build(), Reason::TxForwarded, &[OtherCpu, Hit]);
             assert_eq!(l2_backend(&out), c, "the UDP flow too");
@@ -817,6 +820,74 @@ fn a_flow_that_changes_cpu_keeps_its_pin_and_its_count() {
         bed.run_flow(&datagram.build(), Reason::TxForwarded, &[OtherCpu, Stale, New]);
         assert_eq!(bed.dp.active_flows(now).unwrap(), active_now, "released and pinned again: no drift");
         assert!(in_table(bed, 0, &datagram) && !in_table(bed, 1, &datagram));
+    });
+}
+
+/// Each CPU's flow cache answers for an established TCP flow only what its table would: not
+/// for a 5-tuple reset and pinned anew on another CPU, not for a backend gone, and not past its
+/// refresh, after which the table is asked (and marks the flow used) again.
+#[test]
+fn the_flow_cache_answers_only_for_the_pin_the_table_holds() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    with_bed(|bed| {
+        let on_cpu = |cpu| xlb_tests::bench::pin_to_cpu(cpu).unwrap();
+        let syn = tcp(CLIENT4, 58_000, VIP4, PORT_L2_TCP);
+        let ack = syn.clone().tcp_flags(0x10);
+        on_cpu(0);
+        let b = assert_l2_hit(bed, &syn, &[New]);
+        // The handshake's ACK is the table's (it completes the handshake) and fills the cache;
+        // the next ACK is the cache's: a hit all the same.
+        bed.run_flow(&ack.build(), Reason::TxForwarded, &[Hit]);
+        let out = bed.run_flow(&ack.build(), Reason::TxForwarded, &[Hit]);
+        assert_eq!(l2_backend(&out), b);
+        assert_eq!(bed.dp.backend_flows(b).unwrap().established, 1, "counted by the table, once");
+        let other = L2_V4.into_iter().find(|&x| x != b).unwrap();
+        bed.publish(VIP4.into(), IPPROTO_TCP, PORT_L2_TCP, vec![other; 251]).unwrap();
+        // Reset and reopened on CPU 1: pinned anew, to the new table's backend.
+        on_cpu(1);
+        bed.run_flow(&syn.clone().tcp_flags(0x14).build(), Reason::TxForwarded, &[OtherCpu, Closed]);
+        let out = bed.run_flow(&syn.build(), Reason::TxForwarded, &[New]);
+        assert_eq!(l2_backend(&out), other);
+        // CPU 0's cache still holds the old pin: the new one's version passes it by.
+        on_cpu(0);
+        let out = bed.run_flow(&ack.build(), Reason::TxForwarded, &[OtherCpu, Hit]);
+        assert_eq!(l2_backend(&out), other, "CPU 0 follows the new pin, not its cache");
+        let out = bed.run_flow(&ack.build(), Reason::TxForwarded, &[Hit]);
+        assert_eq!(l2_backend(&out), other, "and caches it");
+
+        // A cached flow whose backend leaves the service: stale, as in the table.
+        let syn = tcp(CLIENT4, 58_001, VIP4, PORT_L2_TCP);
+        let ack = syn.clone().tcp_flags(0x10);
+        assert_eq!(assert_l2_hit(bed, &syn, &[New]), other);
+        bed.run_flow(&ack.build(), Reason::TxForwarded, &[Hit]);
+        bed.run_flow(&ack.build(), Reason::TxForwarded, &[Hit]);
+        let info = bed.backend(other);
+        bed.set_backend(other, info.addr, info.mac, false).unwrap();
+        let rest: Vec<u32> = L2_V4.into_iter().filter(|&x| x != other).collect();
+        let table = bed.table_of(&rest);
+        bed.publish(VIP4.into(), IPPROTO_TCP, PORT_L2_TCP, table).unwrap();
+        let out = bed.run_flow(&ack.build(), Reason::TxForwarded, &[Stale, New]);
+        assert_ne!(l2_backend(&out), other, "not to the backend gone");
+
+        // The table's entry gone behind the cache's back (here, removed from user space):
+        // the cache answers until its refresh, then the table's miss pins the flow anew.
+        let syn = tcp(CLIENT4, 58_002, VIP4, PORT_L2_TCP);
+        let ack = syn.clone().tcp_flags(0x10);
+        let first = assert_l2_hit(bed, &syn, &[New]);
+        bed.run_flow(&ack.build(), Reason::TxForwarded, &[Hit]);
+        let table = bed.dp.flow_tables().unwrap().swap_remove(0);
+        let mut table: aya::maps::HashMap<_, FlowKey, Flow> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(table)).unwrap();
+        table.remove(&flow_key(&syn)).unwrap();
+        let out = bed.run_flow(&ack.build(), Reason::TxForwarded, &[Hit]);
+        assert_eq!(l2_backend(&out), first, "from the cache");
+        // FLOW_CACHE_REFRESH_JIFFIES is 256: 2.56 s at the lowest HZ (100).
+        std::thread::sleep(std::time::Duration::from_millis(2_700));
+        bed.run_flow(&ack.build(), Reason::TxForwarded, &[New]);
+        assert!(table.get(&flow_key(&syn), 0).is_ok(), "pinned anew in the table");
     });
 }
 

@@ -34,7 +34,8 @@ pub(crate) const UNUSED_MAPS: [&str; 6] = [
 
 /// The balancer's large maps: a program of the object other than the balancer creates them at
 /// one entry (see [`load_object`]).
-pub(crate) const BALANCER_ONLY_MAPS: [&str; 3] = [map_names::MAGLEV, map_names::FLOWS, map_names::NEXT_HOPS];
+pub(crate) const BALANCER_ONLY_MAPS: [&str; 5] =
+    [map_names::MAGLEV, map_names::FLOWS, map_names::NEXT_HOPS, map_names::FLOW_CACHE, map_names::PIN_VERSIONS];
 
 /// Maps whose contents outlive an agent: every map of the balancer but the config maps and
 /// global data (`.rodata`: the hash seed and the interface's MAC come from the new config).
