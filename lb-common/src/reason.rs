@@ -75,7 +75,8 @@ counted_enum! {
 counted_enum! {
     /// What the flow table did for a packet to a service.
     FlowEvent {
-        /// Pinned flow found; its backend is still in the service.
+        /// Pinned flow found (in the flow table, or this CPU's flow cache); its backend is still
+        /// in the service.
         Hit = 0 => "hit",
         /// New flow: chosen by Maglev and pinned.
         New = 1 => "new",

@@ -17,7 +17,7 @@ use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
     hash::encap_hash,
     limits::{FLOW_CACHE_REFRESH_JIFFIES, FLOW_CACHE_SLOTS},
-    CachedFlow, Flow, FlowKey,
+    Flow, FlowKey,
 };
 
 use crate::{
@@ -78,16 +78,22 @@ pub fn version(slot: u32) -> Option<u32> {
 pub fn fill(key: &FlowKey, slot: u32, version: u32, flow: &Flow) {
     let Some(c) = FLOW_CACHE.get_ptr_mut(slot) else { return };
     // SAFETY: this CPU's slot, valid for the program's run; no other writer on this CPU.
-    unsafe {
-        *c = CachedFlow {
-            key: *key,
-            backend: flow.backend,
-            generation: flow.generation,
-            version,
-            _pad: 0,
-            filled_jiffies: bpf_jiffies64(),
-        };
+    let c = unsafe { &mut *c };
+    // Field by field: a whole struct's store would be a memmove into the map value.
+    let k = &mut c.key;
+    for i in 0..4 {
+        k.src[i] = key.src[i];
+        k.dst[i] = key.dst[i];
     }
+    k.ports = key.ports;
+    k.proto = key.proto;
+    k.family = key.family;
+    k._pad = 0;
+    c.backend = flow.backend;
+    c.generation = flow.generation;
+    c.version = version;
+    // SAFETY: a helper without arguments (inlined as a load of jiffies_64).
+    c.filled_jiffies = unsafe { bpf_jiffies64() };
 }
 
 /// `key`'s flow was pinned anew: no CPU's cache answers for the slot's flows until refilled.
